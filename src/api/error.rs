@@ -1,0 +1,137 @@
+//! The one error type of the API and its problem+json rendering (RFC 9457).
+//! Database faults become 500/503 without internals; only client mistakes
+//! are 4xx.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+/// One problem with one field of the request.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FieldProblem {
+    /// JSON path (`$.steps[0].id`) or parameter name (`query.limit`).
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+    pub errors: Vec<FieldProblem>,
+}
+
+#[derive(Serialize)]
+struct ProblemDocument<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+    #[serde(skip_serializing_if = "<[FieldProblem]>::is_empty")]
+    errors: &'a [FieldProblem],
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            title,
+            detail: detail.into(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// 400 with one named field.
+    pub fn bad_field(path: impl Into<String>, message: impl Into<String>) -> Self {
+        let path = path.into();
+        let message = message.into();
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid-request",
+            title: "Invalid request",
+            detail: format!("{path}: {message}"),
+            errors: vec![FieldProblem { path, message }],
+        }
+    }
+
+    /// 422 with one named field.
+    pub fn unprocessable_field(path: impl Into<String>, message: impl Into<String>) -> Self {
+        let mut e = Self::bad_field(path, message);
+        e.status = StatusCode::UNPROCESSABLE_ENTITY;
+        e
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", "Conflict", detail)
+    }
+
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "the server failed to handle the request; it has been logged",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => ApiError::not_found(m),
+            StoreError::Conflict(m) => ApiError::conflict(m),
+            StoreError::Invalid(m) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request", m)
+            }
+            StoreError::Transient(m) => {
+                tracing::warn!(error = %m, "request failed on a transient database error");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "Service unavailable",
+                    "the database is temporarily unavailable; retry later",
+                )
+            }
+            StoreError::Permanent(m) | StoreError::Fenced(m) => {
+                tracing::error!(error = %m, "request failed on a database error");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let doc = ProblemDocument {
+            kind: format!("urn:stead:problem:{}", self.kind),
+            title: self.title,
+            status: self.status.as_u16(),
+            detail: &self.detail,
+            errors: &self.errors,
+        };
+        let body = serde_json::to_vec(&doc).unwrap_or_default();
+        let mut response = (self.status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

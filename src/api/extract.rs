@@ -1,0 +1,132 @@
+//! Extractors whose rejections are problem documents naming the field.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+/// A JSON body. Malformed JSON is a 400; a value of the wrong shape is a
+/// 422 naming the JSON path; a body over the limit is a 413.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            let status = rejection.status();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    status,
+                    "body-too-large",
+                    "Request body too large",
+                    "the request body exceeds the server's limit",
+                )
+            } else {
+                ApiError::new(status, "invalid-body", "Invalid request body", rejection.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses `bytes` as `T` with problem documents for the failures.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_field("$", "the request body is empty; send a JSON document"));
+    }
+    // Syntax first, so that malformed JSON is told apart from a wrong shape.
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_field("$", format!("malformed JSON: {e}")))?;
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." || path.is_empty() {
+            "$".to_string()
+        } else {
+            format!("$.{path}")
+        };
+        ApiError::unprocessable_field(path, e.into_inner().to_string())
+    })
+}
+
+
+/// Checks one id-like value (`[A-Za-z0-9._:@-]{1,200}`), naming it on failure.
+pub fn check_id(what: &str, value: &str) -> Result<(), ApiError> {
+    if is_valid_id(value) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_field(
+            what,
+            "must be 1-200 characters of letters, digits and . _ : @ -",
+        ))
+    }
+}
+
+pub fn is_valid_id(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 200
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+}
+
+/// Raw query parameters; the handlers validate and name each one.
+pub struct QueryParams(pub Vec<(String, String)>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+            .map(QueryParams)
+            .map_err(|e| ApiError::bad_field("query", format!("malformed query string: {e}")))
+    }
+}
+
+impl QueryParams {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Rejects parameters the endpoint does not know.
+    pub fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
+        for (k, _) in &self.0 {
+            if !allowed.contains(&k.as_str()) {
+                return Err(ApiError::bad_field(
+                    format!("query.{k}"),
+                    format!("unknown parameter; allowed: {}", allowed.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Path parameters; a rejection is a problem document.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| ApiPath(v))
+            .map_err(|e| ApiError::bad_field("path", e.body_text()))
+    }
+}

@@ -1,0 +1,284 @@
+//! Starting, reading, listing and waiting for instances.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::error::{ApiError, ApiResult};
+use super::extract::{check_id, ApiJson, ApiPath, QueryParams};
+use super::AppState;
+use crate::definition::duration::parse_duration_ms;
+use crate::engine::InstanceStatus;
+use crate::store::{InstanceFilter, InstanceRecord, StepRecord};
+
+/// Default page size of the instance list.
+const DEFAULT_PAGE: i64 = 50;
+/// Long-polls recheck the database this often even without a notification.
+const WAIT_POLL_MS: u64 = 1_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    #[serde(default)]
+    input: Value,
+    id: Option<String>,
+    version: Option<i32>,
+}
+
+pub async fn start(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<StartRequest>,
+) -> ApiResult<Response> {
+    check_id("name", &name)?;
+    if let Some(id) = &req.id {
+        check_id("$.id", id)?;
+    }
+    if let Some(v) = req.version {
+        if v < 1 {
+            return Err(ApiError::unprocessable_field("$.version", "must be a positive integer"));
+        }
+    }
+    let store = &state.inner.store;
+    let (id, created) = store
+        .start_instance(&name, req.version, &req.input, req.id.as_deref())
+        .await?;
+    let record = store
+        .get_instance(&id)
+        .await?
+        .ok_or_else(|| ApiError::internal())?;
+    let mut body = instance_json(&record);
+    body["created"] = json!(created);
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+pub fn instance_json(r: &InstanceRecord) -> Value {
+    json!({
+        "id": r.id,
+        "workflow": r.workflow_name,
+        "version": r.workflow_version,
+        "status": r.status,
+        "input": r.input,
+        "output": r.output,
+        "error": r.error,
+        "created_at": r.created_at,
+        "started_at": r.started_at,
+        "updated_at": r.updated_at,
+        "ended_at": r.ended_at,
+    })
+}
+
+fn step_json(id: &str, kind: &str, s: Option<&StepRecord>) -> Value {
+    match s {
+        None => json!({ "id": id, "kind": kind, "status": "pending", "attempt": 0 }),
+        Some(s) => {
+            // The steps table says 'scheduled' until the result is recorded;
+            // a held lease means a worker is on it right now.
+            let status = if s.leased && s.status == "scheduled" {
+                "running"
+            } else {
+                s.status.as_str()
+            };
+            json!({
+                "id": id,
+                "kind": kind,
+                "status": status,
+                "attempt": s.attempt,
+                "input": s.input,
+                "output": s.output,
+                "error": s.error,
+                "scheduled_at": s.scheduled_at,
+                "started_at": s.started_at,
+                "ended_at": s.ended_at,
+            })
+        }
+    }
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    query: QueryParams,
+) -> ApiResult<Json<Value>> {
+    query.only(&["wait"])?;
+    check_id("id", &id)?;
+    let wait_ms = match query.get("wait") {
+        None => 0,
+        Some(w) => parse_duration_ms(w)
+            .map_err(|e| ApiError::bad_field("query.wait", e))?
+            .min(state.inner.limits.max_wait_ms),
+    };
+    let record = wait_for_end(&state, &id, wait_ms).await?;
+    let store = &state.inner.store;
+    let steps = store.get_steps(&id).await?;
+    let def = state
+        .inner
+        .definitions
+        .get(store, &record.workflow_name, record.workflow_version)
+        .await?;
+    let mut body = instance_json(&record);
+    body["steps"] = match def {
+        Some(def) => def
+            .steps
+            .iter()
+            .map(|d| {
+                step_json(
+                    &d.id,
+                    d.kind.name(),
+                    steps.iter().find(|s| s.step_id == d.id),
+                )
+            })
+            .collect(),
+        None => steps.iter().map(|s| step_json(&s.step_id, "", Some(s))).collect(),
+    };
+    Ok(Json(body))
+}
+
+/// Reads the instance, waiting up to `wait_ms` for it to end.
+async fn wait_for_end(state: &AppState, id: &str, wait_ms: u64) -> ApiResult<InstanceRecord> {
+    let store = &state.inner.store;
+    // Subscribe before reading, so an end between the read and the wait is
+    // not missed.
+    let mut ended = state.inner.wakeups.ended.subscribe();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+    loop {
+        let record = store
+            .get_instance(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("instance {id:?} does not exist")))?;
+        let terminal = InstanceStatus::parse(&record.status).is_some_and(|s| s.is_terminal());
+        if terminal || tokio::time::Instant::now() >= deadline {
+            return Ok(record);
+        }
+        let poll = tokio::time::Instant::now() + std::time::Duration::from_millis(WAIT_POLL_MS);
+        let until = poll.min(deadline);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                msg = ended.recv() => match msg {
+                    Ok(ended_id) if &*ended_id == id => break,
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(_)) => break,
+                    Err(RecvError::Closed) => break,
+                },
+            }
+        }
+    }
+}
+
+pub async fn list(State(state): State<AppState>, query: QueryParams) -> ApiResult<Json<Value>> {
+    query.only(&["workflow", "status", "limit", "cursor"])?;
+    let mut filter = InstanceFilter {
+        limit: DEFAULT_PAGE,
+        ..Default::default()
+    };
+    if let Some(w) = query.get("workflow") {
+        check_id("query.workflow", w)?;
+        filter.workflow = Some(w.to_string());
+    }
+    if let Some(s) = query.get("status") {
+        if InstanceStatus::parse(s).is_none() {
+            return Err(ApiError::bad_field(
+                "query.status",
+                "must be one of pending, running, completed, failed, cancelled",
+            ));
+        }
+        filter.status = Some(s.to_string());
+    }
+    if let Some(l) = query.get("limit") {
+        let max = state.inner.limits.max_page as i64;
+        filter.limit = l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=max).contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_field("query.limit", format!("must be an integer from 1 to {max}"))
+            })?;
+    }
+    if let Some(c) = query.get("cursor") {
+        filter.after = Some(
+            decode_cursor(c).ok_or_else(|| {
+                ApiError::bad_field("query.cursor", "not a cursor returned by this API")
+            })?,
+        );
+    }
+    let rows = state.inner.store.list_instances(&filter).await?;
+    let next_cursor = if rows.len() as i64 == filter.limit {
+        rows.last().map(|r| encode_cursor(r.created_at, &r.id))
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "instances": rows.iter().map(instance_json).collect::<Vec<_>>(),
+        "next_cursor": next_cursor,
+    })))
+}
+
+/// Cursors are opaque to clients: hex of "<micros>:<id>".
+fn encode_cursor(created_at: DateTime<Utc>, id: &str) -> String {
+    format!("{}:{id}", created_at.timestamp_micros())
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn decode_cursor(cursor: &str) -> Option<(DateTime<Utc>, String)> {
+    if cursor.len() % 2 != 0 || cursor.len() > 1024 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..cursor.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(cursor.get(i..i + 2)?, 16).ok())
+        .collect();
+    let text = String::from_utf8(bytes?).ok()?;
+    let (micros, id) = text.split_once(':')?;
+    let time = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    Some((time, id.to_string()))
+}
+
+pub async fn history(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Value>> {
+    check_id("id", &id)?;
+    let store = &state.inner.store;
+    if store.get_instance(&id).await?.is_none() {
+        return Err(ApiError::not_found(format!("instance {id:?} does not exist")));
+    }
+    let events = store.history(&id).await?;
+    Ok(Json(json!({
+        "instance_id": id,
+        "events": events.iter().map(|e| json!({
+            "seq": e.seq,
+            "type": e.kind,
+            "step_id": e.step_id,
+            "attempt": e.attempt,
+            "data": e.data,
+            "at": e.created_at,
+        })).collect::<Vec<_>>(),
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trips() {
+        let t = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let c = encode_cursor(t, "order:42");
+        assert_eq!(decode_cursor(&c), Some((t, "order:42".to_string())));
+        assert_eq!(decode_cursor("zz"), None);
+        assert_eq!(decode_cursor("abc"), None);
+    }
+}

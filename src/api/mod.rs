@@ -1,0 +1,190 @@
+//! The HTTP API (axum): routes, shared state and the request-metrics layer.
+//! Handlers validate input, call the store, and shape JSON; they hold no
+//! workflow logic.
+
+mod error;
+mod extract;
+mod instances;
+mod tasks;
+mod workflows;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::config::{Limits, Tuning};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::worker::{DefinitionCache, Wakeups};
+
+pub use error::{ApiError, ApiResult, FieldProblem};
+pub use extract::is_valid_id;
+
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    definitions: DefinitionCache,
+    wakeups: Wakeups,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    tuning: Tuning,
+}
+
+impl AppState {
+    pub fn new(
+        store: Store,
+        definitions: DefinitionCache,
+        wakeups: Wakeups,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        tuning: Tuning,
+    ) -> Self {
+        AppState {
+            inner: Arc::new(Inner {
+                store,
+                definitions,
+                wakeups,
+                metrics,
+                limits,
+                tuning,
+            }),
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.inner.limits.body_limit_bytes;
+    Router::new()
+        .route("/v1/workflows", get(workflows::list))
+        .route("/v1/workflows/{name}", get(workflows::get_latest).put(workflows::put))
+        .route("/v1/workflows/{name}/versions/{version}", get(workflows::get_version))
+        .route("/v1/workflows/{name}/instances", post(instances::start))
+        .route("/v1/instances", get(instances::list))
+        .route("/v1/instances/{id}", get(instances::get))
+        .route("/v1/instances/{id}/history", get(instances::history))
+        .route("/v1/queues/{queue}/claim", post(tasks::claim))
+        .route("/v1/tasks/{task_id}/heartbeat", post(tasks::heartbeat))
+        .route("/v1/tasks/{task_id}/complete", post(tasks::complete))
+        .route("/v1/tasks/{task_id}/fail", post(tasks::fail))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see the README for the API")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        "this endpoint does not accept that method",
+    )
+}
+
+/// Counts and times every request by route template (never by raw path,
+/// which would hold ids).
+async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().as_str().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let m = &state.inner.metrics;
+    m.http_requests
+        .with_label_values(&[&method, &route, response.status().as_str()])
+        .inc();
+    m.http_request_duration
+        .with_label_values(&[&method, &route])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let inner = &state.inner;
+    let pool = inner.store.pool_status();
+    inner.metrics.pool_size.set(pool.size as i64);
+    inner.metrics.pool_available.set(pool.available as i64);
+    inner.metrics.pool_waiting.set(pool.waiting as i64);
+    if let Ok(depths) = inner.store.queue_depth().await {
+        inner.metrics.queue_depth.reset();
+        for d in depths {
+            let g = &inner.metrics.queue_depth;
+            g.with_label_values(&[&d.queue, "ready"]).set(d.ready);
+            g.with_label_values(&[&d.queue, "leased"]).set(d.leased);
+            g.with_label_values(&[&d.queue, "delayed"]).set(d.delayed);
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        inner.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the database answers and its schema is the one this binary
+/// expects.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let expected = Store::latest_migration_version();
+    match state.inner.store.schema_version().await {
+        Ok(v) if v == expected => Json(json!({ "status": "ready", "schema_version": v })).into_response(),
+        Ok(v) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-ready",
+            "Not ready",
+            format!("database schema is at version {v}, this binary needs {expected}; run stead migrate"),
+        )
+        .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-ready",
+                "Not ready",
+                "the database is not reachable",
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Parses a duration parameter: a string like "30s"/"500ms" or a number of
+/// milliseconds.
+pub(crate) fn duration_param(path: &str, value: &serde_json::Value) -> ApiResult<u64> {
+    match value {
+        serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| {
+            ApiError::unprocessable_field(path, "must be a non-negative number of milliseconds or a duration like \"30s\"")
+        }),
+        serde_json::Value::String(s) => crate::definition::duration::parse_duration_ms(s)
+            .map_err(|e| ApiError::unprocessable_field(path, e)),
+        _ => Err(ApiError::unprocessable_field(
+            path,
+            "must be a duration like \"30s\" or a number of milliseconds",
+        )),
+    }
+}

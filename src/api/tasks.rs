@@ -1,0 +1,221 @@
+//! The external-worker protocol: claim, heartbeat, complete, fail.
+
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::error::{ApiError, ApiResult};
+use super::extract::{check_id, ApiJson, ApiPath};
+use super::{duration_param, AppState};
+use crate::store::TaskOutcome;
+
+/// Claims recheck the queue this often even without a notification (delayed
+/// retries become ready without one).
+const CLAIM_POLL_MS: u64 = 250;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    worker: String,
+    #[serde(default = "one")]
+    max: i64,
+    wait: Option<Value>,
+    lease: Option<Value>,
+}
+
+fn one() -> i64 {
+    1
+}
+
+pub async fn claim(
+    State(state): State<AppState>,
+    ApiPath(queue): ApiPath<String>,
+    ApiJson(req): ApiJson<ClaimRequest>,
+) -> ApiResult<Json<Value>> {
+    check_id("queue", &queue)?;
+    check_id("$.worker", &req.worker)?;
+    let limits = &state.inner.limits;
+    if req.max < 1 || req.max > limits.max_claim as i64 {
+        return Err(ApiError::unprocessable_field(
+            "$.max",
+            format!("must be from 1 to {}", limits.max_claim),
+        ));
+    }
+    let wait_ms = match &req.wait {
+        Some(w) => duration_param("$.wait", w)?,
+        None => 0,
+    };
+    if wait_ms > limits.max_wait_ms {
+        return Err(ApiError::unprocessable_field(
+            "$.wait",
+            format!("must be at most {}ms", limits.max_wait_ms),
+        ));
+    }
+    let lease_ms = lease_param(&state, req.lease.as_ref())?;
+    let queues = vec![queue.clone()];
+    let store = &state.inner.store;
+    let mut wake = state.inner.wakeups.tasks.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    loop {
+        let tasks = store
+            .claim_tasks(&queues, &req.worker, req.max, lease_ms)
+            .await?;
+        if !tasks.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(json!({
+                "tasks": tasks.iter().map(|t| json!({
+                    "task_id": t.task_id,
+                    "lease_token": t.lease_token,
+                    "instance_id": t.instance_id,
+                    "step_id": t.step_id,
+                    "attempt": t.attempt,
+                    "idempotency_key": t.idempotency_key,
+                    "input": t.input,
+                    "lease_expires_at": t.lease_expires_at,
+                })).collect::<Vec<_>>(),
+            })));
+        }
+        let until = deadline.min(tokio::time::Instant::now() + Duration::from_millis(CLAIM_POLL_MS));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                msg = wake.recv() => match msg {
+                    Ok(q) if *q == *queue || &*q == "*" => break,
+                    Ok(_) => continue,
+                    Err(_) => break,
+                },
+            }
+        }
+    }
+}
+
+fn lease_param(state: &AppState, lease: Option<&Value>) -> ApiResult<u64> {
+    let lease_ms = match lease {
+        Some(l) => duration_param("$.lease", l)?,
+        None => state.inner.tuning.default_claim_lease_ms,
+    };
+    let max = state.inner.limits.max_lease_ms;
+    if lease_ms < 100 || lease_ms > max {
+        return Err(ApiError::unprocessable_field(
+            "$.lease",
+            format!("must be from 100ms to {max}ms"),
+        ));
+    }
+    Ok(lease_ms)
+}
+
+fn task_id_param(raw: &str) -> ApiResult<i64> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::bad_field("task_id", "must be a positive integer"))
+}
+
+fn lease_lost(task_id: i64) -> ApiError {
+    ApiError::conflict(format!(
+        "the lease on task {task_id} is not held: it expired, was taken by another worker, \
+         or the task no longer exists (e.g. its instance ended)"
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    lease_token: Uuid,
+    lease: Option<Value>,
+}
+
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    ApiPath(task_id): ApiPath<String>,
+    ApiJson(req): ApiJson<HeartbeatRequest>,
+) -> ApiResult<Json<Value>> {
+    let task_id = task_id_param(&task_id)?;
+    let lease_ms = lease_param(&state, req.lease.as_ref())?;
+    match state
+        .inner
+        .store
+        .heartbeat_task(task_id, req.lease_token, lease_ms)
+        .await?
+    {
+        Some(expires) => Ok(Json(json!({ "task_id": task_id, "lease_expires_at": expires }))),
+        None => Err(lease_lost(task_id)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteRequest {
+    lease_token: Uuid,
+    #[serde(default)]
+    output: Value,
+}
+
+pub async fn complete(
+    State(state): State<AppState>,
+    ApiPath(task_id): ApiPath<String>,
+    ApiJson(req): ApiJson<CompleteRequest>,
+) -> ApiResult<Json<Value>> {
+    let task_id = task_id_param(&task_id)?;
+    finish(&state, task_id, req.lease_token, Ok(req.output)).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailRequest {
+    lease_token: Uuid,
+    error: FailError,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailError {
+    message: String,
+    #[serde(default = "yes")]
+    retryable: bool,
+    details: Option<Value>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub async fn fail(
+    State(state): State<AppState>,
+    ApiPath(task_id): ApiPath<String>,
+    ApiJson(req): ApiJson<FailRequest>,
+) -> ApiResult<Json<Value>> {
+    let task_id = task_id_param(&task_id)?;
+    let mut error = json!({ "message": req.error.message, "retryable": req.error.retryable });
+    if let Some(d) = req.error.details {
+        error["details"] = d;
+    }
+    finish(&state, task_id, req.lease_token, Err(error)).await
+}
+
+async fn finish(
+    state: &AppState,
+    task_id: i64,
+    lease_token: Uuid,
+    result: Result<Value, Value>,
+) -> ApiResult<Json<Value>> {
+    let recorded = state
+        .inner
+        .store
+        .finish_tasks(&[TaskOutcome {
+            task_id,
+            lease_token,
+            result,
+        }])
+        .await?;
+    if recorded.is_empty() {
+        state.inner.metrics.stale_completions.inc();
+        return Err(lease_lost(task_id));
+    }
+    Ok(Json(json!({ "task_id": task_id, "recorded": true })))
+}
+

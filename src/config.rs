@@ -1,0 +1,126 @@
+//! Node configuration. The CLI (`cli.rs`) fills it from flags and `STEAD_*`
+//! environment variables; tests build it directly.
+
+use crate::handlers::Handlers;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    /// Postgres schema holding every stead object.
+    pub schema: String,
+    /// `HOST:PORT` for the API and `/metrics`; port 0 picks a free port.
+    pub listen: String,
+    /// Member name of this process (workers get `-N` suffixes).
+    pub name: String,
+    /// Serve the HTTP API.
+    pub api: bool,
+    /// Worker members run by this process (0 = API only).
+    pub workers: usize,
+    /// Apply migrations on start.
+    pub migrate: bool,
+    /// Slot count of a cluster created by this node's migration.
+    pub slot_count: u32,
+    pub limits: Limits,
+    pub tuning: Tuning,
+    /// In-process handlers for task queues (the built-ins are added).
+    pub handlers: Handlers,
+}
+
+/// Bounds on what a client may send.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub body_limit_bytes: usize,
+    pub max_steps: usize,
+    /// Longest `wait` a long-poll may ask for.
+    pub max_wait_ms: u64,
+    /// Most tasks one claim may ask for.
+    pub max_claim: usize,
+    /// Largest page of a list.
+    pub max_page: usize,
+    /// Longest lease a claim or heartbeat may ask for.
+    pub max_lease_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            body_limit_bytes: 1024 * 1024,
+            max_steps: 1000,
+            max_wait_ms: 60_000,
+            max_claim: 1000,
+            max_page: 1000,
+            max_lease_ms: 3_600_000,
+        }
+    }
+}
+
+/// Knobs of the background loops and the pool.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub pool_size: usize,
+    pub pool_wait_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+    pub advance_batch_size: usize,
+    pub claim_batch_size: usize,
+    pub completion_batch_size: usize,
+    /// Attempts run at once by each worker's in-process executor.
+    pub worker_concurrency: usize,
+    /// Lease of in-process attempts (heartbeated every third of it).
+    pub lease_ms: u64,
+    /// Default lease of external claims that do not name one.
+    pub default_claim_lease_ms: u64,
+    pub poll_interval_ms: u64,
+    pub reap_interval_ms: u64,
+    pub http_step_timeout_ms: u64,
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            pool_size: 16,
+            pool_wait_timeout_ms: 10_000,
+            statement_timeout_ms: 30_000,
+            advance_batch_size: 200,
+            claim_batch_size: 100,
+            completion_batch_size: 500,
+            worker_concurrency: 64,
+            lease_ms: 30_000,
+            default_claim_lease_ms: 60_000,
+            poll_interval_ms: 500,
+            reap_interval_ms: 1_000,
+            http_step_timeout_ms: 30_000,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// A config with every default, for `database_url`.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Config {
+            database_url: database_url.into(),
+            schema: "stead".into(),
+            listen: "127.0.0.1:8080".into(),
+            name: default_member_name(),
+            api: true,
+            workers: 1,
+            migrate: true,
+            slot_count: 256,
+            limits: Limits::default(),
+            tuning: Tuning::default(),
+            handlers: Handlers::default(),
+        }
+    }
+}
+
+/// Host name and pid, e.g. `web-1-4242`.
+pub fn default_member_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "stead".into());
+    format!("{host}-{}", std::process::id())
+}

@@ -1,0 +1,50 @@
+//! `stead dev`: a private PostgreSQL from the machine's server binaries, the
+//! API and two workers, all in one process.
+
+use anyhow::Context;
+
+use crate::cli::DevArgs;
+use crate::embedded::{Cluster, PgBinaries, RunAs};
+
+/// Starts the private cluster in `data_dir` and returns it with the URL of
+/// its `stead` database.
+pub async fn start_cluster(data_dir: &std::path::Path) -> anyhow::Result<(Cluster, String)> {
+    let bins = PgBinaries::find()?;
+    let run_as = RunAs::detect()?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    let data_dir = data_dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", data_dir.display()))?;
+    let mut cluster = Cluster::init(&bins, &run_as, &data_dir)?;
+    let url = cluster.start().await?;
+    Ok((cluster, url))
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let (cluster, url) = start_cluster(&args.data_dir).await?;
+    let mut config = args.node.to_config(url);
+    config.workers = args.workers;
+    let node = match crate::start(config).await {
+        Ok(node) => node,
+        Err(e) => {
+            let _ = cluster.stop();
+            return Err(e);
+        }
+    };
+    let api = node.api_url().unwrap_or_default();
+    println!();
+    println!("  API:      {api}/v1/workflows");
+    println!("  metrics:  {api}/metrics");
+    println!("  database: {}", cluster.psql_command("stead"));
+    println!(
+        "            (then e.g. SELECT * FROM {}.instance_overview;)",
+        args.node.schema
+    );
+    println!("  Ctrl-C stops stead and its PostgreSQL; the data stays in {}", args.data_dir.display());
+    crate::cli::shutdown_signal().await;
+    println!("stopping...");
+    node.shutdown().await;
+    cluster.stop()?;
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! In-process task handlers: the library API for running `task` steps inside
+//! a stead process instead of an external worker.
+//!
+//! ```no_run
+//! let mut handlers = stead::Handlers::default();
+//! handlers.register("emails", |task: stead::TaskContext| async move {
+//!     // send the e-mail, using task.idempotency_key to avoid duplicates
+//!     Ok(serde_json::json!({ "sent": true, "to": task.input["to"] }))
+//! });
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+/// What a handler gets for one attempt of a task.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    pub task_id: i64,
+    pub queue: String,
+    pub instance_id: String,
+    pub step_id: String,
+    pub attempt: u32,
+    /// Stable across retries of the step: use it to make side effects
+    /// exactly-once.
+    pub idempotency_key: String,
+    pub input: Value,
+}
+
+/// Why an attempt failed. Whether to retry is decided by the variant.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TaskError {
+    /// Worth another attempt (subject to the step's retry policy).
+    #[error("{message}")]
+    Retryable { message: String, details: Option<Value> },
+    /// Retrying cannot help: the step fails now.
+    #[error("{message}")]
+    Permanent { message: String, details: Option<Value> },
+}
+
+impl TaskError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        TaskError::Retryable {
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        TaskError::Permanent {
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    /// The error object stored with the attempt.
+    pub fn to_json(&self) -> Value {
+        let (message, retryable, details) = match self {
+            TaskError::Retryable { message, details } => (message, true, details),
+            TaskError::Permanent { message, details } => (message, false, details),
+        };
+        let mut v = serde_json::json!({ "message": message, "retryable": retryable });
+        if let Some(d) = details {
+            v["details"] = d.clone();
+        }
+        v
+    }
+}
+
+pub type HandlerFn =
+    Arc<dyn Fn(TaskContext) -> BoxFuture<'static, Result<Value, TaskError>> + Send + Sync>;
+
+/// The in-process handlers of a node, by queue name.
+#[derive(Clone, Default)]
+pub struct Handlers {
+    by_queue: HashMap<String, HandlerFn>,
+}
+
+impl std::fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.by_queue.keys()).finish()
+    }
+}
+
+impl Handlers {
+    /// Runs `handler` for every task of `queue` claimed by this node.
+    pub fn register<F, Fut>(&mut self, queue: &str, handler: F) -> &mut Self
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        self.by_queue.insert(
+            queue.to_string(),
+            Arc::new(move |ctx| {
+                let handler = handler.clone();
+                Box::pin(async move { handler(ctx).await })
+            }),
+        );
+        self
+    }
+
+    pub fn get(&self, queue: &str) -> Option<&HandlerFn> {
+        self.by_queue.get(queue)
+    }
+
+    pub fn queues(&self) -> Vec<String> {
+        let mut q: Vec<String> = self.by_queue.keys().cloned().collect();
+        q.sort();
+        q
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_queue.is_empty()
+    }
+}

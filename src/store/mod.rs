@@ -1,0 +1,922 @@
+//! All SQL lives here: the connection pool, migrations, and one function per
+//! statement of `sql.rs`. Nothing outside this module talks to PostgreSQL
+//! except the notification listener's dedicated connection (`connect_raw`).
+
+mod error;
+pub mod sql;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls};
+use uuid::Uuid;
+
+pub use error::StoreError;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+mod embedded_migrations {
+    refinery::embed_migrations!("sql");
+}
+
+/// Connection settings shared by the pool and the dedicated connections.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub database_url: String,
+    pub schema: String,
+    pub pool_size: usize,
+    pub pool_wait_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+    pub application_name: String,
+}
+
+/// A handle on the database: cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    config: StoreConfig,
+    pg_config: tokio_postgres::Config,
+}
+
+/// A schema name we accept: a plain lower-case SQL identifier.
+pub fn validate_schema_name(schema: &str) -> std::result::Result<(), String> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 48
+        && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "schema name {schema:?} must be 1-48 characters of [a-z0-9_], starting with a letter or _"
+        ))
+    }
+}
+
+/// A 64-bit advisory lock key derived from the schema and a purpose, so two
+/// clusters in one database never share a lock.
+pub fn lock_key(schema: &str, purpose: &str) -> i64 {
+    let digest = Sha256::digest(format!("stead:{schema}:{purpose}").as_bytes());
+    i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+impl Store {
+    pub fn new(config: StoreConfig) -> Result<Self> {
+        validate_schema_name(&config.schema).map_err(StoreError::Invalid)?;
+        let mut pg_config = tokio_postgres::Config::from_str(&config.database_url)
+            .map_err(|e| StoreError::Invalid(format!("invalid database URL: {e}")))?;
+        pg_config.options(format!(
+            "-c search_path={} -c statement_timeout={}",
+            config.schema, config.statement_timeout_ms
+        ));
+        pg_config.application_name(&config.application_name);
+        pg_config.connect_timeout(Duration::from_secs(10));
+        pg_config.keepalives(true);
+        pg_config.keepalives_idle(Duration::from_secs(10));
+        let manager = Manager::from_config(
+            pg_config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size.max(1))
+            .wait_timeout(Some(Duration::from_millis(config.pool_wait_timeout_ms)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Permanent(format!("cannot build pool: {e}")))?;
+        Ok(Store {
+            pool,
+            config,
+            pg_config,
+        })
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.config.schema
+    }
+
+    /// The NOTIFY channel `name` of this cluster (matches SQL `channel()`).
+    pub fn channel(&self, name: &str) -> String {
+        format!("{}.{}", self.config.schema, name)
+    }
+
+    pub fn pool_status(&self) -> deadpool_postgres::Status {
+        self.pool.status()
+    }
+
+    async fn conn(&self) -> Result<Object> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// A dedicated connection outside the pool (listener, migrations). The
+    /// connection task is spawned; it ends when the client is dropped.
+    pub async fn connect_raw(&self) -> Result<(Client, tokio::task::JoinHandle<()>)> {
+        let (client, connection) = self.pg_config.connect(NoTls).await?;
+        let handle = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok((client, handle))
+    }
+
+    /// A dedicated connection whose asynchronous messages (notifications)
+    /// are handed to the caller.
+    pub async fn connect_listener(
+        &self,
+        channels: &[String],
+    ) -> Result<(
+        Client,
+        tokio::sync::mpsc::Receiver<tokio_postgres::Notification>,
+        tokio::task::JoinHandle<()>,
+    )> {
+        use futures::StreamExt;
+        let (client, mut connection) = self.pg_config.connect(NoTls).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let handle = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        // A full channel only loses a latency hint.
+                        let _ = tx.try_send(n);
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        let mut listen = String::new();
+        for channel in channels {
+            listen.push_str(&format!("LISTEN \"{}\";", channel.replace('"', "")));
+        }
+        client.batch_execute(&listen).await?;
+        Ok((client, rx, handle))
+    }
+
+    /// Applies pending migrations. Concurrent migrators serialise on an
+    /// advisory lock, so they never interleave.
+    pub async fn migrate(&self, slot_count: u32) -> Result<()> {
+        let (mut client, _conn) = self.connect_raw().await?;
+        let key = lock_key(&self.config.schema, "migrate");
+        client.execute(sql::MIGRATION_LOCK, &[&key]).await?;
+        let result = self.migrate_locked(&mut client, slot_count).await;
+        let _ = client.execute(sql::MIGRATION_UNLOCK, &[&key]).await;
+        result
+    }
+
+    async fn migrate_locked(&self, client: &mut Client, slot_count: u32) -> Result<()> {
+        let schema = &self.config.schema;
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{schema}\"; SET search_path TO \"{schema}\"; \
+                 SET statement_timeout = 0;"
+            ))
+            .await?;
+        embedded_migrations::migrations::runner()
+            .run_async(client)
+            .await
+            .map_err(|e| StoreError::Permanent(format!("migration failed: {e}")))?;
+        client
+            .execute(sql::INIT_CLUSTER, &[&(slot_count as i32)])
+            .await?;
+        Ok(())
+    }
+
+    /// The newest migration version this binary knows.
+    pub fn latest_migration_version() -> i32 {
+        embedded_migrations::migrations::runner()
+            .get_migrations()
+            .iter()
+            .map(|m| m.version() as i32)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The newest migration applied to the database (0 if none).
+    pub async fn schema_version(&self) -> Result<i32> {
+        let conn = self.conn().await?;
+        let row = conn.query_one(sql::SCHEMA_VERSION, &[]).await?;
+        Ok(row.get(0))
+    }
+
+    pub async fn slot_count(&self) -> Result<i32> {
+        let conn = self.conn().await?;
+        Ok(conn.query_one(sql::SLOT_COUNT, &[]).await?.get(0))
+    }
+
+    // ---- workflows ---------------------------------------------------------
+
+    /// Registers a definition: the same content returns its existing version
+    /// (`created` false); new content becomes version N+1.
+    pub async fn register_workflow(
+        &self,
+        name: &str,
+        definition: &Value,
+        content_hash: &str,
+    ) -> Result<WorkflowRecord> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        tx.execute(sql::LOCK_WORKFLOW_NAME, &[&name]).await?;
+        if let Some(row) = tx
+            .query_opt(sql::FIND_WORKFLOW_BY_HASH, &[&name, &content_hash])
+            .await?
+        {
+            tx.commit().await?;
+            return Ok(WorkflowRecord {
+                name: name.to_string(),
+                version: row.get(0),
+                definition: definition.clone(),
+                created_at: row.get(1),
+                created: false,
+            });
+        }
+        let row = tx
+            .query_one(sql::INSERT_WORKFLOW, &[&name, definition, &content_hash])
+            .await?;
+        tx.commit().await?;
+        Ok(WorkflowRecord {
+            name: name.to_string(),
+            version: row.get(0),
+            definition: definition.clone(),
+            created_at: row.get(1),
+            created: true,
+        })
+    }
+
+    pub async fn get_workflow(
+        &self,
+        name: &str,
+        version: Option<i32>,
+    ) -> Result<Option<WorkflowRecord>> {
+        let conn = self.conn().await?;
+        let row = match version {
+            Some(v) => conn.query_opt(sql::GET_WORKFLOW_VERSION, &[&name, &v]).await?,
+            None => conn.query_opt(sql::GET_WORKFLOW_LATEST, &[&name]).await?,
+        };
+        Ok(row.map(|r| workflow_from_row(&r)))
+    }
+
+    pub async fn list_workflows(&self, limit: i64) -> Result<Vec<WorkflowRecord>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(sql::LIST_WORKFLOWS, &[&limit]).await?;
+        Ok(rows.iter().map(workflow_from_row).collect())
+    }
+
+    pub async fn list_workflow_versions(&self, name: &str) -> Result<Vec<WorkflowRecord>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(sql::LIST_WORKFLOW_VERSIONS, &[&name]).await?;
+        Ok(rows.iter().map(workflow_from_row).collect())
+    }
+
+    // ---- instances ---------------------------------------------------------
+
+    /// Starts an instance (idempotent on `id`); returns the id and whether it
+    /// was created now.
+    pub async fn start_instance(
+        &self,
+        workflow: &str,
+        version: Option<i32>,
+        input: &Value,
+        id: Option<&str>,
+    ) -> Result<(String, bool)> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one(sql::START_INSTANCE, &[&workflow, &version, input, &id])
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    pub async fn get_instance(&self, id: &str) -> Result<Option<InstanceRecord>> {
+        let conn = self.conn().await?;
+        let row = conn.query_opt(sql::GET_INSTANCE, &[&id]).await?;
+        Ok(row.map(|r| instance_from_row(&r)))
+    }
+
+    pub async fn list_instances(&self, filter: &InstanceFilter) -> Result<Vec<InstanceRecord>> {
+        let conn = self.conn().await?;
+        let (after_time, after_id) = match &filter.after {
+            Some((t, id)) => (Some(*t), Some(id.clone())),
+            None => (None, None),
+        };
+        let rows = conn
+            .query(
+                sql::LIST_INSTANCES,
+                &[
+                    &filter.workflow,
+                    &filter.status,
+                    &after_time,
+                    &after_id,
+                    &filter.limit,
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(instance_from_row).collect())
+    }
+
+    pub async fn get_steps(&self, id: &str) -> Result<Vec<StepRecord>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(sql::GET_STEPS, &[&id]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| StepRecord {
+                step_id: r.get(0),
+                status: r.get(1),
+                attempt: r.get(2),
+                input: r.get(3),
+                output: r.get(4),
+                error: r.get(5),
+                scheduled_at: r.get(6),
+                started_at: r.get(7),
+                ended_at: r.get(8),
+                leased: r.get(9),
+            })
+            .collect())
+    }
+
+    pub async fn history(&self, id: &str) -> Result<Vec<EventRecord>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(sql::GET_HISTORY, &[&id]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| EventRecord {
+                seq: r.get(0),
+                kind: r.get(1),
+                step_id: r.get(2),
+                attempt: r.get(3),
+                data: r.get(4),
+                created_at: r.get(5),
+            })
+            .collect())
+    }
+
+    // ---- queue -------------------------------------------------------------
+
+    pub async fn claim_tasks(
+        &self,
+        queues: &[String],
+        worker: &str,
+        max: i64,
+        lease_ms: u64,
+    ) -> Result<Vec<ClaimedTask>> {
+        let conn = self.conn().await?;
+        let stmt = conn.prepare_cached(sql::CLAIM_TASKS).await?;
+        let rows = conn
+            .query(&stmt, &[&queues, &max, &worker, &(lease_ms as f64)])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ClaimedTask {
+                task_id: r.get(0),
+                queue: r.get(1),
+                kind: r.get(2),
+                lease_token: r.get(3),
+                instance_id: r.get(4),
+                step_id: r.get(5),
+                attempt: r.get(6),
+                idempotency_key: r.get(7),
+                input: r.get(8),
+                lease_expires_at: r.get(9),
+                timeout_ms: r.get(10),
+            })
+            .collect())
+    }
+
+    /// Extends a lease; `None` if the lease was lost.
+    pub async fn heartbeat_task(
+        &self,
+        task_id: i64,
+        lease_token: Uuid,
+        lease_ms: u64,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                sql::HEARTBEAT_TASK,
+                &[&task_id, &lease_token, &(lease_ms as f64)],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Records task results in one statement; returns the ids whose lease was
+    /// still held (the others were refused and changed nothing).
+    pub async fn finish_tasks(&self, results: &[TaskOutcome]) -> Result<Vec<i64>> {
+        if results.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids = Vec::with_capacity(results.len());
+        let mut tokens = Vec::with_capacity(results.len());
+        let mut statuses = Vec::with_capacity(results.len());
+        let mut outputs: Vec<Option<Value>> = Vec::with_capacity(results.len());
+        let mut errors: Vec<Option<Value>> = Vec::with_capacity(results.len());
+        for r in results {
+            ids.push(r.task_id);
+            tokens.push(r.lease_token);
+            match &r.result {
+                Ok(output) => {
+                    statuses.push("completed");
+                    outputs.push(Some(output.clone()));
+                    errors.push(None);
+                }
+                Err(error) => {
+                    statuses.push("failed");
+                    outputs.push(None);
+                    errors.push(Some(error.clone()));
+                }
+            }
+        }
+        let conn = self.conn().await?;
+        let stmt = conn.prepare_cached(sql::FINISH_TASKS).await?;
+        let rows = conn
+            .query(&stmt, &[&ids, &tokens, &statuses, &outputs, &errors])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Fails up to `limit` attempts whose lease expired; returns how many.
+    pub async fn reap_expired_leases(&self, limit: i64) -> Result<u64> {
+        let conn = self.conn().await?;
+        let rows = conn.query(sql::REAP_EXPIRED_LEASES, &[&limit]).await?;
+        Ok(rows.len() as u64)
+    }
+
+    pub async fn queue_depth(&self) -> Result<Vec<QueueDepth>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(sql::QUEUE_DEPTH, &[]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| QueueDepth {
+                queue: r.get(0),
+                ready: r.get(1),
+                leased: r.get(2),
+                delayed: r.get(3),
+                oldest_ready_age_seconds: r.get(4),
+            })
+            .collect())
+    }
+
+    // ---- engine transitions ------------------------------------------------
+
+    /// Begins a transition transaction (see `AdvanceTx`).
+    pub async fn begin_advance(&self) -> Result<AdvanceTx> {
+        let conn = self.conn().await?;
+        let tx = AdvanceTx {
+            conn: Some(conn),
+            done: false,
+        };
+        tx.client().batch_execute("BEGIN").await?;
+        Ok(tx)
+    }
+}
+
+/// A transaction in which the engine moves a batch of instances on. Dropping
+/// it without `commit` discards the connection, which rolls back.
+pub struct AdvanceTx {
+    conn: Option<Object>,
+    done: bool,
+}
+
+impl Drop for AdvanceTx {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Some(conn) = self.conn.take() {
+                // Never return a connection in an open transaction to the pool.
+                drop(Object::take(conn));
+            }
+        }
+    }
+}
+
+impl AdvanceTx {
+    fn client(&self) -> &Object {
+        self.conn.as_ref().expect("transaction is open")
+    }
+
+    pub async fn lock_due(&self, limit: i64) -> Result<(Vec<DueInstance>, DateTime<Utc>)> {
+        let c = self.client();
+        let stmt = c.prepare_cached(sql::LOCK_DUE_INSTANCES).await?;
+        let rows = c.query(&stmt, &[&limit]).await?;
+        let mut now = Utc::now();
+        let instances = rows
+            .iter()
+            .map(|r| {
+                now = r.get(10);
+                DueInstance {
+                    id: r.get(0),
+                    workflow_name: r.get(1),
+                    workflow_version: r.get(2),
+                    slot: r.get(3),
+                    status: r.get(4),
+                    input: r.get(5),
+                    output: r.get(6),
+                    error: r.get(7),
+                    state_version: r.get(8),
+                    event_seq: r.get(9),
+                }
+            })
+            .collect();
+        Ok((instances, now))
+    }
+
+    /// Loads the steps and unrecorded task results of `ids`.
+    pub async fn load(&self, ids: &[String]) -> Result<(Vec<StepRow>, Vec<FinishedTask>)> {
+        let c = self.client();
+        let steps_stmt = c.prepare_cached(sql::LOAD_STEPS).await?;
+        let tasks_stmt = c.prepare_cached(sql::LOAD_FINISHED_TASKS).await?;
+        let params: [&(dyn ToSql + Sync); 1] = [&ids];
+        let (steps, tasks) = futures::try_join!(
+            c.query(&steps_stmt, &params),
+            c.query(&tasks_stmt, &params)
+        )?;
+        let steps = steps
+            .iter()
+            .map(|r| StepRow {
+                instance_id: r.get(0),
+                step_id: r.get(1),
+                position: 0,
+                kind: String::new(),
+                status: r.get(2),
+                attempt: r.get(3),
+                input: r.get(4),
+                output: r.get(5),
+                error: r.get(6),
+                scheduled_at: r.get(7),
+                started_at: r.get(8),
+                ended_at: r.get(9),
+            })
+            .collect();
+        let tasks = tasks
+            .iter()
+            .map(|r| FinishedTask {
+                task_id: r.get(0),
+                instance_id: r.get(1),
+                step_id: r.get(2),
+                attempt: r.get(3),
+                status: r.get(4),
+                output: r.get(5),
+                error: r.get(6),
+                leased_at: r.get(7),
+                leased_by: r.get(8),
+            })
+            .collect();
+        Ok((steps, tasks))
+    }
+
+    pub async fn get_workflow(&self, name: &str, version: i32) -> Result<Option<Value>> {
+        let c = self.client();
+        let row = c
+            .query_opt(sql::GET_WORKFLOW_VERSION, &[&name, &version])
+            .await?;
+        Ok(row.map(|r| r.get(2)))
+    }
+
+    /// Writes a batch of transitions and commits. Fails with
+    /// `StoreError::Fenced` (and rolls back) if any instance moved on since
+    /// it was read.
+    pub async fn commit(mut self, w: &AdvanceWrites) -> Result<()> {
+        let c = self.client();
+        let mut statements: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = Vec::new();
+
+        let s = &w.steps;
+        let (s_inst, s_id, s_pos, s_kind, s_status, s_attempt, s_input, s_output, s_error) = (
+            s.iter().map(|r| r.instance_id.as_str()).collect::<Vec<_>>(),
+            s.iter().map(|r| r.step_id.as_str()).collect::<Vec<_>>(),
+            s.iter().map(|r| r.position).collect::<Vec<_>>(),
+            s.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(),
+            s.iter().map(|r| r.status.as_str()).collect::<Vec<_>>(),
+            s.iter().map(|r| r.attempt).collect::<Vec<_>>(),
+            s.iter().map(|r| r.input.clone()).collect::<Vec<_>>(),
+            s.iter().map(|r| r.output.clone()).collect::<Vec<_>>(),
+            s.iter().map(|r| r.error.clone()).collect::<Vec<_>>(),
+        );
+        let (s_sched, s_start, s_end) = (
+            s.iter().map(|r| r.scheduled_at).collect::<Vec<_>>(),
+            s.iter().map(|r| r.started_at).collect::<Vec<_>>(),
+            s.iter().map(|r| r.ended_at).collect::<Vec<_>>(),
+        );
+        if !s.is_empty() {
+            statements.push((
+                sql::UPSERT_STEPS,
+                vec![
+                    &s_inst, &s_id, &s_pos, &s_kind, &s_status, &s_attempt, &s_input, &s_output,
+                    &s_error, &s_sched, &s_start, &s_end,
+                ],
+            ));
+        }
+
+        let t = &w.tasks;
+        let t_queue = t.iter().map(|r| r.queue.as_str()).collect::<Vec<_>>();
+        let t_kind = t.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>();
+        let t_inst = t.iter().map(|r| r.instance_id.as_str()).collect::<Vec<_>>();
+        let t_step = t.iter().map(|r| r.step_id.as_str()).collect::<Vec<_>>();
+        let t_slot = t.iter().map(|r| r.slot).collect::<Vec<_>>();
+        let t_attempt = t.iter().map(|r| r.attempt).collect::<Vec<_>>();
+        let t_input = t.iter().map(|r| r.input.clone()).collect::<Vec<_>>();
+        let t_key = t
+            .iter()
+            .map(|r| r.idempotency_key.as_str())
+            .collect::<Vec<_>>();
+        let t_delay = t.iter().map(|r| r.delay_ms as f64).collect::<Vec<_>>();
+        let t_timeout = t
+            .iter()
+            .map(|r| r.timeout_ms.map(|v| v as i64))
+            .collect::<Vec<_>>();
+        if !t.is_empty() {
+            statements.push((
+                sql::INSERT_TASKS,
+                vec![
+                    &t_queue, &t_kind, &t_inst, &t_step, &t_slot, &t_attempt, &t_input, &t_key,
+                    &t_delay, &t_timeout,
+                ],
+            ));
+        }
+
+        let e = &w.events;
+        let e_inst = e.iter().map(|r| r.instance_id.as_str()).collect::<Vec<_>>();
+        let e_seq = e.iter().map(|r| r.seq).collect::<Vec<_>>();
+        let e_kind = e.iter().map(|r| r.kind).collect::<Vec<_>>();
+        let e_step = e.iter().map(|r| r.step_id.as_deref()).collect::<Vec<_>>();
+        let e_attempt = e.iter().map(|r| r.attempt).collect::<Vec<_>>();
+        let e_data = e.iter().map(|r| r.data.clone()).collect::<Vec<_>>();
+        if !e.is_empty() {
+            statements.push((
+                sql::INSERT_EVENTS,
+                vec![&e_inst, &e_seq, &e_kind, &e_step, &e_attempt, &e_data],
+            ));
+        }
+
+        if !w.consumed_tasks.is_empty() {
+            statements.push((sql::DELETE_TASKS_BY_ID, vec![&w.consumed_tasks]));
+        }
+        if !w.withdraw_instances.is_empty() {
+            statements.push((sql::DELETE_TASKS_OF_INSTANCES, vec![&w.withdraw_instances]));
+        }
+        if !w.notify_queues.is_empty() {
+            statements.push((sql::NOTIFY_QUEUES, vec![&w.notify_queues]));
+        }
+        if !w.ended_instances.is_empty() {
+            statements.push((sql::NOTIFY_ENDED, vec![&w.ended_instances]));
+        }
+
+        let u = &w.instances;
+        let u_id = u.iter().map(|r| r.id.as_str()).collect::<Vec<_>>();
+        let u_version = u.iter().map(|r| r.expected_version).collect::<Vec<_>>();
+        let u_status = u.iter().map(|r| r.status).collect::<Vec<_>>();
+        let u_output = u.iter().map(|r| r.output.clone()).collect::<Vec<_>>();
+        let u_error = u.iter().map(|r| r.error.clone()).collect::<Vec<_>>();
+        let u_seq = u.iter().map(|r| r.event_seq).collect::<Vec<_>>();
+        let u_wake = u.iter().map(|r| r.wake_at).collect::<Vec<_>>();
+
+        // Pipelined: every statement is sent before the first answer arrives.
+        let mut prepared = Vec::with_capacity(statements.len() + 1);
+        for (text, _) in &statements {
+            prepared.push(c.prepare_cached(text).await?);
+        }
+        let update_stmt = c.prepare_cached(sql::UPDATE_INSTANCES).await?;
+        let writes = statements
+            .iter()
+            .zip(&prepared)
+            .map(|((_, params), stmt)| c.execute(stmt, params));
+        let update_params: [&(dyn ToSql + Sync); 7] = [
+            &u_id, &u_version, &u_status, &u_output, &u_error, &u_seq, &u_wake,
+        ];
+        let update = c.execute(&update_stmt, &update_params);
+        let (_, updated) = futures::try_join!(futures::future::try_join_all(writes), update)?;
+        if updated as usize != u.len() {
+            return Err(StoreError::Fenced(format!(
+                "{} of {} instances changed since they were read",
+                u.len() - updated as usize,
+                u.len()
+            )));
+        }
+        c.batch_execute("COMMIT").await?;
+        self.done = true;
+        Ok(())
+    }
+
+    /// Ends the transaction without writing anything.
+    pub async fn rollback(mut self) -> Result<()> {
+        self.client().batch_execute("ROLLBACK").await?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+// ---- records -----------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct WorkflowRecord {
+    pub name: String,
+    pub version: i32,
+    pub definition: Value,
+    pub created_at: DateTime<Utc>,
+    /// Whether this call created it (registration only).
+    pub created: bool,
+}
+
+fn workflow_from_row(r: &tokio_postgres::Row) -> WorkflowRecord {
+    WorkflowRecord {
+        name: r.get(0),
+        version: r.get(1),
+        definition: r.get(2),
+        created_at: r.get(3),
+        created: false,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub workflow_name: String,
+    pub workflow_version: i32,
+    pub status: String,
+    pub input: Value,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+fn instance_from_row(r: &tokio_postgres::Row) -> InstanceRecord {
+    InstanceRecord {
+        id: r.get(0),
+        workflow_name: r.get(1),
+        workflow_version: r.get(2),
+        status: r.get(3),
+        input: r.get(4),
+        output: r.get(5),
+        error: r.get(6),
+        created_at: r.get(7),
+        started_at: r.get(8),
+        updated_at: r.get(9),
+        ended_at: r.get(10),
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InstanceFilter {
+    pub workflow: Option<String>,
+    pub status: Option<String>,
+    /// Keyset cursor: rows strictly older than this (created_at, id).
+    pub after: Option<(DateTime<Utc>, String)>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub step_id: String,
+    pub status: String,
+    pub attempt: i32,
+    pub input: Option<Value>,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub scheduled_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// A worker holds a lease on the step's current attempt.
+    pub leased: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventRecord {
+    pub seq: i32,
+    pub kind: String,
+    pub step_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub data: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClaimedTask {
+    pub task_id: i64,
+    pub queue: String,
+    pub kind: String,
+    pub lease_token: Uuid,
+    pub instance_id: String,
+    pub step_id: String,
+    pub attempt: i32,
+    pub idempotency_key: String,
+    pub input: Value,
+    pub lease_expires_at: DateTime<Utc>,
+    pub timeout_ms: Option<i64>,
+}
+
+/// The result of one leased task: `Ok(output)` or `Err(error object)`.
+#[derive(Debug, Clone)]
+pub struct TaskOutcome {
+    pub task_id: i64,
+    pub lease_token: Uuid,
+    pub result: std::result::Result<Value, Value>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueDepth {
+    pub queue: String,
+    pub ready: i64,
+    pub leased: i64,
+    pub delayed: i64,
+    pub oldest_ready_age_seconds: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DueInstance {
+    pub id: String,
+    pub workflow_name: String,
+    pub workflow_version: i32,
+    pub slot: i32,
+    pub status: String,
+    pub input: Value,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub state_version: i64,
+    pub event_seq: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepRow {
+    pub instance_id: String,
+    pub step_id: String,
+    pub position: i32,
+    pub kind: String,
+    pub status: String,
+    pub attempt: i32,
+    pub input: Option<Value>,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub scheduled_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FinishedTask {
+    pub task_id: i64,
+    pub instance_id: String,
+    pub step_id: String,
+    pub attempt: i32,
+    pub status: String,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub leased_at: Option<DateTime<Utc>>,
+    pub leased_by: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub queue: String,
+    pub kind: String,
+    pub instance_id: String,
+    pub step_id: String,
+    pub slot: i32,
+    pub attempt: i32,
+    pub input: Value,
+    pub idempotency_key: String,
+    pub delay_ms: u64,
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub instance_id: String,
+    pub seq: i32,
+    pub kind: &'static str,
+    pub step_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub data: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct InstanceUpdate {
+    pub id: String,
+    pub expected_version: i64,
+    pub status: &'static str,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub event_seq: i32,
+    pub wake_at: Option<DateTime<Utc>>,
+}
+
+/// Everything one advance transaction writes.
+#[derive(Debug, Default)]
+pub struct AdvanceWrites {
+    pub instances: Vec<InstanceUpdate>,
+    pub steps: Vec<StepRow>,
+    pub tasks: Vec<NewTask>,
+    pub events: Vec<NewEvent>,
+    pub consumed_tasks: Vec<i64>,
+    pub withdraw_instances: Vec<String>,
+    pub notify_queues: Vec<String>,
+    pub ended_instances: Vec<String>,
+}

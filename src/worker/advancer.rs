@@ -1,0 +1,285 @@
+//! The engine driver: locks instances that need a decision, runs the pure
+//! engine on each, and persists all the results of a batch in one
+//! transaction (fenced by each instance's state version).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::{drain, jittered, DefinitionCache, Wakeups};
+use crate::engine::{
+    self, Command, Context, Event, InstanceState, InstanceStatus, StepState, StepStatus, TaskResult,
+};
+use crate::metrics::Metrics;
+use crate::store::{
+    AdvanceWrites, DueInstance, FinishedTask, InstanceUpdate, NewEvent, NewTask, StepRow, Store,
+    StoreError,
+};
+
+#[derive(Debug, Clone)]
+pub struct AdvancerConfig {
+    pub batch_size: usize,
+    pub poll_interval_ms: u64,
+    pub error_backoff_ms: u64,
+}
+
+pub struct Advancer {
+    pub config: AdvancerConfig,
+    pub store: Store,
+    pub definitions: DefinitionCache,
+    pub wakeups: Wakeups,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Advancer {
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut wake = self.wakeups.advance.subscribe();
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            drain(&mut wake);
+            match self.run_once().await {
+                // A full batch: more may be waiting, go again at once.
+                Ok(n) if n >= self.config.batch_size => continue,
+                Ok(_) => {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = wake.recv() => {}
+                        _ = tokio::time::sleep(jittered(self.config.poll_interval_ms)) => {}
+                    }
+                }
+                Err(StoreError::Fenced(reason)) => {
+                    tracing::debug!(%reason, "advance batch fenced; retrying");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "advancing instances failed");
+                    self.metrics.db_errors.inc();
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(jittered(self.config.error_backoff_ms)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves one batch of instances on; returns how many it looked at.
+    pub async fn run_once(&self) -> Result<usize, StoreError> {
+        let tx = self.store.begin_advance().await?;
+        let (due, now) = tx.lock_due(self.config.batch_size as i64).await?;
+        if due.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let ids: Vec<String> = due.iter().map(|d| d.id.clone()).collect();
+        let (steps, finished) = tx.load(&ids).await?;
+        let mut steps_by_instance: HashMap<&str, Vec<&StepRow>> = HashMap::new();
+        for s in &steps {
+            steps_by_instance.entry(&s.instance_id).or_default().push(s);
+        }
+        let mut results_by_instance: HashMap<&str, Vec<&FinishedTask>> = HashMap::new();
+        for t in &finished {
+            results_by_instance.entry(&t.instance_id).or_default().push(t);
+        }
+
+        let mut writes = AdvanceWrites::default();
+        // StdRng rather than thread_rng: the future must stay Send.
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
+        let mut random = || rand::Rng::gen::<f64>(&mut rng);
+        for instance in &due {
+            let def = match self
+                .definitions
+                .get_in(&tx, &instance.workflow_name, instance.workflow_version)
+                .await?
+            {
+                Some(def) => def,
+                None => {
+                    tracing::error!(instance = %instance.id, "instance refers to a missing or invalid definition");
+                    continue;
+                }
+            };
+            let steps = steps_by_instance.remove(instance.id.as_str()).unwrap_or_default();
+            let results = results_by_instance
+                .remove(instance.id.as_str())
+                .unwrap_or_default();
+            let mut ctx = Context {
+                now,
+                random: &mut random,
+            };
+            self.decide_one(&def, instance, &steps, &results, &mut ctx, &mut writes);
+        }
+        writes.notify_queues.sort();
+        writes.notify_queues.dedup();
+        let n = due.len();
+        let ended: Vec<(String, &'static str)> = writes
+            .instances
+            .iter()
+            .filter(|u| u.status != "running" && u.status != "pending")
+            .map(|u| (u.id.clone(), u.status))
+            .collect();
+        tx.commit(&writes).await?;
+        for (id, status) in ended {
+            let workflow = due
+                .iter()
+                .find(|d| d.id == id)
+                .map(|d| d.workflow_name.as_str())
+                .unwrap_or("");
+            self.metrics
+                .instances_ended
+                .with_label_values(&[workflow, status])
+                .inc();
+        }
+        Ok(n)
+    }
+
+    fn decide_one(
+        &self,
+        def: &crate::definition::Definition,
+        instance: &DueInstance,
+        steps: &[&StepRow],
+        results: &[&FinishedTask],
+        ctx: &mut Context<'_>,
+        writes: &mut AdvanceWrites,
+    ) {
+        let mut state = InstanceState {
+            id: instance.id.clone(),
+            status: InstanceStatus::parse(&instance.status).unwrap_or(InstanceStatus::Failed),
+            input: instance.input.clone(),
+            output: instance.output.clone(),
+            error: instance.error.clone(),
+            steps: vec![StepState::default(); def.steps.len()],
+        };
+        for row in steps {
+            if let Some(i) = def.step_index(&row.step_id) {
+                state.steps[i] = StepState {
+                    status: StepStatus::parse(&row.status).unwrap_or(StepStatus::Pending),
+                    attempt: row.attempt.max(0) as u32,
+                    input: row.input.clone(),
+                    output: row.output.clone(),
+                    error: row.error.clone(),
+                    scheduled_at: row.scheduled_at,
+                    started_at: row.started_at,
+                    ended_at: row.ended_at,
+                };
+            }
+        }
+        let mut events = Vec::with_capacity(results.len() + 1);
+        if state.status == InstanceStatus::Pending {
+            events.push(Event::Start);
+        }
+        for r in results {
+            // Every result row is consumed, including stale ones the engine
+            // ignores, so the queue never keeps them.
+            writes.consumed_tasks.push(r.task_id);
+            let Some(step) = def.step_index(&r.step_id) else {
+                continue;
+            };
+            let result = if r.status == "completed" {
+                TaskResult::Completed(r.output.clone().unwrap_or(Value::Null))
+            } else {
+                let error = r.error.clone().unwrap_or(Value::Null);
+                TaskResult::Failed {
+                    message: error
+                        .get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("task failed")
+                        .to_string(),
+                    retryable: error
+                        .get("retryable")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(true),
+                    details: error.get("details").cloned(),
+                }
+            };
+            events.push(Event::TaskFinished {
+                step,
+                attempt: r.attempt.max(0) as u32,
+                result,
+                started_at: r.leased_at,
+                worker: r.leased_by.clone(),
+            });
+        }
+        let before = state.status;
+        let decision = engine::decide(def, &mut state, &events, ctx);
+
+        for &i in &decision.changed_steps {
+            let s = &state.steps[i];
+            writes.steps.push(StepRow {
+                instance_id: instance.id.clone(),
+                step_id: def.steps[i].id.clone(),
+                position: i as i32,
+                kind: def.steps[i].kind.name().to_string(),
+                status: s.status.as_str().to_string(),
+                attempt: s.attempt as i32,
+                input: s.input.clone(),
+                output: s.output.clone(),
+                error: s.error.clone(),
+                scheduled_at: s.scheduled_at,
+                started_at: s.started_at,
+                ended_at: s.ended_at,
+            });
+        }
+        for command in decision.commands {
+            match command {
+                Command::EnqueueTask {
+                    step,
+                    attempt,
+                    kind,
+                    queue,
+                    input,
+                    delay_ms,
+                    timeout_ms,
+                    idempotency_key,
+                } => {
+                    writes.notify_queues.push(queue.clone());
+                    writes.tasks.push(NewTask {
+                        queue,
+                        kind: kind.as_str().to_string(),
+                        instance_id: instance.id.clone(),
+                        step_id: def.steps[step].id.clone(),
+                        slot: instance.slot,
+                        attempt: attempt as i32,
+                        input,
+                        idempotency_key,
+                        delay_ms,
+                        timeout_ms,
+                    });
+                }
+                Command::WithdrawTasks => writes.withdraw_instances.push(instance.id.clone()),
+            }
+        }
+        let mut seq = instance.event_seq;
+        for h in decision.history {
+            seq += 1;
+            writes.events.push(NewEvent {
+                instance_id: instance.id.clone(),
+                seq,
+                kind: h.kind,
+                step_id: h.step_id,
+                attempt: h.attempt.map(|a| a as i32),
+                data: h.data,
+            });
+        }
+        if state.status.is_terminal() && !before.is_terminal() {
+            writes.ended_instances.push(instance.id.clone());
+        }
+        if before == InstanceStatus::Pending && state.status != InstanceStatus::Pending {
+            self.metrics
+                .instances_started
+                .with_label_values(&[&instance.workflow_name])
+                .inc();
+        }
+        writes.instances.push(InstanceUpdate {
+            id: instance.id.clone(),
+            expected_version: instance.state_version,
+            status: state.status.as_str(),
+            output: state.output,
+            error: state.error,
+            event_seq: seq,
+            wake_at: None,
+        });
+    }
+}
