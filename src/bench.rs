@@ -117,7 +117,9 @@ async fn measure(client: &ApiClient, args: &BenchArgs) -> anyhow::Result<Report>
             let id = format!("bench-{run_tag}-{i}");
             async move {
                 let t = Instant::now();
-                client.start(&name, &json!({ "i": i }), Some(&id), None).await?;
+                client
+                    .start(&name, &json!({ "i": i }), Some(&id), None)
+                    .await?;
                 Ok((id, t.elapsed().as_secs_f64() * 1000.0))
             }
         })

@@ -11,10 +11,20 @@ use crate::client::ApiClient;
 use crate::config::{Config, Limits, Tuning};
 
 #[derive(Parser, Debug)]
-#[command(name = "stead", version, about = "A durable workflow engine whose only dependency is PostgreSQL")]
+#[command(
+    name = "stead",
+    version,
+    about = "A durable workflow engine whose only dependency is PostgreSQL"
+)]
 pub struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "STEAD_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "STEAD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -141,7 +151,11 @@ pub struct DatabaseArgs {
 
 impl DatabaseArgs {
     pub fn url(&self) -> anyhow::Result<String> {
-        match self.database_url.clone().or_else(|| std::env::var("DATABASE_URL").ok()) {
+        match self
+            .database_url
+            .clone()
+            .or_else(|| std::env::var("DATABASE_URL").ok())
+        {
             Some(url) if !url.trim().is_empty() => Ok(url),
             _ => bail!(
                 "no database configured: pass --database-url postgresql://USER@HOST:PORT/DB \
@@ -327,11 +341,14 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             };
             let doc: Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not valid JSON", file.display()))?;
-            let name = match name.or_else(|| doc.get("name").and_then(Value::as_str).map(String::from)) {
-                Some(n) => n,
-                None => bail!("the definition has no \"name\"; pass --name NAME"),
-            };
-            let (_, body) = ApiClient::new(&server.server)?.put_workflow(&name, &doc).await?;
+            let name =
+                match name.or_else(|| doc.get("name").and_then(Value::as_str).map(String::from)) {
+                    Some(n) => n,
+                    None => bail!("the definition has no \"name\"; pass --name NAME"),
+                };
+            let (_, body) = ApiClient::new(&server.server)?
+                .put_workflow(&name, &doc)
+                .await?;
             print_json(&body);
             Ok(())
         }
@@ -371,7 +388,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::History(args) => {
-            print_json(&ApiClient::new(&args.server.server)?.history(&args.id).await?);
+            print_json(
+                &ApiClient::new(&args.server.server)?
+                    .history(&args.id)
+                    .await?,
+            );
             Ok(())
         }
         Command::Bench(args) => crate::bench::run(args).await,

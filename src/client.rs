@@ -45,13 +45,23 @@ impl ApiClient {
         Ok((status, body))
     }
 
-    pub async fn put_workflow(&self, name: &str, definition: &Value) -> anyhow::Result<(u16, Value)> {
-        self.ok(self.http.put(format!("{}/v1/workflows/{name}", self.base)).json(definition))
+    pub async fn put_workflow(
+        &self,
+        name: &str,
+        definition: &Value,
+    ) -> anyhow::Result<(u16, Value)> {
+        self.ok(self
+            .http
+            .put(format!("{}/v1/workflows/{name}", self.base))
+            .json(definition))
             .await
     }
 
     pub async fn list_workflows(&self) -> anyhow::Result<Value> {
-        Ok(self.ok(self.http.get(format!("{}/v1/workflows", self.base))).await?.1)
+        Ok(self
+            .ok(self.http.get(format!("{}/v1/workflows", self.base)))
+            .await?
+            .1)
     }
 
     pub async fn start(
@@ -68,12 +78,11 @@ impl ApiClient {
         if let Some(v) = version {
             body["version"] = json!(v);
         }
-        self.ok(
-            self.http
-                .post(format!("{}/v1/workflows/{workflow}/instances", self.base))
-                .json(&body),
-        )
-        .await
+        self.ok(self
+            .http
+            .post(format!("{}/v1/workflows/{workflow}/instances", self.base))
+            .json(&body))
+            .await
     }
 
     pub async fn instance(&self, id: &str, wait: Option<&str>) -> anyhow::Result<Value> {
@@ -86,14 +95,19 @@ impl ApiClient {
 
     pub async fn list(&self, query: &[(&str, String)]) -> anyhow::Result<Value> {
         Ok(self
-            .ok(self.http.get(format!("{}/v1/instances", self.base)).query(query))
+            .ok(self
+                .http
+                .get(format!("{}/v1/instances", self.base))
+                .query(query))
             .await?
             .1)
     }
 
     pub async fn history(&self, id: &str) -> anyhow::Result<Value> {
         Ok(self
-            .ok(self.http.get(format!("{}/v1/instances/{id}/history", self.base)))
+            .ok(self
+                .http
+                .get(format!("{}/v1/instances/{id}/history", self.base)))
             .await?
             .1)
     }
@@ -103,7 +117,9 @@ impl ApiClient {
 pub fn describe_problem(status: u16, body: &Value) -> String {
     let mut out = format!(
         "HTTP {status}: {}",
-        body.get("title").and_then(Value::as_str).unwrap_or("request failed")
+        body.get("title")
+            .and_then(Value::as_str)
+            .unwrap_or("request failed")
     );
     if let Some(detail) = body.get("detail").and_then(Value::as_str) {
         out.push_str(&format!(": {detail}"));

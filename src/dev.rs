@@ -11,12 +11,10 @@ use crate::embedded::{Cluster, PgBinaries, RunAs};
 pub async fn start_cluster(data_dir: &std::path::Path) -> anyhow::Result<(Cluster, String)> {
     let bins = PgBinaries::find()?;
     let run_as = RunAs::detect()?;
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-    let data_dir = data_dir
-        .canonicalize()
-        .with_context(|| format!("resolving {}", data_dir.display()))?;
-    let mut cluster = Cluster::init(&bins, &run_as, &data_dir)?;
+    // init creates the directory itself (owned by the postgres user when we
+    // are root) and makes the path absolute.
+    let mut cluster = Cluster::init(&bins, &run_as, data_dir)
+        .with_context(|| format!("preparing PostgreSQL in {}", data_dir.display()))?;
     let url = cluster.start().await?;
     Ok((cluster, url))
 }
@@ -41,7 +39,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "            (then e.g. SELECT * FROM {}.instance_overview;)",
         args.node.schema
     );
-    println!("  Ctrl-C stops stead and its PostgreSQL; the data stays in {}", args.data_dir.display());
+    println!(
+        "  Ctrl-C stops stead and its PostgreSQL; the data stays in {}",
+        args.data_dir.display()
+    );
     crate::cli::shutdown_signal().await;
     println!("stopping...");
     node.shutdown().await;

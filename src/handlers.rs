@@ -35,10 +35,16 @@ pub struct TaskContext {
 pub enum TaskError {
     /// Worth another attempt (subject to the step's retry policy).
     #[error("{message}")]
-    Retryable { message: String, details: Option<Value> },
+    Retryable {
+        message: String,
+        details: Option<Value>,
+    },
     /// Retrying cannot help: the step fails now.
     #[error("{message}")]
-    Permanent { message: String, details: Option<Value> },
+    Permanent {
+        message: String,
+        details: Option<Value>,
+    },
 }
 
 impl TaskError {

@@ -30,7 +30,12 @@ where
                     "the request body exceeds the server's limit",
                 )
             } else {
-                ApiError::new(status, "invalid-body", "Invalid request body", rejection.body_text())
+                ApiError::new(
+                    status,
+                    "invalid-body",
+                    "Invalid request body",
+                    rejection.body_text(),
+                )
             }
         })?;
         parse_json(&bytes).map(ApiJson)
@@ -40,7 +45,10 @@ where
 /// Parses `bytes` as `T` with problem documents for the failures.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_field("$", "the request body is empty; send a JSON document"));
+        return Err(ApiError::bad_field(
+            "$",
+            "the request body is empty; send a JSON document",
+        ));
     }
     // Syntax first, so that malformed JSON is told apart from a wrong shape.
     let value: serde_json::Value = serde_json::from_slice(bytes)
@@ -55,7 +63,6 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         ApiError::unprocessable_field(path, e.into_inner().to_string())
     })
 }
-
 
 /// Checks one id-like value (`[A-Za-z0-9._:@-]{1,200}`), naming it on failure.
 pub fn check_id(what: &str, value: &str) -> Result<(), ApiError> {

@@ -41,7 +41,10 @@ pub async fn start(
     }
     if let Some(v) = req.version {
         if v < 1 {
-            return Err(ApiError::unprocessable_field("$.version", "must be a positive integer"));
+            return Err(ApiError::unprocessable_field(
+                "$.version",
+                "must be a positive integer",
+            ));
         }
     }
     let store = &state.inner.store;
@@ -139,7 +142,10 @@ pub async fn get(
                 )
             })
             .collect(),
-        None => steps.iter().map(|s| step_json(&s.step_id, "", Some(s))).collect(),
+        None => steps
+            .iter()
+            .map(|s| step_json(&s.step_id, "", Some(s)))
+            .collect(),
     };
     Ok(Json(body))
 }
@@ -206,11 +212,9 @@ pub async fn list(State(state): State<AppState>, query: QueryParams) -> ApiResul
             })?;
     }
     if let Some(c) = query.get("cursor") {
-        filter.after = Some(
-            decode_cursor(c).ok_or_else(|| {
-                ApiError::bad_field("query.cursor", "not a cursor returned by this API")
-            })?,
-        );
+        filter.after = Some(decode_cursor(c).ok_or_else(|| {
+            ApiError::bad_field("query.cursor", "not a cursor returned by this API")
+        })?);
     }
     let rows = state.inner.store.list_instances(&filter).await?;
     let next_cursor = if rows.len() as i64 == filter.limit {
@@ -253,7 +257,9 @@ pub async fn history(
     check_id("id", &id)?;
     let store = &state.inner.store;
     if store.get_instance(&id).await?.is_none() {
-        return Err(ApiError::not_found(format!("instance {id:?} does not exist")));
+        return Err(ApiError::not_found(format!(
+            "instance {id:?} does not exist"
+        )));
     }
     let events = store.history(&id).await?;
     Ok(Json(json!({

@@ -67,8 +67,14 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.inner.limits.body_limit_bytes;
     Router::new()
         .route("/v1/workflows", get(workflows::list))
-        .route("/v1/workflows/{name}", get(workflows::get_latest).put(workflows::put))
-        .route("/v1/workflows/{name}/versions/{version}", get(workflows::get_version))
+        .route(
+            "/v1/workflows/{name}",
+            get(workflows::get_latest).put(workflows::put),
+        )
+        .route(
+            "/v1/workflows/{name}/versions/{version}",
+            get(workflows::get_version),
+        )
         .route("/v1/workflows/{name}/instances", post(instances::start))
         .route("/v1/instances", get(instances::list))
         .route("/v1/instances/{id}", get(instances::get))
@@ -137,7 +143,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
         }
     }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         inner.metrics.render(),
     )
         .into_response()
@@ -178,7 +187,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 pub(crate) fn duration_param(path: &str, value: &serde_json::Value) -> ApiResult<u64> {
     match value {
         serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| {
-            ApiError::unprocessable_field(path, "must be a non-negative number of milliseconds or a duration like \"30s\"")
+            ApiError::unprocessable_field(
+                path,
+                "must be a non-negative number of milliseconds or a duration like \"30s\"",
+            )
         }),
         serde_json::Value::String(s) => crate::definition::duration::parse_duration_ms(s)
             .map_err(|e| ApiError::unprocessable_field(path, e)),

@@ -1,6 +1,5 @@
 //! The external-worker protocol: claim, heartbeat, complete, fail.
 
-
 use std::time::Duration;
 
 use axum::extract::State;
@@ -79,7 +78,8 @@ pub async fn claim(
                 })).collect::<Vec<_>>(),
             })));
         }
-        let until = deadline.min(tokio::time::Instant::now() + Duration::from_millis(CLAIM_POLL_MS));
+        let until =
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(CLAIM_POLL_MS));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => break,
@@ -142,7 +142,9 @@ pub async fn heartbeat(
         .heartbeat_task(task_id, req.lease_token, lease_ms)
         .await?
     {
-        Some(expires) => Ok(Json(json!({ "task_id": task_id, "lease_expires_at": expires }))),
+        Some(expires) => Ok(Json(
+            json!({ "task_id": task_id, "lease_expires_at": expires }),
+        )),
         None => Err(lease_lost(task_id)),
     }
 }
@@ -218,4 +220,3 @@ async fn finish(
     }
     Ok(Json(json!({ "task_id": task_id, "recorded": true })))
 }
-

@@ -99,7 +99,11 @@ fn full(r: &WorkflowRecord) -> Value {
 }
 
 pub async fn list(State(state): State<AppState>) -> ApiResult<Json<Value>> {
-    let records = state.inner.store.list_workflows(MAX_WORKFLOWS_LISTED).await?;
+    let records = state
+        .inner
+        .store
+        .list_workflows(MAX_WORKFLOWS_LISTED)
+        .await?;
     Ok(Json(json!({
         "workflows": records.iter().map(summary).collect::<Vec<_>>(),
     })))
@@ -112,7 +116,9 @@ pub async fn get_latest(
     check_id("name", &name)?;
     let versions = state.inner.store.list_workflow_versions(&name).await?;
     let Some(latest) = versions.last() else {
-        return Err(ApiError::not_found(format!("workflow {name:?} is not registered")));
+        return Err(ApiError::not_found(format!(
+            "workflow {name:?} is not registered"
+        )));
     };
     let mut body = full(latest);
     body["versions"] = versions

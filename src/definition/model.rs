@@ -58,11 +58,18 @@ pub enum StepKind {
     /// A durable timer.
     Sleep(SleepSpec),
     /// Wait for a named signal; output is its payload.
-    Signal { name: String, timeout_ms: Option<u64> },
+    Signal {
+        name: String,
+        timeout_ms: Option<u64>,
+    },
     /// Evaluate a template inline.
     Value(Value),
     /// Start a child workflow; `input` is a template (absent = null).
-    Workflow { name: String, version: Option<i32>, input: Option<Value> },
+    Workflow {
+        name: String,
+        version: Option<i32>,
+        input: Option<Value>,
+    },
 }
 
 impl StepKind {
@@ -93,7 +100,9 @@ pub struct HttpCall {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SleepSpec {
-    Duration { ms: u64 },
+    Duration {
+        ms: u64,
+    },
     /// Template that must render to an RFC 3339 timestamp.
     Until(Value),
 }

@@ -40,7 +40,9 @@ pub fn decide(
         changed: BTreeSet::new(),
     };
     if run.state.steps.len() != def.steps.len() {
-        run.state.steps.resize(def.steps.len(), StepState::default());
+        run.state
+            .steps
+            .resize(def.steps.len(), StepState::default());
     }
     for event in events {
         run.apply(event);
@@ -77,7 +79,13 @@ struct Run<'d, 's, 'c, 'r> {
 }
 
 impl Run<'_, '_, '_, '_> {
-    fn record(&mut self, kind: &'static str, step: Option<usize>, attempt: Option<u32>, data: Value) {
+    fn record(
+        &mut self,
+        kind: &'static str,
+        step: Option<usize>,
+        attempt: Option<u32>,
+        data: Value,
+    ) {
         let step_id = step.map(|i| self.def.steps[i].id.clone());
         self.decision.history.push(HistoryEntry {
             kind,
@@ -147,7 +155,8 @@ impl Run<'_, '_, '_, '_> {
                 retryable,
                 details,
             } => {
-                let mut error = json!({ "message": message, "retryable": retryable, "attempt": attempt });
+                let mut error =
+                    json!({ "message": message, "retryable": retryable, "attempt": attempt });
                 if let Some(details) = details {
                     error["details"] = details.clone();
                 }
@@ -245,7 +254,11 @@ impl Run<'_, '_, '_, '_> {
                 if self.state.steps[index].status != StepStatus::Pending {
                     continue;
                 }
-                if !self.def.steps[index].needs.iter().all(|&n| self.finished(n)) {
+                if !self.def.steps[index]
+                    .needs
+                    .iter()
+                    .all(|&n| self.finished(n))
+                {
                     continue;
                 }
                 self.start_step(index);
@@ -301,7 +314,12 @@ impl Run<'_, '_, '_, '_> {
                 s.status = StepStatus::Skipped;
                 s.output = Some(Value::Null);
                 s.ended_at = Some(now);
-                self.record("step_skipped", Some(index), None, json!({ "when": verdict }));
+                self.record(
+                    "step_skipped",
+                    Some(index),
+                    None,
+                    json!({ "when": verdict }),
+                );
                 return;
             }
         }
@@ -319,7 +337,12 @@ impl Run<'_, '_, '_, '_> {
                 s.scheduled_at = Some(now);
                 s.started_at = Some(now);
                 s.ended_at = Some(now);
-                self.record("step_completed", Some(index), Some(1), json!({ "output": output }));
+                self.record(
+                    "step_completed",
+                    Some(index),
+                    Some(1),
+                    json!({ "output": output }),
+                );
             }
             StepKind::Task { input, .. } => {
                 let input = input
@@ -365,7 +388,12 @@ impl Run<'_, '_, '_, '_> {
         s.attempt = 1;
         s.input = Some(input.clone());
         s.scheduled_at = Some(now);
-        self.record("step_scheduled", Some(index), Some(1), json!({ "input": input }));
+        self.record(
+            "step_scheduled",
+            Some(index),
+            Some(1),
+            json!({ "input": input }),
+        );
         self.enqueue(index, 1, input, 0);
     }
 
@@ -397,7 +425,12 @@ impl Run<'_, '_, '_, '_> {
         self.state.output = Some(output.clone());
         // Every step has finished, so the instance has nothing left in the
         // queue to withdraw.
-        self.record("instance_completed", None, None, json!({ "output": output }));
+        self.record(
+            "instance_completed",
+            None,
+            None,
+            json!({ "output": output }),
+        );
     }
 }
 

@@ -35,13 +35,18 @@ impl Metrics {
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m.expect("valid metric");
-                registry.register(Box::new(m.clone())).expect("unique metric");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("unique metric");
                 m
             }};
         }
         Metrics {
             instances_started: reg!(IntCounterVec::new(
-                Opts::new("stead_instances_started_total", "Instances that began running."),
+                Opts::new(
+                    "stead_instances_started_total",
+                    "Instances that began running."
+                ),
                 &["workflow"]
             )),
             instances_ended: reg!(IntCounterVec::new(
@@ -86,7 +91,10 @@ impl Metrics {
                 .buckets(LATENCY_BUCKETS.to_vec())
             )),
             http_requests: reg!(IntCounterVec::new(
-                Opts::new("stead_http_requests_total", "API requests by route and status."),
+                Opts::new(
+                    "stead_http_requests_total",
+                    "API requests by route and status."
+                ),
                 &["method", "route", "status"]
             )),
             http_request_duration: reg!(HistogramVec::new(

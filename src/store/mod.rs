@@ -259,7 +259,10 @@ impl Store {
     ) -> Result<Option<WorkflowRecord>> {
         let conn = self.conn().await?;
         let row = match version {
-            Some(v) => conn.query_opt(sql::GET_WORKFLOW_VERSION, &[&name, &v]).await?,
+            Some(v) => {
+                conn.query_opt(sql::GET_WORKFLOW_VERSION, &[&name, &v])
+                    .await?
+            }
             None => conn.query_opt(sql::GET_WORKFLOW_LATEST, &[&name]).await?,
         };
         Ok(row.map(|r| workflow_from_row(&r)))
@@ -533,10 +536,8 @@ impl AdvanceTx {
         let steps_stmt = c.prepare_cached(sql::LOAD_STEPS).await?;
         let tasks_stmt = c.prepare_cached(sql::LOAD_FINISHED_TASKS).await?;
         let params: [&(dyn ToSql + Sync); 1] = [&ids];
-        let (steps, tasks) = futures::try_join!(
-            c.query(&steps_stmt, &params),
-            c.query(&tasks_stmt, &params)
-        )?;
+        let (steps, tasks) =
+            futures::try_join!(c.query(&steps_stmt, &params), c.query(&tasks_stmt, &params))?;
         let steps = steps
             .iter()
             .map(|r| StepRow {

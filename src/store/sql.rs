@@ -7,7 +7,8 @@ pub const MIGRATION_LOCK: &str = "SELECT pg_advisory_lock($1)";
 pub const MIGRATION_UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
 pub const INIT_CLUSTER: &str =
     "INSERT INTO cluster (slot_count) VALUES ($1) ON CONFLICT (singleton) DO NOTHING";
-pub const SCHEMA_VERSION: &str = "SELECT coalesce(max(version), 0)::int FROM refinery_schema_history";
+pub const SCHEMA_VERSION: &str =
+    "SELECT coalesce(max(version), 0)::int FROM refinery_schema_history";
 pub const SLOT_COUNT: &str = "SELECT slot_count FROM cluster";
 
 // ---- workflows -------------------------------------------------------------
@@ -35,8 +36,7 @@ pub const LIST_WORKFLOW_VERSIONS: &str = "
 
 // ---- instances -------------------------------------------------------------
 
-pub const START_INSTANCE: &str =
-    "SELECT instance_id, created FROM start_instance($1, $2, $3, $4)";
+pub const START_INSTANCE: &str = "SELECT instance_id, created FROM start_instance($1, $2, $3, $4)";
 pub const INSTANCE_COLUMNS: &str = "id, workflow_name, workflow_version, status, input, output, \
      error, created_at, started_at, updated_at, ended_at";
 pub const GET_INSTANCE: &str = "

@@ -82,7 +82,10 @@ impl Advancer {
         }
         let mut results_by_instance: HashMap<&str, Vec<&FinishedTask>> = HashMap::new();
         for t in &finished {
-            results_by_instance.entry(&t.instance_id).or_default().push(t);
+            results_by_instance
+                .entry(&t.instance_id)
+                .or_default()
+                .push(t);
         }
 
         let mut writes = AdvanceWrites::default();
@@ -101,7 +104,9 @@ impl Advancer {
                     continue;
                 }
             };
-            let steps = steps_by_instance.remove(instance.id.as_str()).unwrap_or_default();
+            let steps = steps_by_instance
+                .remove(instance.id.as_str())
+                .unwrap_or_default();
             let results = results_by_instance
                 .remove(instance.id.as_str())
                 .unwrap_or_default();

@@ -27,7 +27,10 @@ pub fn install(handlers: &mut Handlers, default_http_timeout_ms: u64) {
         });
     }
     if handlers.get(ECHO_QUEUE).is_none() {
-        handlers.register(ECHO_QUEUE, |task: TaskContext| async move { Ok(task.input) });
+        handlers.register(
+            ECHO_QUEUE,
+            |task: TaskContext| async move { Ok(task.input) },
+        );
     }
 }
 

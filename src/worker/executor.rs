@@ -102,7 +102,11 @@ impl Executor {
                     .inc();
                 let permit = match first.take() {
                     Some(p) => p,
-                    None => semaphore.clone().acquire_owned().await.expect("semaphore open"),
+                    None => semaphore
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore open"),
                 };
                 let this = this.clone();
                 let done_tx = done_tx.clone();
@@ -175,7 +179,11 @@ impl Executor {
             ))
             .to_json()),
         };
-        let outcome = if result.is_ok() { "completed" } else { "failed" };
+        let outcome = if result.is_ok() {
+            "completed"
+        } else {
+            "failed"
+        };
         self.metrics
             .task_duration
             .with_label_values(&[&task.queue, outcome])

@@ -44,7 +44,10 @@ impl Listener {
     }
 
     /// Listens until the connection breaks (Err) or cancel (Ok).
-    pub async fn run_once(&self, cancel: &CancellationToken) -> Result<(), crate::store::StoreError> {
+    pub async fn run_once(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<(), crate::store::StoreError> {
         let advance = self.store.channel("advance");
         let tasks = self.store.channel("tasks");
         let ended = self.store.channel("ended");
