@@ -226,6 +226,17 @@ impl Run<'_, '_, '_, '_> {
     }
 
     fn fail_instance(&mut self, error: Value) {
+        // Parallel branches still in flight will never report: their tasks
+        // are withdrawn below, so their steps end `cancelled`.
+        let now = self.ctx.now;
+        for i in 0..self.state.steps.len() {
+            if self.state.steps[i].status.is_active() {
+                let s = &mut self.state.steps[i];
+                s.status = StepStatus::Cancelled;
+                s.ended_at = Some(now);
+                self.changed.insert(i);
+            }
+        }
         self.state.status = InstanceStatus::Failed;
         self.state.error = Some(error.clone());
         self.record("instance_failed", None, None, json!({ "error": error }));

@@ -1,9 +1,18 @@
 //! Integration tests: one binary, real PostgreSQL (started by the harness),
 //! real nodes. One file per feature.
 
+mod api_validation;
+mod crash;
+mod dev;
 mod harness;
+mod http_steps;
 mod node;
+mod queue;
+mod retries;
 mod smoke;
+mod sql_interface;
+mod starts;
+mod workflows;
 
 use serde_json::Value;
 
