@@ -53,26 +53,64 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Syntax first, so that malformed JSON is told apart from a wrong shape.
     let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_field("$", format!("malformed JSON: {e}")))?;
+    if let Some(path) = find_nul(&value, "$") {
+        // PostgreSQL text and jsonb cannot hold U+0000.
+        return Err(ApiError::unprocessable_field(
+            path,
+            "text containing the NUL character (\\u0000) cannot be stored",
+        ));
+    }
     serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path == "." || path.is_empty() {
+        let mut path = if path == "." || path.is_empty() {
             "$".to_string()
         } else {
             format!("$.{path}")
         };
-        ApiError::unprocessable_field(path, e.into_inner().to_string())
+        let message = e.into_inner().to_string();
+        // serde reports a missing or unknown field at its parent; name the
+        // field itself.
+        for prefix in ["missing field `", "unknown field `"] {
+            if let Some(rest) = message.strip_prefix(prefix) {
+                if let Some(field) = rest.split('`').next() {
+                    path = format!("{path}.{field}");
+                }
+            }
+        }
+        ApiError::unprocessable_field(path, message)
     })
+}
+
+/// The path of the first string or key holding U+0000, if any.
+fn find_nul(value: &serde_json::Value, path: &str) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) if s.contains('\0') => Some(path.to_string()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| find_nul(v, &format!("{path}[{i}]"))),
+        serde_json::Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let child = format!("{path}.{}", k.replace('\0', "\\u0000"));
+            if k.contains('\0') {
+                Some(child)
+            } else {
+                find_nul(v, &child)
+            }
+        }),
+        _ => None,
+    }
 }
 
 /// Checks one id-like value (`[A-Za-z0-9._:@-]{1,200}`), naming it on failure.
 pub fn check_id(what: &str, value: &str) -> Result<(), ApiError> {
+    const RULE: &str = "must be 1-200 characters of letters, digits and . _ : @ -";
     if is_valid_id(value) {
         Ok(())
+    } else if what.starts_with('$') {
+        // A field of a well-formed JSON body: the body is unprocessable.
+        Err(ApiError::unprocessable_field(what, RULE))
     } else {
-        Err(ApiError::bad_field(
-            what,
-            "must be 1-200 characters of letters, digits and . _ : @ -",
-        ))
+        Err(ApiError::bad_field(what, RULE))
     }
 }
 

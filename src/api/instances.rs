@@ -54,7 +54,7 @@ pub async fn start(
     let record = store
         .get_instance(&id)
         .await?
-        .ok_or_else(|| ApiError::internal())?;
+        .ok_or_else(ApiError::internal)?;
     let mut body = instance_json(&record);
     body["created"] = json!(created);
     let status = if created {
@@ -246,7 +246,12 @@ fn decode_cursor(cursor: &str) -> Option<(DateTime<Utc>, String)> {
         .collect();
     let text = String::from_utf8(bytes?).ok()?;
     let (micros, id) = text.split_once(':')?;
-    let time = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    let micros: i64 = micros.parse().ok()?;
+    // Only times PostgreSQL can hold and ids we could have issued.
+    if !(0..=253_402_300_799_000_000).contains(&micros) || !super::extract::is_valid_id(id) {
+        return None;
+    }
+    let time = DateTime::from_timestamp_micros(micros)?;
     Some((time, id.to_string()))
 }
 

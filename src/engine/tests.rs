@@ -1107,7 +1107,9 @@ fn failure_and_sibling_success_in_same_batch() {
     );
     assert_eq!(log(&decision), ["step_failed:b#1", "instance_failed"]);
     assert_eq!(decision.commands, vec![Command::WithdrawTasks]);
-    assert_eq!(step(&d, &state, "a").status, StepStatus::Scheduled);
+    // a's result came after the failure in the batch: a was in flight when
+    // the instance failed, so it is cancelled, not completed.
+    assert_eq!(step(&d, &state, "a").status, StepStatus::Cancelled);
     assert_eq!(step(&d, &state, "c").status, StepStatus::Pending);
 }
 

@@ -29,11 +29,13 @@ pub fn jittered(ms: u64) -> Duration {
     Duration::from_millis(((ms as f64) * factor) as u64)
 }
 
+type DefinitionMap = HashMap<(String, i32), Arc<Definition>>;
+
 /// Parsed definitions by (name, version). Versions are immutable, so entries
 /// never go stale.
 #[derive(Clone, Default)]
 pub struct DefinitionCache {
-    inner: Arc<Mutex<HashMap<(String, i32), Arc<Definition>>>>,
+    inner: Arc<Mutex<DefinitionMap>>,
 }
 
 /// How many parsed definitions the cache keeps before it starts over.

@@ -628,6 +628,24 @@ fn garbage_requests() -> Vec<Garbage> {
         content_type: Some("application/json"),
         body: Some(br#"{"steps": [{"id": "a", "value": "\u0000"}]}"#.to_vec()),
     });
+    // The same in a task result (with a lease token nobody holds).
+    for (path, body) in [
+        (
+            "/v1/tasks/1/complete",
+            &br#"{"lease_token": "00000000-0000-0000-0000-000000000001", "output": "\u0000"}"#[..],
+        ),
+        (
+            "/v1/tasks/1/fail",
+            br#"{"lease_token": "00000000-0000-0000-0000-000000000001", "error": {"message": "\u0000"}}"#,
+        ),
+    ] {
+        out.push(Garbage {
+            method: "POST",
+            path: path.to_string(),
+            content_type: Some("application/json"),
+            body: Some(body.to_vec()),
+        });
+    }
     // Bodies where none is expected, and odd methods.
     for (method, path) in [
         ("GET", "/v1/workflows"),

@@ -560,8 +560,9 @@ async fn fail_retryable_retries_and_fail_not_retryable_fails_the_step() {
     node.shutdown().await;
 }
 
-/// Claim requests are validated: a missing `worker` and `max: 0` are 422
-/// problem documents naming the field.
+/// Claim requests are validated: a missing `worker`, `max: 0`, a too short
+/// lease, a too long wait and a wrongly typed `max` are 422 problem
+/// documents naming the field.
 #[tokio::test]
 async fn claim_validation_names_the_field() {
     let db = TestDb::new().await;
@@ -596,6 +597,18 @@ async fn claim_validation_names_the_field() {
         .await;
     assert_eq!(status, 422, "max 0: {body}");
     assert!(names(&body, "max"), "max 0: {}", pretty(&body));
+
+    for (body, field) in [
+        (json!({"worker": "w", "max": 1, "lease": "50ms"}), "lease"),
+        (json!({"worker": "w", "max": 1, "wait": "2h"}), "wait"),
+        (json!({"worker": "w", "max": "three"}), "max"),
+    ] {
+        let (status, resp) = node
+            .call("POST", "/v1/queues/ext.valid/claim", Some(body.clone()))
+            .await;
+        assert_eq!(status, 422, "{body}: {resp}");
+        assert!(names(&resp, field), "{body}: {}", pretty(&resp));
+    }
 
     // A valid claim on the same queue works (the rejections were about the
     // fields, not the endpoint).
