@@ -243,7 +243,7 @@ async fn wrong_types_and_unknown_fields_name_the_field() {
         (claim, json!({"worker": "w", "wait": true}), "$.wait"),
         (claim, json!({"worker": "w", "wait": "forever"}), "$.wait"),
         (claim, json!({"worker": "w", "lease": "1ms"}), "$.lease"),
-        (claim, json!({"max": 1}), "$"),
+        (claim, json!({"max": 1}), "$.worker"),
     ];
     for (path, body, field) in cases {
         let a = send_json(&node, "POST", path, &body).await;

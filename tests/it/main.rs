@@ -12,6 +12,7 @@ mod retries;
 mod smoke;
 mod sql_interface;
 mod starts;
+mod timeouts;
 mod workflows;
 
 use serde_json::Value;
