@@ -9,6 +9,7 @@ mod http_steps;
 mod node;
 mod queue;
 mod retries;
+mod schema;
 mod smoke;
 mod sql_interface;
 mod starts;
