@@ -134,7 +134,9 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path FROM CURRENT
 AS $$ SELECT current_schema() || '.' || name $$;
 
--- Starts an instance (the one path used by the HTTP API and by SQL).
+-- Starts an instance (the one path used by the HTTP API and by SQL). It does
+-- not NOTIFY: a NOTIFY serialises commits on a database-wide lock, so the API
+-- coalesces its wake-ups instead (start_workflow below notifies).
 -- Idempotent on id: the same id with the same workflow and input returns the
 -- existing instance (created = false); a different one raises SQLSTATE ST409.
 -- An unknown workflow or version raises ST404.
@@ -166,7 +168,6 @@ BEGIN
     VALUES (v_id, p_workflow, v_version, slot_for(v_id), v_input, now())
     ON CONFLICT (id) DO NOTHING;
     IF FOUND THEN
-        PERFORM pg_notify(channel('advance'), '');
         RETURN QUERY SELECT v_id, true;
         RETURN;
     END IF;
@@ -186,7 +187,11 @@ $$;
 CREATE FUNCTION start_workflow(name text, input jsonb, id text DEFAULT NULL) RETURNS text
 LANGUAGE sql
 SET search_path FROM CURRENT
-AS $$ SELECT s.instance_id FROM start_instance(name, NULL, input, id) s $$;
+AS $$
+    SELECT s.instance_id
+    FROM start_instance(name, NULL, input, id) s
+    LEFT JOIN LATERAL (SELECT pg_notify(channel('advance'), '') WHERE s.created) n ON true
+$$;
 
 -- Operator view: one row per instance with the steps it is currently on.
 CREATE VIEW instance_overview AS

@@ -16,6 +16,7 @@ use crate::store::{Store, StoreConfig};
 use crate::worker::advancer::{Advancer, AdvancerConfig};
 use crate::worker::executor::{Executor, ExecutorConfig};
 use crate::worker::listener::{Listener, ListenerConfig};
+use crate::worker::notifier::{AdvanceNotifier, Notifier, NotifierConfig};
 use crate::worker::reaper::{Reaper, ReaperConfig};
 use crate::worker::{builtin, DefinitionCache, Wakeups};
 
@@ -103,6 +104,16 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         .run(cancel.child_token()),
     );
 
+    let notifier = AdvanceNotifier::new(wakeups.clone());
+    tasks.spawn(
+        Notifier {
+            config: NotifierConfig { coalesce_ms: 5 },
+            store: store.clone(),
+            handle: notifier.clone(),
+        }
+        .run(cancel.child_token()),
+    );
+
     let mut handlers = config.handlers.clone();
     builtin::install(&mut handlers, tuning.http_step_timeout_ms);
     for n in 0..config.workers {
@@ -140,6 +151,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
                 store: store.clone(),
                 handlers: handlers.clone(),
                 wakeups: wakeups.clone(),
+                notifier: notifier.clone(),
                 metrics: metrics.clone(),
             }
             .run(cancel.child_token()),
@@ -170,6 +182,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
             store.clone(),
             definitions.clone(),
             wakeups.clone(),
+            notifier.clone(),
             metrics.clone(),
             config.limits.clone(),
             config.tuning.clone(),

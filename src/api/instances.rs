@@ -51,6 +51,9 @@ pub async fn start(
     let (id, created) = store
         .start_instance(&name, req.version, &req.input, req.id.as_deref())
         .await?;
+    if created {
+        state.inner.notifier.request();
+    }
     let record = store
         .get_instance(&id)
         .await?

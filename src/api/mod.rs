@@ -22,6 +22,7 @@ use serde_json::json;
 use crate::config::{Limits, Tuning};
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::worker::notifier::AdvanceNotifier;
 use crate::worker::{DefinitionCache, Wakeups};
 
 pub use error::{ApiError, ApiResult, FieldProblem};
@@ -36,6 +37,7 @@ struct Inner {
     store: Store,
     definitions: DefinitionCache,
     wakeups: Wakeups,
+    notifier: AdvanceNotifier,
     metrics: Arc<Metrics>,
     limits: Limits,
     tuning: Tuning,
@@ -46,6 +48,7 @@ impl AppState {
         store: Store,
         definitions: DefinitionCache,
         wakeups: Wakeups,
+        notifier: AdvanceNotifier,
         metrics: Arc<Metrics>,
         limits: Limits,
         tuning: Tuning,
@@ -55,6 +58,7 @@ impl AppState {
                 store,
                 definitions,
                 wakeups,
+                notifier,
                 metrics,
                 limits,
                 tuning,

@@ -218,5 +218,6 @@ async fn finish(
         state.inner.metrics.stale_completions.inc();
         return Err(lease_lost(task_id));
     }
+    state.inner.notifier.request();
     Ok(Json(json!({ "task_id": task_id, "recorded": true })))
 }

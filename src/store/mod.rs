@@ -445,6 +445,13 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    /// Sends a NOTIFY on this cluster's channel `name`.
+    pub async fn notify(&self, name: &str) -> Result<()> {
+        let conn = self.conn().await?;
+        conn.execute(sql::NOTIFY, &[&name]).await?;
+        Ok(())
+    }
+
     /// Fails up to `limit` attempts whose lease expired; returns how many.
     pub async fn reap_expired_leases(&self, limit: i64) -> Result<u64> {
         let conn = self.conn().await?;

@@ -101,7 +101,8 @@ pub const HEARTBEAT_TASK: &str = "
     RETURNING lease_expires_at";
 
 /// Records the results of leased tasks whose lease is still held; returns
-/// the ids it recorded and wakes the engine once if there were any.
+/// the ids it recorded. (The caller wakes the engine through the coalescing
+/// notifier: a NOTIFY per statement would serialise commits.)
 pub const FINISH_TASKS: &str = "
     WITH done AS (
         UPDATE tasks t
@@ -112,7 +113,7 @@ pub const FINISH_TASKS: &str = "
           AND t.lease_expires_at > now()
         RETURNING t.id
     )
-    SELECT id, (SELECT pg_notify(channel('advance'), '')) FROM done";
+    SELECT id FROM done";
 
 /// Turns expired leases into failed (retryable) attempts for the engine.
 pub const REAP_EXPIRED_LEASES: &str = "
@@ -211,6 +212,7 @@ pub const UPDATE_INSTANCES: &str = "
 
 pub const DELETE_TASKS_BY_ID: &str = "DELETE FROM tasks WHERE id = ANY($1)";
 pub const DELETE_TASKS_OF_INSTANCES: &str = "DELETE FROM tasks WHERE instance_id = ANY($1)";
+pub const NOTIFY: &str = "SELECT pg_notify(channel($1), '')";
 pub const NOTIFY_QUEUES: &str =
     "SELECT pg_notify(channel('tasks'), q) FROM unnest($1::text[]) AS q";
 pub const NOTIFY_ENDED: &str =

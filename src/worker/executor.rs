@@ -10,6 +10,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::notifier::AdvanceNotifier;
 use super::{drain, jittered, Wakeups};
 use crate::handlers::{Handlers, TaskContext, TaskError};
 use crate::metrics::Metrics;
@@ -33,6 +34,7 @@ pub struct Executor {
     pub store: Store,
     pub handlers: Handlers,
     pub wakeups: Wakeups,
+    pub notifier: AdvanceNotifier,
     pub metrics: Arc<Metrics>,
 }
 
@@ -47,6 +49,7 @@ impl Executor {
         let (done_tx, done_rx) = mpsc::channel::<TaskOutcome>(capacity * 2);
         let completer = tokio::spawn(complete_loop(
             self.store.clone(),
+            self.notifier.clone(),
             done_rx,
             self.config.completion_batch_size.max(1),
             self.metrics.clone(),
@@ -200,6 +203,7 @@ impl Executor {
 /// goes to the database in one statement.
 async fn complete_loop(
     store: Store,
+    notifier: AdvanceNotifier,
     mut rx: mpsc::Receiver<TaskOutcome>,
     batch_size: usize,
     metrics: Arc<Metrics>,
@@ -217,6 +221,9 @@ async fn complete_loop(
         loop {
             match store.finish_tasks(&batch).await {
                 Ok(recorded) => {
+                    if !recorded.is_empty() {
+                        notifier.request();
+                    }
                     let refused = batch.len() - recorded.len();
                     if refused > 0 {
                         metrics.stale_completions.inc_by(refused as u64);

@@ -9,6 +9,7 @@ pub mod advancer;
 pub mod builtin;
 pub mod executor;
 pub mod listener;
+pub mod notifier;
 pub mod reaper;
 mod wakeups;
 
