@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{check_id, ApiJson, ApiPath, QueryParams};
+use super::extract::{check_id, parse_json, ApiBytes, ApiJson, ApiPath, QueryParams};
 use super::AppState;
 use crate::definition::duration::parse_duration_ms;
 use crate::engine::InstanceStatus;
@@ -95,7 +95,7 @@ fn step_json(id: &str, kind: &str, s: Option<&StepRecord>) -> Value {
             } else {
                 s.status.as_str()
             };
-            json!({
+            let mut v = json!({
                 "id": id,
                 "kind": kind,
                 "status": status,
@@ -106,7 +106,17 @@ fn step_json(id: &str, kind: &str, s: Option<&StepRecord>) -> Value {
                 "scheduled_at": s.scheduled_at,
                 "started_at": s.started_at,
                 "ended_at": s.ended_at,
-            })
+            });
+            if s.wake_at.is_some() {
+                v["wake_at"] = json!(s.wake_at);
+            }
+            if let Some(items) = &s.items {
+                v["items"] = items.clone();
+            }
+            if let Some(c) = &s.compensation {
+                v["compensation"] = c.clone();
+            }
+            v
         }
     }
 }
@@ -281,6 +291,82 @@ pub async fn history(
             "at": e.created_at,
         })).collect::<Vec<_>>(),
     })))
+}
+
+/// `POST /v1/instances/{id}/signals/{name}`: the body is the payload (an
+/// empty body is null). Buffered until a step waits for it.
+pub async fn signal(
+    State(state): State<AppState>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    ApiBytes(body): ApiBytes,
+) -> ApiResult<Response> {
+    check_id("id", &id)?;
+    check_id("name", &name)?;
+    let payload: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        parse_json(&body)?
+    };
+    let signal_id = state.inner.store.send_signal(&id, &name, &payload).await?;
+    state.inner.notifier.request();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "instance_id": id, "signal": name, "signal_id": signal_id })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    reason: Option<String>,
+}
+
+/// `POST /v1/instances/{id}/cancel` with an optional `{reason}`.
+pub async fn cancel(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiBytes(body): ApiBytes,
+) -> ApiResult<Response> {
+    check_id("id", &id)?;
+    let req: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    if req.reason.as_ref().is_some_and(|r| r.len() > 1000) {
+        return Err(ApiError::unprocessable_field(
+            "$.reason",
+            "must be at most 1000 characters",
+        ));
+    }
+    state
+        .inner
+        .store
+        .request_cancel(&id, req.reason.as_deref())
+        .await?;
+    state.inner.notifier.request();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "instance_id": id, "cancel_requested": true })),
+    )
+        .into_response())
+}
+
+/// `POST /v1/instances/{id}/retry`: a failed instance runs again from its
+/// failed steps.
+pub async fn retry(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Response> {
+    check_id("id", &id)?;
+    state.inner.store.request_retry(&id).await?;
+    state.inner.notifier.request();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "instance_id": id, "retry_requested": true })),
+    )
+        .into_response())
 }
 
 #[cfg(test)]

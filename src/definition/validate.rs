@@ -424,6 +424,18 @@ impl<'d> Validator<'d> {
         let for_each_items = obj
             .get("for_each")
             .and_then(|f| self.for_each(f, &format!("{path}.for_each"), own));
+        if has_for_each {
+            for kind in ["sleep", "signal"] {
+                if obj.contains_key(kind) {
+                    self.problem(
+                        &format!("{path}.for_each"),
+                        &format!(
+                            "for_each runs task, http, value and workflow steps, not {kind} steps"
+                        ),
+                    );
+                }
+            }
+        }
         let max_parallel = obj.get("max_parallel").and_then(|m| {
             let mp_path = format!("{path}.max_parallel");
             if !has_for_each {

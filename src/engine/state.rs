@@ -43,7 +43,8 @@ impl InstanceStatus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum StepStatus {
     Pending,
     Scheduled,
@@ -107,6 +108,15 @@ pub struct StepState {
     pub scheduled_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// When a waiting step must be looked at: a sleep's end, a signal
+    /// step's timeout.
+    pub wake_at: Option<DateTime<Utc>>,
+    /// Order in which completed steps finished (for compensation).
+    pub completion_order: Option<u32>,
+    /// Per-item state of a `for_each` step.
+    pub items: Option<Vec<ItemState>>,
+    /// State of the step's compensation, once it has begun.
+    pub compensation: Option<CompensationState>,
 }
 
 impl Default for StepState {
@@ -120,8 +130,76 @@ impl Default for StepState {
             scheduled_at: None,
             started_at: None,
             ended_at: None,
+            wake_at: None,
+            completion_order: None,
+            items: None,
+            compensation: None,
         }
     }
+}
+
+/// One element of a `for_each` step.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ItemState {
+    pub status: StepStatus,
+    pub attempt: u32,
+    #[serde(default)]
+    pub input: Value,
+    #[serde(default)]
+    pub output: Option<Value>,
+    #[serde(default)]
+    pub error: Option<Value>,
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// The compensation of one completed step.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CompensationState {
+    /// scheduled, completed or failed.
+    pub status: StepStatus,
+    pub attempt: u32,
+    #[serde(default)]
+    pub input: Value,
+    #[serde(default)]
+    pub output: Option<Value>,
+    #[serde(default)]
+    pub error: Option<Value>,
+}
+
+/// How an instance that is winding down will end, once its compensations
+/// have run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Failed,
+    Cancelled,
+}
+
+impl Ending {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ending::Failed => "failed",
+            Ending::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "failed" => Some(Ending::Failed),
+            "cancelled" => Some(Ending::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+/// A signal delivered to the instance and not consumed yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingSignal {
+    pub id: i64,
+    pub name: String,
+    pub payload: Value,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -132,21 +210,78 @@ pub struct InstanceState {
     pub output: Option<Value>,
     pub error: Option<Value>,
     pub steps: Vec<StepState>,
+    /// Set while the instance winds down (compensations run) towards its end.
+    pub ending: Option<Ending>,
+    /// The workflow deadline, set when the instance starts.
+    pub deadline_at: Option<DateTime<Utc>>,
 }
 
-/// What happened to an instance since the engine last looked at it.
+impl InstanceState {
+    /// A fresh instance of a definition with `step_count` steps.
+    pub fn new(id: &str, input: Value, step_count: usize) -> Self {
+        InstanceState {
+            id: id.to_string(),
+            status: InstanceStatus::Pending,
+            input,
+            output: None,
+            error: None,
+            steps: vec![StepState::default(); step_count],
+            ending: None,
+            deadline_at: None,
+        }
+    }
+}
+
+/// What happened to an instance since the engine last looked at it. (Timers
+/// need no event: every decision compares them with `Context::now`.)
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The instance was started (it is `pending`).
     Start,
-    /// An attempt of a task or http step finished (or its lease expired).
+    /// An attempt of a task, http, child-workflow or compensation finished
+    /// (or its lease expired).
     TaskFinished {
         step: usize,
+        /// The `for_each` element, if any.
+        item: Option<u32>,
+        purpose: TaskPurpose,
         attempt: u32,
         result: TaskResult,
         started_at: Option<DateTime<Utc>>,
         worker: Option<String>,
     },
+    /// A signal is waiting to be consumed.
+    Signal(PendingSignal),
+    /// Someone asked to cancel the instance.
+    CancelRequested { reason: String },
+    /// Someone asked to retry the failed instance from its failed steps.
+    RetryRequested,
+}
+
+/// Why a task row exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskPurpose {
+    /// An attempt of the step itself (a child workflow for `workflow` steps).
+    Run,
+    /// An attempt of the step's compensation.
+    Compensate,
+}
+
+impl TaskPurpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskPurpose::Run => "run",
+            TaskPurpose::Compensate => "compensate",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "run" => Some(TaskPurpose::Run),
+            "compensate" => Some(TaskPurpose::Compensate),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -179,9 +314,11 @@ impl TaskKind {
 /// new state.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    /// Put an attempt of a step in the queue.
+    /// Put an attempt of a step (or of its compensation) in the queue.
     EnqueueTask {
         step: usize,
+        item: Option<u32>,
+        purpose: TaskPurpose,
         attempt: u32,
         kind: TaskKind,
         queue: String,
@@ -190,8 +327,23 @@ pub enum Command {
         timeout_ms: Option<u64>,
         idempotency_key: String,
     },
-    /// The instance ended: remove every task it still has in the queue.
+    /// Start a child workflow instance for a `workflow` step; its end is
+    /// reported back like a task result.
+    StartChild {
+        step: usize,
+        item: Option<u32>,
+        child_id: String,
+        workflow: String,
+        version: Option<i32>,
+        input: Value,
+    },
+    /// The instance is winding down: remove every task of its steps from the
+    /// queue (this runs before the decision's new tasks are inserted).
     WithdrawTasks,
+    /// Cancel every child workflow still running.
+    CancelChildren,
+    /// The signal was consumed by a step.
+    ConsumeSignal { id: i64, step: usize },
 }
 
 /// One entry for the instance's append-only history.
@@ -210,4 +362,7 @@ pub struct Decision {
     pub history: Vec<HistoryEntry>,
     /// Indices of the steps whose state changed (the driver saves only these).
     pub changed_steps: Vec<usize>,
+    /// When the engine must look at the instance again without any event
+    /// (the earliest timer or the deadline); `None` = only on events.
+    pub wake_at: Option<DateTime<Utc>>,
 }

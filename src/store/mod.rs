@@ -341,8 +341,32 @@ impl Store {
                 started_at: r.get(7),
                 ended_at: r.get(8),
                 leased: r.get(9),
+                wake_at: r.get(10),
+                items: r.get(11),
+                compensation: r.get(12),
             })
             .collect())
+    }
+
+    /// Delivers a signal; returns its id.
+    pub async fn send_signal(&self, id: &str, name: &str, payload: &Value) -> Result<i64> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one(sql::SEND_SIGNAL, &[&id, &name, payload])
+            .await?;
+        Ok(row.get(0))
+    }
+
+    pub async fn request_cancel(&self, id: &str, reason: Option<&str>) -> Result<()> {
+        let conn = self.conn().await?;
+        conn.execute(sql::REQUEST_CANCEL, &[&id, &reason]).await?;
+        Ok(())
+    }
+
+    pub async fn request_retry(&self, id: &str) -> Result<()> {
+        let conn = self.conn().await?;
+        conn.execute(sql::REQUEST_RETRY, &[&id]).await?;
+        Ok(())
     }
 
     pub async fn history(&self, id: &str) -> Result<Vec<EventRecord>> {
@@ -531,20 +555,29 @@ impl AdvanceTx {
                     error: r.get(7),
                     state_version: r.get(8),
                     event_seq: r.get(9),
+                    ending: r.get(11),
+                    deadline_at: r.get(12),
+                    cancel_requested: r.get(13),
+                    cancel_reason: r.get(14),
+                    retry_requested: r.get(15),
                 }
             })
             .collect();
         Ok((instances, now))
     }
 
-    /// Loads the steps and unrecorded task results of `ids`.
-    pub async fn load(&self, ids: &[String]) -> Result<(Vec<StepRow>, Vec<FinishedTask>)> {
+    /// Loads the steps, unrecorded task results and pending signals of `ids`.
+    pub async fn load(&self, ids: &[String]) -> Result<Loaded> {
         let c = self.client();
         let steps_stmt = c.prepare_cached(sql::LOAD_STEPS).await?;
         let tasks_stmt = c.prepare_cached(sql::LOAD_FINISHED_TASKS).await?;
+        let signals_stmt = c.prepare_cached(sql::LOAD_SIGNALS).await?;
         let params: [&(dyn ToSql + Sync); 1] = [&ids];
-        let (steps, tasks) =
-            futures::try_join!(c.query(&steps_stmt, &params), c.query(&tasks_stmt, &params))?;
+        let (steps, tasks, signals) = futures::try_join!(
+            c.query(&steps_stmt, &params),
+            c.query(&tasks_stmt, &params),
+            c.query(&signals_stmt, &params)
+        )?;
         let steps = steps
             .iter()
             .map(|r| StepRow {
@@ -560,6 +593,10 @@ impl AdvanceTx {
                 scheduled_at: r.get(7),
                 started_at: r.get(8),
                 ended_at: r.get(9),
+                wake_at: r.get(10),
+                completion_order: r.get(11),
+                items: r.get(12),
+                compensation: r.get(13),
             })
             .collect();
         let tasks = tasks
@@ -574,9 +611,24 @@ impl AdvanceTx {
                 error: r.get(6),
                 leased_at: r.get(7),
                 leased_by: r.get(8),
+                item: r.get(9),
+                purpose: r.get(10),
             })
             .collect();
-        Ok((steps, tasks))
+        let signals = signals
+            .iter()
+            .map(|r| SignalRow {
+                id: r.get(0),
+                instance_id: r.get(1),
+                name: r.get(2),
+                payload: r.get(3),
+            })
+            .collect();
+        Ok(Loaded {
+            steps,
+            finished: tasks,
+            signals,
+        })
     }
 
     pub async fn get_workflow(&self, name: &str, version: i32) -> Result<Option<Value>> {
@@ -592,31 +644,45 @@ impl AdvanceTx {
     /// it was read.
     pub async fn commit(mut self, w: &AdvanceWrites) -> Result<()> {
         let c = self.client();
+        // Statements run in this order (pipelined: all are sent before the
+        // first answer arrives). Children are asked to cancel before any
+        // task row is touched, so this transaction never holds a task row
+        // while waiting for a child's row lock.
         let mut statements: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = Vec::new();
 
+        if !w.cancel_children_of.is_empty() {
+            statements.push((sql::CANCEL_CHILDREN, vec![&w.cancel_children_of]));
+        }
+        if !w.consumed_tasks.is_empty() {
+            statements.push((sql::DELETE_TASKS_BY_ID, vec![&w.consumed_tasks]));
+        }
+        if !w.withdraw_instances.is_empty() {
+            statements.push((sql::DELETE_TASKS_OF_INSTANCES, vec![&w.withdraw_instances]));
+        }
+
         let s = &w.steps;
-        let (s_inst, s_id, s_pos, s_kind, s_status, s_attempt, s_input, s_output, s_error) = (
-            s.iter().map(|r| r.instance_id.as_str()).collect::<Vec<_>>(),
-            s.iter().map(|r| r.step_id.as_str()).collect::<Vec<_>>(),
-            s.iter().map(|r| r.position).collect::<Vec<_>>(),
-            s.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(),
-            s.iter().map(|r| r.status.as_str()).collect::<Vec<_>>(),
-            s.iter().map(|r| r.attempt).collect::<Vec<_>>(),
-            s.iter().map(|r| r.input.clone()).collect::<Vec<_>>(),
-            s.iter().map(|r| r.output.clone()).collect::<Vec<_>>(),
-            s.iter().map(|r| r.error.clone()).collect::<Vec<_>>(),
-        );
-        let (s_sched, s_start, s_end) = (
-            s.iter().map(|r| r.scheduled_at).collect::<Vec<_>>(),
-            s.iter().map(|r| r.started_at).collect::<Vec<_>>(),
-            s.iter().map(|r| r.ended_at).collect::<Vec<_>>(),
-        );
+        let s_inst = s.iter().map(|r| r.instance_id.as_str()).collect::<Vec<_>>();
+        let s_id = s.iter().map(|r| r.step_id.as_str()).collect::<Vec<_>>();
+        let s_pos = s.iter().map(|r| r.position).collect::<Vec<_>>();
+        let s_kind = s.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>();
+        let s_status = s.iter().map(|r| r.status.as_str()).collect::<Vec<_>>();
+        let s_attempt = s.iter().map(|r| r.attempt).collect::<Vec<_>>();
+        let s_input = s.iter().map(|r| r.input.clone()).collect::<Vec<_>>();
+        let s_output = s.iter().map(|r| r.output.clone()).collect::<Vec<_>>();
+        let s_error = s.iter().map(|r| r.error.clone()).collect::<Vec<_>>();
+        let s_sched = s.iter().map(|r| r.scheduled_at).collect::<Vec<_>>();
+        let s_start = s.iter().map(|r| r.started_at).collect::<Vec<_>>();
+        let s_end = s.iter().map(|r| r.ended_at).collect::<Vec<_>>();
+        let s_wake = s.iter().map(|r| r.wake_at).collect::<Vec<_>>();
+        let s_order = s.iter().map(|r| r.completion_order).collect::<Vec<_>>();
+        let s_items = s.iter().map(|r| r.items.clone()).collect::<Vec<_>>();
+        let s_comp = s.iter().map(|r| r.compensation.clone()).collect::<Vec<_>>();
         if !s.is_empty() {
             statements.push((
                 sql::UPSERT_STEPS,
                 vec![
                     &s_inst, &s_id, &s_pos, &s_kind, &s_status, &s_attempt, &s_input, &s_output,
-                    &s_error, &s_sched, &s_start, &s_end,
+                    &s_error, &s_sched, &s_start, &s_end, &s_wake, &s_order, &s_items, &s_comp,
                 ],
             ));
         }
@@ -638,12 +704,39 @@ impl AdvanceTx {
             .iter()
             .map(|r| r.timeout_ms.map(|v| v as i64))
             .collect::<Vec<_>>();
+        let t_item = t.iter().map(|r| r.item).collect::<Vec<_>>();
+        let t_purpose = t.iter().map(|r| r.purpose).collect::<Vec<_>>();
         if !t.is_empty() {
             statements.push((
                 sql::INSERT_TASKS,
                 vec![
                     &t_queue, &t_kind, &t_inst, &t_step, &t_slot, &t_attempt, &t_input, &t_key,
-                    &t_delay, &t_timeout,
+                    &t_delay, &t_timeout, &t_item, &t_purpose,
+                ],
+            ));
+        }
+
+        let ch = &w.children;
+        let ch_parent = ch.iter().map(|r| r.parent_id.as_str()).collect::<Vec<_>>();
+        let ch_step = ch.iter().map(|r| r.step_id.as_str()).collect::<Vec<_>>();
+        let ch_item = ch.iter().map(|r| r.item).collect::<Vec<_>>();
+        let ch_id = ch.iter().map(|r| r.child_id.as_str()).collect::<Vec<_>>();
+        let ch_workflow = ch.iter().map(|r| r.workflow.as_str()).collect::<Vec<_>>();
+        let ch_version = ch.iter().map(|r| r.version).collect::<Vec<_>>();
+        let ch_input = ch.iter().map(|r| r.input.clone()).collect::<Vec<_>>();
+        let ch_slot = ch.iter().map(|r| r.parent_slot).collect::<Vec<_>>();
+        if !ch.is_empty() {
+            statements.push((
+                sql::START_CHILDREN,
+                vec![
+                    &ch_parent,
+                    &ch_step,
+                    &ch_item,
+                    &ch_id,
+                    &ch_workflow,
+                    &ch_version,
+                    &ch_input,
+                    &ch_slot,
                 ],
             ));
         }
@@ -662,17 +755,18 @@ impl AdvanceTx {
             ));
         }
 
-        if !w.consumed_tasks.is_empty() {
-            statements.push((sql::DELETE_TASKS_BY_ID, vec![&w.consumed_tasks]));
-        }
-        if !w.withdraw_instances.is_empty() {
-            statements.push((sql::DELETE_TASKS_OF_INSTANCES, vec![&w.withdraw_instances]));
-        }
-        if !w.notify_queues.is_empty() {
-            statements.push((sql::NOTIFY_QUEUES, vec![&w.notify_queues]));
-        }
-        if !w.ended_instances.is_empty() {
-            statements.push((sql::NOTIFY_ENDED, vec![&w.ended_instances]));
+        let sig_ids = w
+            .consumed_signals
+            .iter()
+            .map(|(id, _)| *id)
+            .collect::<Vec<_>>();
+        let sig_steps = w
+            .consumed_signals
+            .iter()
+            .map(|(_, step)| step.as_str())
+            .collect::<Vec<_>>();
+        if !sig_ids.is_empty() {
+            statements.push((sql::CONSUME_SIGNALS, vec![&sig_ids, &sig_steps]));
         }
 
         let u = &w.instances;
@@ -683,26 +777,57 @@ impl AdvanceTx {
         let u_error = u.iter().map(|r| r.error.clone()).collect::<Vec<_>>();
         let u_seq = u.iter().map(|r| r.event_seq).collect::<Vec<_>>();
         let u_wake = u.iter().map(|r| r.wake_at).collect::<Vec<_>>();
+        let u_ending = u.iter().map(|r| r.ending).collect::<Vec<_>>();
+        let u_deadline = u.iter().map(|r| r.deadline_at).collect::<Vec<_>>();
+        let update_index = statements.len();
+        statements.push((
+            sql::UPDATE_INSTANCES,
+            vec![
+                &u_id,
+                &u_version,
+                &u_status,
+                &u_output,
+                &u_error,
+                &u_seq,
+                &u_wake,
+                &u_ending,
+                &u_deadline,
+            ],
+        ));
 
-        // Pipelined: every statement is sent before the first answer arrives.
-        let mut prepared = Vec::with_capacity(statements.len() + 1);
+        // Children that ended now, or that a retried parent re-attached to.
+        let mut report: Vec<&str> = w.ended_instances.iter().map(String::as_str).collect();
+        report.extend(ch_id.iter().copied());
+        if !report.is_empty() {
+            statements.push((sql::REPORT_CHILDREN, vec![&report]));
+        }
+        if !w.notify_queues.is_empty() {
+            statements.push((sql::NOTIFY_QUEUES, vec![&w.notify_queues]));
+        }
+        if !w.ended_instances.is_empty() {
+            statements.push((sql::NOTIFY_ENDED, vec![&w.ended_instances]));
+        }
+        if !ch.is_empty() || !w.ended_instances.is_empty() {
+            // Children to start, or parents to tell.
+            statements.push((sql::NOTIFY_ADVANCE, vec![]));
+        }
+
+        let mut prepared = Vec::with_capacity(statements.len());
         for (text, _) in &statements {
             prepared.push(c.prepare_cached(text).await?);
         }
-        let update_stmt = c.prepare_cached(sql::UPDATE_INSTANCES).await?;
-        let writes = statements
-            .iter()
-            .zip(&prepared)
-            .map(|((_, params), stmt)| c.execute(stmt, params));
-        let update_params: [&(dyn ToSql + Sync); 7] = [
-            &u_id, &u_version, &u_status, &u_output, &u_error, &u_seq, &u_wake,
-        ];
-        let update = c.execute(&update_stmt, &update_params);
-        let (_, updated) = futures::try_join!(futures::future::try_join_all(writes), update)?;
-        if updated as usize != u.len() {
+        let results = futures::future::try_join_all(
+            statements
+                .iter()
+                .zip(&prepared)
+                .map(|((_, params), stmt)| c.execute(stmt, params)),
+        )
+        .await?;
+        let updated = results[update_index] as usize;
+        if updated != u.len() {
             return Err(StoreError::Fenced(format!(
                 "{} of {} instances changed since they were read",
-                u.len() - updated as usize,
+                u.len() - updated,
                 u.len()
             )));
         }
@@ -794,6 +919,9 @@ pub struct StepRecord {
     pub ended_at: Option<DateTime<Utc>>,
     /// A worker holds a lease on the step's current attempt.
     pub leased: bool,
+    pub wake_at: Option<DateTime<Utc>>,
+    pub items: Option<Value>,
+    pub compensation: Option<Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -850,6 +978,40 @@ pub struct DueInstance {
     pub error: Option<Value>,
     pub state_version: i64,
     pub event_seq: i32,
+    pub ending: Option<String>,
+    pub deadline_at: Option<DateTime<Utc>>,
+    pub cancel_requested: bool,
+    pub cancel_reason: String,
+    pub retry_requested: bool,
+}
+
+/// What `AdvanceTx::load` returns for a batch.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub steps: Vec<StepRow>,
+    pub finished: Vec<FinishedTask>,
+    pub signals: Vec<SignalRow>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SignalRow {
+    pub id: i64,
+    pub instance_id: String,
+    pub name: String,
+    pub payload: Value,
+}
+
+/// A child workflow to start (see `sql::START_CHILDREN`).
+#[derive(Debug, Clone)]
+pub struct NewChild {
+    pub parent_id: String,
+    pub parent_slot: i32,
+    pub step_id: String,
+    pub item: Option<i32>,
+    pub child_id: String,
+    pub workflow: String,
+    pub version: Option<i32>,
+    pub input: Value,
 }
 
 #[derive(Debug, Clone)]
@@ -866,6 +1028,10 @@ pub struct StepRow {
     pub scheduled_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
+    pub wake_at: Option<DateTime<Utc>>,
+    pub completion_order: Option<i32>,
+    pub items: Option<Value>,
+    pub compensation: Option<Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -879,6 +1045,8 @@ pub struct FinishedTask {
     pub error: Option<Value>,
     pub leased_at: Option<DateTime<Utc>>,
     pub leased_by: Option<String>,
+    pub item: Option<i32>,
+    pub purpose: String,
 }
 
 #[derive(Debug, Clone)]
@@ -893,6 +1061,8 @@ pub struct NewTask {
     pub idempotency_key: String,
     pub delay_ms: u64,
     pub timeout_ms: Option<u64>,
+    pub item: Option<i32>,
+    pub purpose: &'static str,
 }
 
 #[derive(Debug, Clone)]
@@ -914,6 +1084,8 @@ pub struct InstanceUpdate {
     pub error: Option<Value>,
     pub event_seq: i32,
     pub wake_at: Option<DateTime<Utc>>,
+    pub ending: Option<&'static str>,
+    pub deadline_at: Option<DateTime<Utc>>,
 }
 
 /// Everything one advance transaction writes.
@@ -922,9 +1094,12 @@ pub struct AdvanceWrites {
     pub instances: Vec<InstanceUpdate>,
     pub steps: Vec<StepRow>,
     pub tasks: Vec<NewTask>,
+    pub children: Vec<NewChild>,
     pub events: Vec<NewEvent>,
     pub consumed_tasks: Vec<i64>,
+    pub consumed_signals: Vec<(i64, String)>,
     pub withdraw_instances: Vec<String>,
+    pub cancel_children_of: Vec<String>,
     pub notify_queues: Vec<String>,
     pub ended_instances: Vec<String>,
 }

@@ -55,14 +55,19 @@ pub const LIST_INSTANCES: &str = "
     LIMIT $5";
 pub const GET_STEPS: &str = "
     SELECT s.step_id, s.status, s.attempt, s.input, s.output, s.error,
-           s.scheduled_at, coalesce(t.leased_at, s.started_at), s.ended_at, t.leased_at IS NOT NULL
+           s.scheduled_at, coalesce(t.leased_at, s.started_at), s.ended_at, t.leased_at IS NOT NULL,
+           s.wake_at, s.items, s.compensation
     FROM steps s
     LEFT JOIN LATERAL (
         SELECT leased_at FROM tasks
         WHERE instance_id = s.instance_id AND step_id = s.step_id AND status = 'leased'
+          AND purpose = 'run' AND kind <> 'workflow' AND item IS NULL
         LIMIT 1) t ON true
     WHERE s.instance_id = $1
     ORDER BY s.position";
+pub const SEND_SIGNAL: &str = "SELECT send_signal($1, $2, $3)";
+pub const REQUEST_CANCEL: &str = "SELECT request_cancel($1, $2)";
+pub const REQUEST_RETRY: &str = "SELECT request_retry($1)";
 pub const GET_HISTORY: &str = "
     SELECT seq, type, step_id, attempt, data, created_at
     FROM events WHERE instance_id = $1 ORDER BY seq";
@@ -152,7 +157,9 @@ pub const LOCK_DUE_INSTANCES: &str = "
         (SELECT DISTINCT instance_id FROM tasks WHERE status IN ('completed', 'failed') LIMIT $1)
     )
     SELECT i.id, i.workflow_name, i.workflow_version, i.slot, i.status, i.input, i.output,
-           i.error, i.state_version, i.event_seq, now()
+           i.error, i.state_version, i.event_seq, now(), i.ending, i.deadline_at,
+           i.cancel_requested_at IS NOT NULL, coalesce(i.cancel_reason, 'cancelled'),
+           i.retry_requested_at IS NOT NULL
     FROM instances i
     WHERE i.id IN (SELECT id FROM due)
     LIMIT $1
@@ -160,36 +167,113 @@ pub const LOCK_DUE_INSTANCES: &str = "
 
 pub const LOAD_STEPS: &str = "
     SELECT instance_id, step_id, status, attempt, input, output, error,
-           scheduled_at, started_at, ended_at
+           scheduled_at, started_at, ended_at, wake_at, completion_order, items, compensation
     FROM steps WHERE instance_id = ANY($1)";
 
+pub const LOAD_SIGNALS: &str = "
+    SELECT id, instance_id, name, payload FROM signals
+    WHERE instance_id = ANY($1) AND consumed_at IS NULL
+    ORDER BY id";
+
 pub const LOAD_FINISHED_TASKS: &str = "
-    SELECT id, instance_id, step_id, attempt, status, output, error, leased_at, leased_by
+    SELECT id, instance_id, step_id, attempt, status, output, error, leased_at, leased_by,
+           item, purpose
     FROM tasks
     WHERE instance_id = ANY($1) AND status IN ('completed', 'failed')
     ORDER BY finished_at, id";
 
 pub const UPSERT_STEPS: &str = "
     INSERT INTO steps (instance_id, step_id, position, kind, status, attempt, input, output,
-                       error, scheduled_at, started_at, ended_at)
+                       error, scheduled_at, started_at, ended_at, wake_at, completion_order,
+                       items, compensation)
     SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::int[],
                          $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::timestamptz[],
-                         $11::timestamptz[], $12::timestamptz[])
+                         $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::int[],
+                         $15::jsonb[], $16::jsonb[])
     ON CONFLICT (instance_id, step_id) DO UPDATE
     SET status = excluded.status, attempt = excluded.attempt, input = excluded.input,
         output = excluded.output, error = excluded.error,
         scheduled_at = excluded.scheduled_at, started_at = excluded.started_at,
-        ended_at = excluded.ended_at";
+        ended_at = excluded.ended_at, wake_at = excluded.wake_at,
+        completion_order = excluded.completion_order, items = excluded.items,
+        compensation = excluded.compensation";
 
 pub const INSERT_TASKS: &str = "
     INSERT INTO tasks (queue, kind, instance_id, step_id, slot, attempt, input,
-                       idempotency_key, run_at, timeout_ms)
+                       idempotency_key, run_at, timeout_ms, item, purpose)
     SELECT queue, kind, instance_id, step_id, slot, attempt, input, idempotency_key,
-           now() + delay_ms * interval '1 millisecond', timeout_ms
+           now() + delay_ms * interval '1 millisecond', timeout_ms, item, purpose
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
-                $7::jsonb[], $8::text[], $9::float8[], $10::bigint[])
+                $7::jsonb[], $8::text[], $9::float8[], $10::bigint[], $11::int[], $12::text[])
          AS d(queue, kind, instance_id, step_id, slot, attempt, input, idempotency_key,
-              delay_ms, timeout_ms)";
+              delay_ms, timeout_ms, item, purpose)";
+
+/// Starts child workflows: per child, a task row on the parent that stays
+/// leased (forever) until the child reports its end, and the child instance.
+/// A child of an unregistered workflow gets a failed task row instead. An
+/// existing child (a retried parent) is re-attached to the new task row.
+pub const START_CHILDREN: &str = "
+    WITH d AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[],
+                             $6::int[], $7::jsonb[], $8::int[])
+               AS d(parent_id, step_id, item, child_id, workflow, version, input, parent_slot)
+    ), v AS (
+        SELECT d.*, (SELECT max(w.version) FROM workflows w
+                     WHERE w.name = d.workflow AND (d.version IS NULL OR w.version = d.version))
+                    AS resolved
+        FROM d
+    ), t AS (
+        INSERT INTO tasks (queue, kind, instance_id, step_id, slot, attempt, item, purpose, input,
+                           idempotency_key, status, lease_token, leased_by, leased_at,
+                           lease_expires_at, error, finished_at)
+        SELECT 'stead.workflow', 'workflow', parent_id, step_id, parent_slot, 1, item, 'run', input,
+               child_id,
+               CASE WHEN resolved IS NULL THEN 'failed' ELSE 'leased' END,
+               gen_random_uuid(), child_id, now(), 'infinity',
+               CASE WHEN resolved IS NULL THEN jsonb_build_object(
+                   'message', CASE WHEN version IS NULL
+                                   THEN format('workflow %s is not registered', workflow)
+                                   ELSE format('workflow %s has no version %s', workflow, version) END,
+                   'retryable', false) END,
+               CASE WHEN resolved IS NULL THEN now() END
+        FROM v
+        RETURNING id, idempotency_key
+    )
+    INSERT INTO instances (id, workflow_name, workflow_version, slot, input, wake_at,
+                           parent_id, parent_step, parent_task_id)
+    SELECT v.child_id, v.workflow, v.resolved, slot_for(v.child_id), v.input, now(),
+           v.parent_id, v.step_id, t.id
+    FROM v JOIN t ON t.idempotency_key = v.child_id
+    WHERE v.resolved IS NOT NULL
+    ON CONFLICT (id) DO UPDATE SET parent_task_id = excluded.parent_task_id,
+                                   wake_at = now()";
+
+/// Reports ended children (among $1) to their parents' task rows.
+pub const REPORT_CHILDREN: &str = "
+    UPDATE tasks t
+    SET status = CASE WHEN c.status = 'completed' THEN 'completed' ELSE 'failed' END,
+        output = CASE WHEN c.status = 'completed' THEN c.output END,
+        error = CASE WHEN c.status <> 'completed' THEN jsonb_build_object(
+                    'message', format('child workflow %s %s', c.id, c.status),
+                    'retryable', false,
+                    'details', c.error) END,
+        finished_at = now()
+    FROM instances c
+    WHERE c.id = ANY($1) AND t.id = c.parent_task_id AND t.status = 'leased'
+      AND c.status IN ('completed', 'failed', 'cancelled')";
+
+/// Asks the running children of the instances $1 to cancel.
+pub const CANCEL_CHILDREN: &str = "
+    UPDATE instances
+    SET cancel_requested_at = coalesce(cancel_requested_at, now()),
+        cancel_reason = coalesce(cancel_reason, 'parent ' || parent_id || ' is ending'),
+        wake_at = now()
+    WHERE parent_id = ANY($1) AND status NOT IN ('completed', 'failed', 'cancelled')";
+
+pub const CONSUME_SIGNALS: &str = "
+    UPDATE signals s SET consumed_at = now(), consumed_by = d.step_id
+    FROM unnest($1::bigint[], $2::text[]) AS d(id, step_id)
+    WHERE s.id = d.id";
 
 pub const INSERT_EVENTS: &str = "
     INSERT INTO events (instance_id, seq, type, step_id, attempt, data)
@@ -200,15 +284,24 @@ pub const INSERT_EVENTS: &str = "
 pub const UPDATE_INSTANCES: &str = "
     UPDATE instances i
     SET status = u.status, output = u.output, error = u.error, event_seq = u.event_seq,
-        wake_at = u.wake_at, state_version = i.state_version + 1, updated_at = now(),
+        -- A cancel requested in this very transaction (a parent in the same
+        -- batch cancelling its child) must still wake the instance.
+        wake_at = CASE WHEN i.cancel_requested_at IS NOT NULL AND u.ending IS NULL
+                            AND u.status IN ('pending', 'running')
+                       THEN now() ELSE u.wake_at END,
+        ending = u.ending, deadline_at = u.deadline_at, retry_requested_at = NULL,
+        state_version = i.state_version + 1, updated_at = now(),
         started_at = CASE WHEN i.started_at IS NULL AND u.status <> 'pending'
                           THEN now() ELSE i.started_at END,
         ended_at = CASE WHEN u.status IN ('completed', 'failed', 'cancelled')
                         THEN coalesce(i.ended_at, now()) END
     FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::jsonb[], $6::int[],
-                $7::timestamptz[])
-         AS u(id, expected_version, status, output, error, event_seq, wake_at)
+                $7::timestamptz[], $8::text[], $9::timestamptz[])
+         AS u(id, expected_version, status, output, error, event_seq, wake_at, ending,
+              deadline_at)
     WHERE i.id = u.id AND i.state_version = u.expected_version";
+
+pub const NOTIFY_ADVANCE: &str = "SELECT pg_notify(channel('advance'), '')";
 
 pub const DELETE_TASKS_BY_ID: &str = "DELETE FROM tasks WHERE id = ANY($1)";
 pub const DELETE_TASKS_OF_INSTANCES: &str = "DELETE FROM tasks WHERE instance_id = ANY($1)";

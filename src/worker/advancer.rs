@@ -10,12 +10,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{drain, jittered, DefinitionCache, Wakeups};
 use crate::engine::{
-    self, Command, Context, Event, InstanceState, InstanceStatus, StepState, StepStatus, TaskResult,
+    self, Command, CompensationState, Context, Ending, Event, InstanceState, InstanceStatus,
+    ItemState, PendingSignal, StepState, StepStatus, TaskPurpose, TaskResult,
 };
 use crate::metrics::Metrics;
 use crate::store::{
-    AdvanceWrites, DueInstance, FinishedTask, InstanceUpdate, NewEvent, NewTask, StepRow, Store,
-    StoreError,
+    AdvanceWrites, DueInstance, FinishedTask, InstanceUpdate, NewChild, NewEvent, NewTask,
+    SignalRow, StepRow, Store, StoreError,
 };
 
 #[derive(Debug, Clone)]
@@ -68,6 +69,7 @@ impl Advancer {
 
     /// Moves one batch of instances on; returns how many it looked at.
     pub async fn run_once(&self) -> Result<usize, StoreError> {
+        let started = std::time::Instant::now();
         let tx = self.store.begin_advance().await?;
         let (due, now) = tx.lock_due(self.config.batch_size as i64).await?;
         if due.is_empty() {
@@ -75,17 +77,24 @@ impl Advancer {
             return Ok(0);
         }
         let ids: Vec<String> = due.iter().map(|d| d.id.clone()).collect();
-        let (steps, finished) = tx.load(&ids).await?;
+        let loaded = tx.load(&ids).await?;
         let mut steps_by_instance: HashMap<&str, Vec<&StepRow>> = HashMap::new();
-        for s in &steps {
+        for s in &loaded.steps {
             steps_by_instance.entry(&s.instance_id).or_default().push(s);
         }
         let mut results_by_instance: HashMap<&str, Vec<&FinishedTask>> = HashMap::new();
-        for t in &finished {
+        for t in &loaded.finished {
             results_by_instance
                 .entry(&t.instance_id)
                 .or_default()
                 .push(t);
+        }
+        let mut signals_by_instance: HashMap<&str, Vec<&SignalRow>> = HashMap::new();
+        for sig in &loaded.signals {
+            signals_by_instance
+                .entry(&sig.instance_id)
+                .or_default()
+                .push(sig);
         }
 
         let mut writes = AdvanceWrites::default();
@@ -104,17 +113,20 @@ impl Advancer {
                     continue;
                 }
             };
-            let steps = steps_by_instance
-                .remove(instance.id.as_str())
-                .unwrap_or_default();
-            let results = results_by_instance
-                .remove(instance.id.as_str())
-                .unwrap_or_default();
+            let id = instance.id.as_str();
+            let steps = steps_by_instance.remove(id).unwrap_or_default();
+            let results = results_by_instance.remove(id).unwrap_or_default();
+            let signals = signals_by_instance.remove(id).unwrap_or_default();
             let mut ctx = Context {
                 now,
                 random: &mut random,
             };
-            self.decide_one(&def, instance, &steps, &results, &mut ctx, &mut writes);
+            let inputs = Inputs {
+                steps: &steps,
+                results: &results,
+                signals: &signals,
+            };
+            self.decide_one(&def, instance, inputs, &mut ctx, &mut writes);
         }
         writes.notify_queues.sort();
         writes.notify_queues.dedup();
@@ -126,6 +138,9 @@ impl Advancer {
             .map(|u| (u.id.clone(), u.status))
             .collect();
         tx.commit(&writes).await?;
+        self.metrics
+            .advance_batch_seconds
+            .observe(started.elapsed().as_secs_f64());
         for (id, status) in ended {
             let workflow = due
                 .iter()
@@ -144,69 +159,58 @@ impl Advancer {
         &self,
         def: &crate::definition::Definition,
         instance: &DueInstance,
-        steps: &[&StepRow],
-        results: &[&FinishedTask],
+        inputs: Inputs<'_>,
         ctx: &mut Context<'_>,
         writes: &mut AdvanceWrites,
     ) {
-        let mut state = InstanceState {
-            id: instance.id.clone(),
-            status: InstanceStatus::parse(&instance.status).unwrap_or(InstanceStatus::Failed),
-            input: instance.input.clone(),
-            output: instance.output.clone(),
-            error: instance.error.clone(),
-            steps: vec![StepState::default(); def.steps.len()],
-        };
-        for row in steps {
+        let mut state = InstanceState::new(&instance.id, instance.input.clone(), def.steps.len());
+        state.status = InstanceStatus::parse(&instance.status).unwrap_or(InstanceStatus::Failed);
+        state.output = instance.output.clone();
+        state.error = instance.error.clone();
+        state.ending = instance.ending.as_deref().and_then(Ending::parse);
+        state.deadline_at = instance.deadline_at;
+        for row in inputs.steps {
             if let Some(i) = def.step_index(&row.step_id) {
-                state.steps[i] = StepState {
-                    status: StepStatus::parse(&row.status).unwrap_or(StepStatus::Pending),
-                    attempt: row.attempt.max(0) as u32,
-                    input: row.input.clone(),
-                    output: row.output.clone(),
-                    error: row.error.clone(),
-                    scheduled_at: row.scheduled_at,
-                    started_at: row.started_at,
-                    ended_at: row.ended_at,
-                };
+                state.steps[i] = step_state(row);
             }
         }
-        let mut events = Vec::with_capacity(results.len() + 1);
+        let mut events = Vec::with_capacity(inputs.results.len() + 3);
         if state.status == InstanceStatus::Pending {
             events.push(Event::Start);
         }
-        for r in results {
+        for r in inputs.results {
             // Every result row is consumed, including stale ones the engine
             // ignores, so the queue never keeps them.
             writes.consumed_tasks.push(r.task_id);
             let Some(step) = def.step_index(&r.step_id) else {
                 continue;
             };
-            let result = if r.status == "completed" {
-                TaskResult::Completed(r.output.clone().unwrap_or(Value::Null))
-            } else {
-                let error = r.error.clone().unwrap_or(Value::Null);
-                TaskResult::Failed {
-                    message: error
-                        .get("message")
-                        .and_then(Value::as_str)
-                        .unwrap_or("task failed")
-                        .to_string(),
-                    retryable: error
-                        .get("retryable")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(true),
-                    details: error.get("details").cloned(),
-                }
-            };
             events.push(Event::TaskFinished {
                 step,
+                item: r.item.and_then(|k| u32::try_from(k).ok()),
+                purpose: TaskPurpose::parse(&r.purpose).unwrap_or(TaskPurpose::Run),
                 attempt: r.attempt.max(0) as u32,
-                result,
+                result: task_result(r),
                 started_at: r.leased_at,
                 worker: r.leased_by.clone(),
             });
         }
+        for sig in inputs.signals {
+            events.push(Event::Signal(PendingSignal {
+                id: sig.id,
+                name: sig.name.clone(),
+                payload: sig.payload.clone(),
+            }));
+        }
+        if instance.cancel_requested {
+            events.push(Event::CancelRequested {
+                reason: instance.cancel_reason.clone(),
+            });
+        }
+        if instance.retry_requested {
+            events.push(Event::RetryRequested);
+        }
+
         let before = state.status;
         let decision = engine::decide(def, &mut state, &events, ctx);
 
@@ -225,12 +229,24 @@ impl Advancer {
                 scheduled_at: s.scheduled_at,
                 started_at: s.started_at,
                 ended_at: s.ended_at,
+                wake_at: s.wake_at,
+                completion_order: s.completion_order.map(|o| o as i32),
+                items: s
+                    .items
+                    .as_ref()
+                    .map(|items| serde_json::to_value(items).unwrap_or_default()),
+                compensation: s
+                    .compensation
+                    .as_ref()
+                    .map(|c| serde_json::to_value(c).unwrap_or_default()),
             });
         }
         for command in decision.commands {
             match command {
                 Command::EnqueueTask {
                     step,
+                    item,
+                    purpose,
                     attempt,
                     kind,
                     queue,
@@ -251,9 +267,32 @@ impl Advancer {
                         idempotency_key,
                         delay_ms,
                         timeout_ms,
+                        item: item.map(|k| k as i32),
+                        purpose: purpose.as_str(),
                     });
                 }
+                Command::StartChild {
+                    step,
+                    item,
+                    child_id,
+                    workflow,
+                    version,
+                    input,
+                } => writes.children.push(NewChild {
+                    parent_id: instance.id.clone(),
+                    parent_slot: instance.slot,
+                    step_id: def.steps[step].id.clone(),
+                    item: item.map(|k| k as i32),
+                    child_id,
+                    workflow,
+                    version,
+                    input,
+                }),
                 Command::WithdrawTasks => writes.withdraw_instances.push(instance.id.clone()),
+                Command::CancelChildren => writes.cancel_children_of.push(instance.id.clone()),
+                Command::ConsumeSignal { id, step } => writes
+                    .consumed_signals
+                    .push((id, def.steps[step].id.clone())),
             }
         }
         let mut seq = instance.event_seq;
@@ -284,7 +323,58 @@ impl Advancer {
             output: state.output,
             error: state.error,
             event_seq: seq,
-            wake_at: None,
+            wake_at: decision.wake_at,
+            ending: state.ending.map(Ending::as_str),
+            deadline_at: state.deadline_at,
         });
+    }
+}
+
+/// What one instance's decision reads besides the instance row.
+struct Inputs<'a> {
+    steps: &'a [&'a StepRow],
+    results: &'a [&'a FinishedTask],
+    signals: &'a [&'a SignalRow],
+}
+
+fn task_result(r: &FinishedTask) -> TaskResult {
+    if r.status == "completed" {
+        return TaskResult::Completed(r.output.clone().unwrap_or(Value::Null));
+    }
+    let error = r.error.clone().unwrap_or(Value::Null);
+    TaskResult::Failed {
+        message: error
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("task failed")
+            .to_string(),
+        retryable: error
+            .get("retryable")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
+        details: error.get("details").cloned(),
+    }
+}
+
+fn step_state(row: &StepRow) -> StepState {
+    StepState {
+        status: StepStatus::parse(&row.status).unwrap_or(StepStatus::Pending),
+        attempt: row.attempt.max(0) as u32,
+        input: row.input.clone(),
+        output: row.output.clone(),
+        error: row.error.clone(),
+        scheduled_at: row.scheduled_at,
+        started_at: row.started_at,
+        ended_at: row.ended_at,
+        wake_at: row.wake_at,
+        completion_order: row.completion_order.map(|o| o.max(0) as u32),
+        items: row
+            .items
+            .clone()
+            .and_then(|v| serde_json::from_value::<Vec<ItemState>>(v).ok()),
+        compensation: row
+            .compensation
+            .clone()
+            .and_then(|v| serde_json::from_value::<CompensationState>(v).ok()),
     }
 }
