@@ -55,6 +55,12 @@ pub enum Command {
     List(ListArgs),
     /// Show the event history of an instance.
     History(HistoryArgs),
+    /// Deliver a signal to an instance (buffered until a step waits for it).
+    Signal(SignalArgs),
+    /// Cancel an instance (its compensations run).
+    Cancel(CancelArgs),
+    /// Retry a failed instance from its failed steps.
+    Retry(HistoryArgs),
     /// Measure throughput and latency.
     Bench(crate::bench::BenchArgs),
 }
@@ -263,6 +269,26 @@ pub struct ListArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct SignalArgs {
+    pub id: String,
+    pub name: String,
+    /// Payload as JSON, or @FILE.
+    #[arg(long, default_value = "null")]
+    pub payload: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    pub id: String,
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Args, Debug)]
 pub struct HistoryArgs {
     pub id: String,
     #[command(flatten)]
@@ -393,6 +419,21 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                     .history(&args.id)
                     .await?,
             );
+            Ok(())
+        }
+        Command::Signal(args) => {
+            let payload = read_json_arg("--payload", &args.payload)?;
+            let client = ApiClient::new(&args.server.server)?;
+            print_json(&client.signal(&args.id, &args.name, &payload).await?);
+            Ok(())
+        }
+        Command::Cancel(args) => {
+            let client = ApiClient::new(&args.server.server)?;
+            print_json(&client.cancel(&args.id, args.reason.as_deref()).await?);
+            Ok(())
+        }
+        Command::Retry(args) => {
+            print_json(&ApiClient::new(&args.server.server)?.retry(&args.id).await?);
             Ok(())
         }
         Command::Bench(args) => crate::bench::run(args).await,

@@ -113,6 +113,26 @@ impl ApiClient {
     }
 }
 
+impl ApiClient {
+    pub async fn signal(&self, id: &str, name: &str, payload: &Value) -> anyhow::Result<Value> {
+        let url = format!("{}/v1/instances/{id}/signals/{name}", self.base);
+        Ok(self.ok(self.http.post(url).json(payload)).await?.1)
+    }
+
+    pub async fn cancel(&self, id: &str, reason: Option<&str>) -> anyhow::Result<Value> {
+        let url = format!("{}/v1/instances/{id}/cancel", self.base);
+        Ok(self
+            .ok(self.http.post(url).json(&json!({ "reason": reason })))
+            .await?
+            .1)
+    }
+
+    pub async fn retry(&self, id: &str) -> anyhow::Result<Value> {
+        let url = format!("{}/v1/instances/{id}/retry", self.base);
+        Ok(self.ok(self.http.post(url)).await?.1)
+    }
+}
+
 /// A readable rendering of a problem document.
 pub fn describe_problem(status: u16, body: &Value) -> String {
     let mut out = format!(

@@ -24,14 +24,7 @@ fn def(doc: Value) -> Definition {
 /// A fresh, pending instance. `steps` is left empty on purpose: `decide`
 /// sizes it to the definition.
 fn pending(input: Value) -> InstanceState {
-    InstanceState {
-        id: ID.to_string(),
-        status: InstanceStatus::Pending,
-        input,
-        output: None,
-        error: None,
-        steps: Vec::new(),
-    }
+    InstanceState::new(ID, input, 0)
 }
 
 /// One decision with `random` always returning `r`.
@@ -58,6 +51,8 @@ fn start(def: &Definition, input: Value) -> (InstanceState, Decision) {
 fn ok(step: usize, attempt: u32, output: Value) -> Event {
     Event::TaskFinished {
         step,
+        item: None,
+        purpose: TaskPurpose::Run,
         attempt,
         result: TaskResult::Completed(output),
         started_at: Some(now() - Duration::seconds(2)),
@@ -68,6 +63,8 @@ fn ok(step: usize, attempt: u32, output: Value) -> Event {
 fn fail(step: usize, attempt: u32, message: &str, retryable: bool) -> Event {
     Event::TaskFinished {
         step,
+        item: None,
+        purpose: TaskPurpose::Run,
         attempt,
         result: TaskResult::Failed {
             message: message.to_string(),
@@ -115,7 +112,7 @@ fn enqueued(def: &Definition, d: &Decision) -> Vec<(String, u32)> {
             Command::EnqueueTask { step, attempt, .. } => {
                 Some((def.steps[*step].id.clone(), *attempt))
             }
-            Command::WithdrawTasks => None,
+            _ => None,
         })
         .collect()
 }
@@ -205,6 +202,8 @@ fn start_schedules_root_task_with_rendered_input_queue_key_and_timeout() {
         decision.commands,
         vec![Command::EnqueueTask {
             step: 0,
+            item: None,
+            purpose: TaskPurpose::Run,
             attempt: 1,
             kind: TaskKind::Task,
             queue: "payments".to_string(),
@@ -237,6 +236,8 @@ fn task_without_input_or_timeout_is_enqueued_with_null_input_and_no_timeout() {
         decision.commands,
         vec![Command::EnqueueTask {
             step: 0,
+            item: None,
+            purpose: TaskPurpose::Run,
             attempt: 1,
             kind: TaskKind::Task,
             queue: "q".to_string(),
@@ -271,6 +272,8 @@ fn http_step_is_enqueued_on_internal_queue_with_rendered_call() {
         decision.commands,
         vec![Command::EnqueueTask {
             step: 0,
+            item: None,
+            purpose: TaskPurpose::Run,
             attempt: 1,
             kind: TaskKind::Http,
             queue: HTTP_QUEUE.to_string(),
@@ -820,6 +823,8 @@ fn retryable_failure_with_attempts_left_reschedules_next_attempt_with_backoff() 
         decision.commands,
         vec![Command::EnqueueTask {
             step: 0,
+            item: None,
+            purpose: TaskPurpose::Run,
             attempt: 2,
             kind: TaskKind::Task,
             queue: "q".to_string(),
@@ -898,6 +903,8 @@ fn failure_details_are_kept_in_the_error() {
     let (mut state, _) = start(&d, json!({}));
     let event = Event::TaskFinished {
         step: 0,
+        item: None,
+        purpose: TaskPurpose::Run,
         attempt: 1,
         result: TaskResult::Failed {
             message: "bad".to_string(),
