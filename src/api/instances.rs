@@ -69,7 +69,7 @@ pub async fn start(
 }
 
 pub fn instance_json(r: &InstanceRecord) -> Value {
-    json!({
+    let mut v = json!({
         "id": r.id,
         "workflow": r.workflow_name,
         "version": r.workflow_version,
@@ -81,7 +81,11 @@ pub fn instance_json(r: &InstanceRecord) -> Value {
         "started_at": r.started_at,
         "updated_at": r.updated_at,
         "ended_at": r.ended_at,
-    })
+    });
+    if let Some(parent) = &r.parent_id {
+        v["parent_id"] = json!(parent);
+    }
+    v
 }
 
 fn step_json(id: &str, kind: &str, s: Option<&StepRecord>) -> Value {

@@ -428,8 +428,8 @@ impl<'d> Validator<'d> {
             for kind in ["sleep", "signal"] {
                 if obj.contains_key(kind) {
                     self.problem(
-                        &format!("{path}.for_each"),
-                        &format!(
+                        format!("{path}.for_each"),
+                        format!(
                             "for_each runs task, http, value and workflow steps, not {kind} steps"
                         ),
                     );
@@ -464,8 +464,11 @@ impl<'d> Validator<'d> {
 
         // compensate
         let compensate = obj.get("compensate").and_then(|c| {
+            // A compensation runs once per step, after all its items: it
+            // sees the step's whole output (`steps.<id>.output`), not items.
             let rules = RefRules {
                 allow_self: true,
+                allow_item: false,
                 ..own
             };
             self.compensation(c, &format!("{path}.compensate"), rules, wf_retry)
@@ -979,8 +982,8 @@ impl<'d> Validator<'d> {
                     let message = if rules.step.is_some() {
                         format!(
                             "${{{which}}} can only be used in a step with for_each \
-                             (in its task, http, value, workflow, sleep and compensate), \
-                             not in when or for_each"
+                             (in its task, http, value and workflow), \
+                             not in when, for_each or compensate"
                         )
                     } else {
                         format!("${{{which}}} can only be used in a step with for_each")
@@ -2203,7 +2206,7 @@ mod tests {
             "for_each": "${ input.items }",
             "max_parallel": 4,
             "task": {"queue": "q", "input": {"item": "${item}", "i": "${index}", "sku": "${item.sku}"}},
-            "compensate": {"task": {"queue": "undo", "input": ["${item}", "${steps.a.output}"]}},
+            "compensate": {"task": {"queue": "undo", "input": ["${steps.a.output}"]}},
         }]}));
         assert_eq!(
             d.steps[0].for_each,
@@ -2250,7 +2253,13 @@ mod tests {
         one(
             step(json!({"id": "a", "for_each": "${input.x}", "value": 1, "when": "${item.ok}"})),
             "$.steps[0].when",
-            "not in when or for_each",
+            "not in when, for_each or compensate",
+        );
+        one(
+            step(json!({"id": "a", "for_each": "${input.x}", "value": 1,
+                        "compensate": {"task": {"queue": "undo", "input": "${item}"}}})),
+            "$.steps[0].compensate.task.input",
+            "not in when, for_each or compensate",
         );
     }
 

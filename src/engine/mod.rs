@@ -181,7 +181,12 @@ impl Run<'_, '_, '_, '_> {
                 }
             }
             Event::RetryRequested => {
-                if self.state.status == InstanceStatus::Failed {
+                // The API only asks failed instances; a retried parent also
+                // revives its cancelled children.
+                if matches!(
+                    self.state.status,
+                    InstanceStatus::Failed | InstanceStatus::Cancelled
+                ) {
                     self.retry_instance();
                 }
             }
@@ -204,6 +209,14 @@ impl Run<'_, '_, '_, '_> {
         }
         if let Some(k) = item {
             self.apply_item_result(index, k as usize, attempt, result, started_at, worker);
+            return;
+        }
+        // Only queue-backed kinds have results; a timer or signal step is
+        // never completed by one.
+        if !matches!(
+            self.def.steps[index].kind,
+            StepKind::Task { .. } | StepKind::Http(_) | StepKind::Workflow { .. }
+        ) {
             return;
         }
         let step_state = &self.state.steps[index];
@@ -461,6 +474,12 @@ impl Run<'_, '_, '_, '_> {
                     // Its effect was undone; run it again too.
                     *s = StepState::default();
                     restarted.push(self.def.steps[i].id.clone());
+                    self.changed.insert(i);
+                }
+                StepStatus::Completed if s.compensation.is_some() => {
+                    // Its compensation failed; if the instance fails again,
+                    // undoing it is attempted again.
+                    s.compensation = None;
                     self.changed.insert(i);
                 }
                 _ => {}

@@ -168,6 +168,207 @@ fn task(id: &str) -> Value {
     json!({"id": id, "task": {"queue": "q"}})
 }
 
+/// `now()` plus `secs` seconds.
+fn at(secs: i64) -> DateTime<Utc> {
+    now() + Duration::seconds(secs)
+}
+
+/// One decision at `when`, with `random` always 0.5.
+fn run_at(
+    def: &Definition,
+    state: &mut InstanceState,
+    events: &[Event],
+    when: DateTime<Utc>,
+) -> Decision {
+    let mut random = || 0.5;
+    let mut ctx = Context {
+        now: when,
+        random: &mut random,
+    };
+    decide(def, state, events, &mut ctx)
+}
+
+/// `events` at `when` must leave the state untouched and decide nothing but
+/// (possibly) a wake-up time, which is returned.
+#[track_caller]
+fn assert_quiet_at(
+    def: &Definition,
+    state: &mut InstanceState,
+    events: &[Event],
+    when: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let before = state.clone();
+    let d = run_at(def, state, events, when);
+    assert_eq!(
+        Decision {
+            wake_at: None,
+            ..d.clone()
+        },
+        Decision::default(),
+        "expected no decision, got {d:#?}"
+    );
+    assert_eq!(*state, before, "state must not change");
+    d.wake_at
+}
+
+fn finished(
+    step: usize,
+    item: Option<u32>,
+    purpose: TaskPurpose,
+    attempt: u32,
+    result: TaskResult,
+) -> Event {
+    Event::TaskFinished {
+        step,
+        item,
+        purpose,
+        attempt,
+        result,
+        started_at: Some(now() - Duration::seconds(2)),
+        worker: Some("w1".to_string()),
+    }
+}
+
+fn failure(message: &str, retryable: bool) -> TaskResult {
+    TaskResult::Failed {
+        message: message.to_string(),
+        retryable,
+        details: None,
+    }
+}
+
+fn item_ok(step: usize, item: u32, attempt: u32, output: Value) -> Event {
+    finished(
+        step,
+        Some(item),
+        TaskPurpose::Run,
+        attempt,
+        TaskResult::Completed(output),
+    )
+}
+
+fn item_fail(step: usize, item: u32, attempt: u32, message: &str, retryable: bool) -> Event {
+    finished(
+        step,
+        Some(item),
+        TaskPurpose::Run,
+        attempt,
+        failure(message, retryable),
+    )
+}
+
+fn comp_ok(step: usize, attempt: u32) -> Event {
+    finished(
+        step,
+        None,
+        TaskPurpose::Compensate,
+        attempt,
+        TaskResult::Completed(json!({"undone": true})),
+    )
+}
+
+fn comp_fail(step: usize, attempt: u32, message: &str, retryable: bool) -> Event {
+    finished(
+        step,
+        None,
+        TaskPurpose::Compensate,
+        attempt,
+        failure(message, retryable),
+    )
+}
+
+fn signal(id: i64, name: &str, payload: Value) -> Event {
+    Event::Signal(PendingSignal {
+        id,
+        name: name.to_string(),
+        payload,
+    })
+}
+
+fn cancel(reason: &str) -> Event {
+    Event::CancelRequested {
+        reason: reason.to_string(),
+    }
+}
+
+fn step_name(def: &Definition, step: usize, item: Option<u32>) -> String {
+    match item {
+        Some(k) => format!("{}[{k}]", def.steps[step].id),
+        None => def.steps[step].id.clone(),
+    }
+}
+
+/// The commands as compact strings, in order: `withdraw`,
+/// `cancel_children`, `enqueue step[item]/purpose#attempt`,
+/// `start_child step[item] child_id`, `consume signal_id step`.
+fn cmds(def: &Definition, d: &Decision) -> Vec<String> {
+    d.commands
+        .iter()
+        .map(|c| match c {
+            Command::EnqueueTask {
+                step,
+                item,
+                purpose,
+                attempt,
+                ..
+            } => format!(
+                "enqueue {}/{}#{attempt}",
+                step_name(def, *step, *item),
+                purpose.as_str()
+            ),
+            Command::StartChild {
+                step,
+                item,
+                child_id,
+                ..
+            } => format!("start_child {} {child_id}", step_name(def, *step, *item)),
+            Command::WithdrawTasks => "withdraw".to_string(),
+            Command::CancelChildren => "cancel_children".to_string(),
+            Command::ConsumeSignal { id, step } => {
+                format!("consume {id} {}", def.steps[*step].id)
+            }
+        })
+        .collect()
+}
+
+/// `(input, delay_ms, idempotency_key)` of every EnqueueTask, in order.
+fn enqueued_tasks(d: &Decision) -> Vec<(Value, u64, String)> {
+    d.commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::EnqueueTask {
+                input,
+                delay_ms,
+                idempotency_key,
+                ..
+            } => Some((input.clone(), *delay_ms, idempotency_key.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn items(state: &StepState) -> Vec<StepStatus> {
+    state
+        .items
+        .as_ref()
+        .expect("a for_each step has items")
+        .iter()
+        .map(|i| i.status)
+        .collect()
+}
+
+fn active_items(state: &StepState) -> usize {
+    items(state).iter().filter(|s| s.is_active()).count()
+}
+
+fn message(error: &Option<Value>) -> String {
+    error
+        .as_ref()
+        .and_then(|e| e["message"].as_str())
+        .unwrap_or_else(|| panic!("no error message in {error:?}"))
+        .to_string()
+}
+
 // ----- start ------------------------------------------------------------
 
 #[test]
@@ -1216,91 +1417,217 @@ fn results_for_a_cancelled_or_failed_instance_are_ignored() {
     }
 }
 
-// ----- unsupported kinds ------------------------------------------------
+// ----- sleep ------------------------------------------------------------
+
+fn nap() -> Definition {
+    def(json!({"steps": [
+        {"id": "nap", "sleep": "10m"},
+        {"id": "after", "task": {"queue": "q", "input": "${steps.nap.output}"}},
+    ]}))
+}
 
 #[test]
-fn unsupported_kinds_fail_the_step_and_instance_instead_of_hanging() {
-    let cases = [
-        ("sleep", json!({"id": "s", "sleep": "10m"})),
-        (
-            "sleep",
-            json!({"id": "s", "sleep": {"until": "2030-01-31T12:00:00Z"}}),
-        ),
-        ("signal", json!({"id": "s", "signal": {"name": "approved"}})),
-        (
-            "workflow",
-            json!({"id": "s", "workflow": {"name": "child"}}),
-        ),
-        (
-            "for_each",
-            json!({"id": "s", "task": {"queue": "q", "input": "${item}"},
-                   "for_each": "${input.items}"}),
-        ),
-        (
-            "for_each",
-            json!({"id": "s", "value": "${item}", "for_each": "${input.items}"}),
-        ),
-    ];
-    for (what, s) in cases {
-        let d = def(json!({"steps": [s, task("after")]}));
-        let (state, decision) = start(&d, json!({"items": [1, 2]}));
+fn sleep_duration_waits_until_now_plus_the_duration() {
+    let d = nap();
+    let (state, decision) = start(&d, json!({}));
+    let wake = now() + Duration::minutes(10);
+    assert_eq!(log(&decision), ["instance_started", "step_waiting:nap#1"]);
+    assert_eq!(
+        entry(&decision, "step_waiting").data,
+        json!({"until": wake})
+    );
+    assert_eq!(decision.commands, vec![], "a timer needs no task");
+    assert_eq!(decision.wake_at, Some(wake));
+    assert_eq!(changed(&d, &decision), ["nap"]);
+    let s = step(&d, &state, "nap");
+    assert_eq!(s.status, StepStatus::Waiting);
+    assert_eq!(s.wake_at, Some(wake));
+    assert_eq!(s.attempt, 1);
+    assert_eq!(s.scheduled_at, Some(now()));
+    assert_eq!(s.started_at, Some(now()));
+    assert_eq!(s.ended_at, None);
+    assert_eq!(s.output, None);
+    assert_eq!(step(&d, &state, "after").status, StepStatus::Pending);
+    assert_eq!(state.status, InstanceStatus::Running);
+}
+
+#[test]
+fn sleep_changes_nothing_before_its_wake_time() {
+    let d = nap();
+    let (mut state, _) = start(&d, json!({}));
+    let wake = now() + Duration::minutes(10);
+    for when in [
+        now(),
+        at(1),
+        at(9 * 60 + 59),
+        wake - Duration::milliseconds(1),
+    ] {
+        assert_eq!(
+            assert_quiet_at(&d, &mut state, &[], when),
+            Some(wake),
+            "at {when}"
+        );
+    }
+    assert_eq!(step(&d, &state, "nap").status, StepStatus::Waiting);
+}
+
+#[test]
+fn sleep_completes_at_its_wake_time_with_null_output_and_unlocks_dependents() {
+    let d = nap();
+    let (mut state, _) = start(&d, json!({}));
+    let wake = now() + Duration::minutes(10);
+    let decision = run_at(&d, &mut state, &[], wake);
+    assert_eq!(
+        log(&decision),
+        ["step_completed:nap#1", "step_scheduled:after#1"]
+    );
+    assert_eq!(
+        entry(&decision, "step_completed").data,
+        json!({"slept_until": wake, "output": null})
+    );
+    assert_eq!(cmds(&d, &decision), ["enqueue after/run#1"]);
+    assert_eq!(only_enqueue(&decision).0, Value::Null);
+    assert_eq!(decision.wake_at, None);
+    assert_eq!(changed(&d, &decision), ["nap", "after"]);
+    let s = step(&d, &state, "nap");
+    assert_eq!(s.status, StepStatus::Completed);
+    assert_eq!(s.output, Some(Value::Null));
+    assert_eq!(s.wake_at, None);
+    assert_eq!(s.ended_at, Some(wake));
+    assert_eq!(s.completion_order, Some(1));
+    assert_eq!(step(&d, &state, "after").scheduled_at, Some(wake));
+}
+
+#[test]
+fn sleep_woken_late_completes_once() {
+    let d = nap();
+    let (mut state, _) = start(&d, json!({}));
+    let late = at(3 * 3600);
+    let decision = run_at(&d, &mut state, &[], late);
+    assert_eq!(
+        log(&decision),
+        ["step_completed:nap#1", "step_scheduled:after#1"]
+    );
+    assert_eq!(step(&d, &state, "nap").ended_at, Some(late));
+    // Looking again later fires nothing a second time.
+    assert_eq!(assert_quiet_at(&d, &mut state, &[], at(4 * 3600)), None);
+}
+
+#[test]
+fn sleep_until_a_literal_timestamp() {
+    let d = def(json!({"steps": [
+        {"id": "nap", "sleep": {"until": "2030-01-31T12:00:00Z"}},
+        task("after"),
+    ]}));
+    let (mut state, decision) = start(&d, json!({}));
+    let wake = Utc.with_ymd_and_hms(2030, 1, 31, 12, 0, 0).unwrap();
+    assert_eq!(decision.wake_at, Some(wake));
+    assert_eq!(step(&d, &state, "nap").wake_at, Some(wake));
+    assert_eq!(step(&d, &state, "nap").status, StepStatus::Waiting);
+    assert_quiet_at(&d, &mut state, &[], wake - Duration::seconds(1));
+    let woke = run_at(&d, &mut state, &[], wake);
+    assert_eq!(
+        log(&woke),
+        ["step_completed:nap#1", "step_scheduled:after#1"]
+    );
+}
+
+#[test]
+fn sleep_until_a_template_is_rendered_and_converted_to_utc() {
+    let d = def(json!({"steps": [
+        task("plan"),
+        {"id": "nap", "sleep": {"until": "${steps.plan.output.at}"}},
+        task("after"),
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    let decision = run(
+        &d,
+        &mut state,
+        &[ok(0, 1, json!({"at": "2030-01-02T07:04:05+02:00"}))],
+    );
+    // 07:04:05+02:00 is 05:04:05Z: two hours after now().
+    let wake = at(2 * 3600);
+    assert_eq!(
+        log(&decision),
+        ["step_completed:plan#1", "step_waiting:nap#1"]
+    );
+    assert_eq!(step(&d, &state, "nap").wake_at, Some(wake));
+    assert_eq!(decision.wake_at, Some(wake));
+}
+
+#[test]
+fn sleep_until_a_past_time_completes_in_the_same_decision() {
+    let d = def(json!({"steps": [
+        {"id": "nap", "sleep": {"until": "${input.at}"}},
+        task("after"),
+    ]}));
+    let (state, decision) = start(&d, json!({"at": "2001-01-01T00:00:00Z"}));
+    assert_eq!(
+        log(&decision),
+        [
+            "instance_started",
+            "step_waiting:nap#1",
+            "step_completed:nap#1",
+            "step_scheduled:after#1"
+        ]
+    );
+    assert_eq!(step(&d, &state, "nap").status, StepStatus::Completed);
+    assert_eq!(decision.wake_at, None);
+}
+
+#[test]
+fn sleep_until_a_bad_template_value_fails_the_step_and_instance() {
+    let d = def(json!({"steps": [
+        {"id": "nap", "sleep": {"until": "${input.at}"}},
+        task("after"),
+    ]}));
+    for at_value in [
+        json!("tomorrow"),
+        json!(42),
+        json!(null),
+        json!("2030-01-02"),
+    ] {
+        let (state, decision) = start(&d, json!({ "at": at_value }));
         assert_eq!(
             log(&decision),
-            ["instance_started", "step_failed:s#0", "instance_failed"],
-            "{what}"
+            ["instance_started", "step_failed:nap#1", "instance_failed"],
+            "until {at_value}"
         );
-        assert_eq!(decision.commands, vec![Command::WithdrawTasks], "{what}");
-        assert_eq!(state.status, InstanceStatus::Failed, "{what}");
-        let s = &state.steps[0];
-        assert_eq!(s.status, StepStatus::Failed, "{what}");
-        let step_message = s.error.as_ref().unwrap()["message"].as_str().unwrap();
-        assert!(
-            step_message.contains(what) && step_message.contains("not supported"),
-            "{what}: {step_message}"
-        );
+        assert_eq!(decision.commands, vec![Command::WithdrawTasks]);
+        assert_eq!(decision.wake_at, None);
+        assert_eq!(state.status, InstanceStatus::Failed);
+        let s = step(&d, &state, "nap");
+        assert_eq!(s.status, StepStatus::Failed);
+        assert_eq!(s.wake_at, None);
         assert_eq!(s.error.as_ref().unwrap()["retryable"], json!(false));
-        let message = state.error.as_ref().unwrap()["message"].as_str().unwrap();
-        assert!(
-            message.contains("step s") && message.contains(what),
-            "{what}: {message}"
-        );
-        assert_eq!(state.steps[1].status, StepStatus::Pending, "{what}");
+        let m = message(&s.error);
+        assert!(m.contains("RFC 3339"), "{m}");
+        assert!(message(&state.error).contains("step nap failed"));
+        assert_eq!(step(&d, &state, "after").status, StepStatus::Pending);
     }
 }
 
 #[test]
-fn unsupported_step_fails_when_its_needs_are_met() {
-    let d = def(json!({"steps": [task("a"), {"id": "wait", "sleep": "1h"}, task("c")]}));
-    let (mut state, d0) = start(&d, json!({}));
-    assert_eq!(enqueued(&d, &d0), [en("a", 1)]);
-    let decision = run(&d, &mut state, &[ok(0, 1, json!(1))]);
+fn zero_sleep_completes_in_the_same_decision() {
+    let d = def(json!({"steps": [{"id": "nap", "sleep": "0s"}, task("after")]}));
+    let (state, decision) = start(&d, json!({}));
     assert_eq!(
         log(&decision),
         [
-            "step_completed:a#1",
-            "step_failed:wait#0",
-            "instance_failed"
+            "instance_started",
+            "step_waiting:nap#1",
+            "step_completed:nap#1",
+            "step_scheduled:after#1"
         ]
     );
-    assert_eq!(decision.commands, vec![Command::WithdrawTasks]);
-    assert_eq!(step(&d, &state, "c").status, StepStatus::Pending);
+    assert_eq!(enqueued(&d, &decision), [en("after", 1)]);
+    assert_eq!(step(&d, &state, "nap").status, StepStatus::Completed);
+    assert_eq!(step(&d, &state, "nap").output, Some(Value::Null));
+    assert_eq!(decision.wake_at, None);
 }
 
 #[test]
-fn unsupported_step_with_on_failure_continue_lets_the_workflow_finish() {
-    let d = def(json!({"steps": [
-        {"id": "wait", "signal": {"name": "go"}, "on_failure": "continue"},
-        {"id": "after", "value": "${steps.wait.output.message}"},
-    ]}));
-    let (state, decision) = start(&d, json!({}));
-    assert_eq!(state.status, InstanceStatus::Completed);
-    assert_eq!(withdraws(&decision), 0);
-    let after = step(&d, &state, "after").output.clone().unwrap();
-    assert!(after.as_str().unwrap().contains("signal"), "{after}");
-}
-
-#[test]
-fn unsupported_step_skipped_by_when_does_not_fail() {
+fn sleep_step_skipped_by_when_does_not_wait() {
     let d = def(json!({"steps": [
         {"id": "wait", "sleep": "10m", "when": "${input.cool_off}"},
         task("ship"),
@@ -1308,7 +1635,1887 @@ fn unsupported_step_skipped_by_when_does_not_fail() {
     let (state, decision) = start(&d, json!({"cool_off": false}));
     assert_eq!(state.status, InstanceStatus::Running);
     assert_eq!(step(&d, &state, "wait").status, StepStatus::Skipped);
+    assert_eq!(step(&d, &state, "wait").wake_at, None);
     assert_eq!(enqueued(&d, &decision), [en("ship", 1)]);
+    assert_eq!(decision.wake_at, None);
+}
+
+#[test]
+fn results_for_timer_and_signal_steps_are_ignored() {
+    // Sleep and signal steps have no task, so no result for them can be
+    // genuine: it must not complete them early.
+    let d = def(json!({"steps": [
+        {"id": "nap", "sleep": "10m", "needs": []},
+        {"id": "approval", "signal": {"name": "approved"}, "needs": []},
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    let wake = now() + Duration::minutes(10);
+    assert_eq!(
+        assert_quiet_at(&d, &mut state, &[ok(0, 1, json!("early"))], now()),
+        Some(wake)
+    );
+    assert_eq!(
+        assert_quiet_at(&d, &mut state, &[ok(1, 1, json!("forged"))], now()),
+        Some(wake)
+    );
+    assert_eq!(
+        assert_quiet_at(&d, &mut state, &[fail(1, 1, "forged", false)], now()),
+        Some(wake)
+    );
+}
+
+// ----- signals ----------------------------------------------------------
+
+fn approval() -> Definition {
+    def(json!({"steps": [
+        {"id": "approval", "signal": {"name": "approved"}},
+        {"id": "ship", "task": {"queue": "q", "input": "${steps.approval.output}"}},
+    ]}))
+}
+
+#[test]
+fn signal_step_waits_without_a_timer() {
+    let d = approval();
+    let (mut state, decision) = start(&d, json!({}));
+    assert_eq!(
+        log(&decision),
+        ["instance_started", "step_waiting:approval#1"]
+    );
+    assert_eq!(
+        entry(&decision, "step_waiting").data,
+        json!({"signal": "approved", "timeout_at": null})
+    );
+    assert_eq!(decision.commands, vec![]);
+    assert_eq!(decision.wake_at, None, "no timeout, so no timer");
+    let s = step(&d, &state, "approval");
+    assert_eq!(s.status, StepStatus::Waiting);
+    assert_eq!(s.wake_at, None);
+    assert_eq!(s.attempt, 1);
+    // Time alone changes nothing.
+    assert_eq!(assert_quiet_at(&d, &mut state, &[], at(365 * 86_400)), None);
+}
+
+#[test]
+fn matching_signal_completes_the_step_with_its_payload_and_is_consumed() {
+    let d = approval();
+    let (mut state, _) = start(&d, json!({}));
+    let decision = run(
+        &d,
+        &mut state,
+        &[signal(7, "approved", json!({"by": "ada"}))],
+    );
+    assert_eq!(
+        log(&decision),
+        ["step_completed:approval#1", "step_scheduled:ship#1"]
+    );
+    assert_eq!(
+        entry(&decision, "step_completed").data,
+        json!({"signal": "approved", "signal_id": 7, "output": {"by": "ada"}})
+    );
+    assert_eq!(
+        cmds(&d, &decision),
+        ["consume 7 approval", "enqueue ship/run#1"]
+    );
+    assert_eq!(
+        decision.commands[0],
+        Command::ConsumeSignal { id: 7, step: 0 }
+    );
+    assert_eq!(only_enqueue_of(&decision).0, json!({"by": "ada"}));
+    let s = step(&d, &state, "approval");
+    assert_eq!(s.status, StepStatus::Completed);
+    assert_eq!(s.output, Some(json!({"by": "ada"})));
+    assert_eq!(s.ended_at, Some(now()));
+    // The driver re-delivers only unconsumed signals; a repeat changes nothing.
+    assert_ignored(
+        &d,
+        &mut state,
+        &[signal(7, "approved", json!({"by": "ada"}))],
+    );
+}
+
+/// The single EnqueueTask among `d`'s commands: `(input, delay_ms)`.
+fn only_enqueue_of(d: &Decision) -> (Value, u64) {
+    let all = enqueued_tasks(d);
+    assert_eq!(all.len(), 1, "expected one EnqueueTask in {:?}", d.commands);
+    (all[0].0.clone(), all[0].1)
+}
+
+#[test]
+fn signal_with_another_name_is_not_consumed() {
+    let d = approval();
+    let (mut state, _) = start(&d, json!({}));
+    assert_ignored(&d, &mut state, &[signal(1, "rejected", json!(1))]);
+    let decision = run(
+        &d,
+        &mut state,
+        &[
+            signal(1, "rejected", json!(1)),
+            signal(2, "approved", json!(2)),
+        ],
+    );
+    assert_eq!(
+        cmds(&d, &decision),
+        ["consume 2 approval", "enqueue ship/run#1"]
+    );
+    assert_eq!(step(&d, &state, "approval").output, Some(json!(2)));
+}
+
+#[test]
+fn signal_sent_before_the_step_waits_is_consumed_once_it_waits() {
+    let d = def(json!({"steps": [
+        task("prepare"),
+        {"id": "approval", "signal": {"name": "approved"}},
+        task("ship"),
+    ]}));
+    let early = signal(5, "approved", json!("yes"));
+
+    // Buffered: while the step is pending the signal stays unconsumed.
+    let (mut state, _) = start(&d, json!({}));
+    assert_ignored(&d, &mut state, std::slice::from_ref(&early));
+    assert_eq!(step(&d, &state, "approval").status, StepStatus::Pending);
+    // The driver delivers it again with the result that unblocks the step.
+    let decision = run(&d, &mut state, &[ok(0, 1, json!("ready")), early.clone()]);
+    assert_eq!(
+        log(&decision),
+        [
+            "step_completed:prepare#1",
+            "step_waiting:approval#1",
+            "step_completed:approval#1",
+            "step_scheduled:ship#1"
+        ]
+    );
+    assert_eq!(
+        cmds(&d, &decision),
+        ["consume 5 approval", "enqueue ship/run#1"]
+    );
+
+    // Or in a later decision, once the step waits.
+    let (mut state, _) = start(&d, json!({}));
+    assert_ignored(&d, &mut state, std::slice::from_ref(&early));
+    let d1 = run(&d, &mut state, &[ok(0, 1, json!("ready"))]);
+    assert_eq!(d1.commands, vec![]);
+    assert_eq!(step(&d, &state, "approval").status, StepStatus::Waiting);
+    let d2 = run(&d, &mut state, &[early]);
+    assert_eq!(cmds(&d, &d2), ["consume 5 approval", "enqueue ship/run#1"]);
+    assert_eq!(step(&d, &state, "approval").output, Some(json!("yes")));
+}
+
+#[test]
+fn two_waiting_steps_with_the_same_name_take_one_signal_each_in_id_order() {
+    let d = def(json!({"steps": [
+        {"id": "first", "signal": {"name": "go"}, "needs": []},
+        {"id": "second", "signal": {"name": "go"}, "needs": []},
+        {"id": "join", "value": ["${steps.first.output}", "${steps.second.output}"],
+         "needs": ["first", "second"]},
+    ]}));
+    // Both signals at once.
+    let (mut state, _) = start(&d, json!({}));
+    let decision = run(
+        &d,
+        &mut state,
+        &[signal(3, "go", json!("a")), signal(4, "go", json!("b"))],
+    );
+    assert_eq!(cmds(&d, &decision), ["consume 3 first", "consume 4 second"]);
+    assert_eq!(step(&d, &state, "join").output, Some(json!(["a", "b"])));
+    assert_eq!(state.status, InstanceStatus::Completed);
+
+    // One at a time: each signal is consumed by one step only.
+    let (mut state, _) = start(&d, json!({}));
+    let d1 = run(&d, &mut state, &[signal(3, "go", json!("a"))]);
+    assert_eq!(cmds(&d, &d1), ["consume 3 first"]);
+    assert_eq!(step(&d, &state, "second").status, StepStatus::Waiting);
+    let d2 = run(&d, &mut state, &[signal(4, "go", json!("b"))]);
+    assert_eq!(cmds(&d, &d2), ["consume 4 second"]);
+    assert_eq!(step(&d, &state, "join").output, Some(json!(["a", "b"])));
+}
+
+#[test]
+fn one_waiting_step_consumes_only_the_oldest_of_several_signals() {
+    let d = approval();
+    let (mut state, _) = start(&d, json!({}));
+    let decision = run(
+        &d,
+        &mut state,
+        &[
+            signal(10, "approved", json!("old")),
+            signal(11, "approved", json!("new")),
+        ],
+    );
+    assert_eq!(
+        cmds(&d, &decision),
+        ["consume 10 approval", "enqueue ship/run#1"]
+    );
+    assert_eq!(step(&d, &state, "approval").output, Some(json!("old")));
+    // The other one stays in the database and is never consumed here.
+    assert_ignored(&d, &mut state, &[signal(11, "approved", json!("new"))]);
+}
+
+#[test]
+fn signal_timeout_fails_the_step_and_winds_the_instance_down() {
+    let d = def(json!({"steps": [
+        {"id": "reserve", "task": {"queue": "q"},
+         "compensate": {"task": {"queue": "undo"}}},
+        {"id": "approval", "signal": {"name": "approved", "timeout": "1h"},
+         "retry": {"max_attempts": 5}},
+        task("ship"),
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    let d1 = run(&d, &mut state, &[ok(0, 1, json!("r"))]);
+    let timeout_at = at(3600);
+    assert_eq!(
+        entry(&d1, "step_waiting").data,
+        json!({"signal": "approved", "timeout_at": timeout_at})
+    );
+    assert_eq!(step(&d, &state, "approval").wake_at, Some(timeout_at));
+    assert_eq!(d1.wake_at, Some(timeout_at));
+    assert_eq!(
+        assert_quiet_at(&d, &mut state, &[], at(3599)),
+        Some(timeout_at)
+    );
+
+    let d2 = run_at(&d, &mut state, &[], timeout_at);
+    assert_eq!(
+        log(&d2),
+        ["step_failed:approval#1", "compensation_scheduled:reserve#1"]
+    );
+    assert_eq!(cmds(&d, &d2), ["withdraw", "enqueue reserve/compensate#1"]);
+    assert_eq!(d2.wake_at, None);
+    let s = step(&d, &state, "approval");
+    assert_eq!(s.status, StepStatus::Failed);
+    assert_eq!(s.wake_at, None);
+    assert_eq!(s.ended_at, Some(timeout_at));
+    let error = s.error.clone().unwrap();
+    assert_eq!(error["retryable"], json!(false), "a timeout is not retried");
+    assert_eq!(error["timeout"], json!(true));
+    let m = message(&s.error);
+    assert!(m.contains("timed out") && m.contains("approved"), "{m}");
+    assert_eq!(state.ending, Some(Ending::Failed));
+    assert_eq!(state.status, InstanceStatus::Running);
+
+    // A signal arriving now is too late and is not consumed.
+    assert_quiet_at(&d, &mut state, &[signal(1, "approved", json!(1))], at(3601));
+    let d3 = run_at(&d, &mut state, &[comp_ok(0, 1)], at(3602));
+    assert_eq!(
+        log(&d3),
+        ["compensation_completed:reserve#1", "instance_failed"]
+    );
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert!(message(&state.error).contains("step approval failed"));
+}
+
+#[test]
+fn signal_before_the_timeout_clears_the_timer() {
+    let d = def(json!({"steps": [
+        {"id": "approval", "signal": {"name": "approved", "timeout": "1h"}},
+        task("ship"),
+    ]}));
+    let (mut state, d0) = start(&d, json!({}));
+    assert_eq!(d0.wake_at, Some(at(3600)));
+    let decision = run_at(
+        &d,
+        &mut state,
+        &[signal(1, "approved", json!(true))],
+        at(600),
+    );
+    assert_eq!(
+        cmds(&d, &decision),
+        ["consume 1 approval", "enqueue ship/run#1"]
+    );
+    assert_eq!(step(&d, &state, "approval").wake_at, None);
+    assert_eq!(decision.wake_at, None);
+    // The old timeout no longer fires.
+    assert_eq!(assert_quiet_at(&d, &mut state, &[], at(7200)), None);
+    assert_eq!(step(&d, &state, "approval").status, StepStatus::Completed);
+}
+
+#[test]
+fn signal_timeout_with_on_failure_continue_lets_the_workflow_finish() {
+    let d = def(json!({"steps": [
+        {"id": "wait", "signal": {"name": "go", "timeout": "5m"}, "on_failure": "continue"},
+        {"id": "after", "value": "${steps.wait.output.message}"},
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    let decision = run_at(&d, &mut state, &[], at(300));
+    assert_eq!(
+        log(&decision),
+        [
+            "step_failed:wait#1",
+            "step_completed:after#1",
+            "instance_completed"
+        ]
+    );
+    assert_eq!(withdraws(&decision), 0);
+    assert_eq!(state.status, InstanceStatus::Completed);
+    let after = step(&d, &state, "after").output.clone().unwrap();
+    assert!(after.as_str().unwrap().contains("timed out"), "{after}");
+}
+
+// ----- cancel -----------------------------------------------------------
+
+/// a, b, n and x run in parallel; a and b can be undone, n cannot; `last`
+/// joins them.
+fn undoable() -> Definition {
+    def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"}, "needs": [],
+         "compensate": {"task": {"queue": "undo", "input": {"undo": "${steps.a.output}"}}}},
+        {"id": "b", "task": {"queue": "q"}, "needs": [],
+         "compensate": {"task": {"queue": "undo", "input": "${steps.b.output}"}, "timeout": "5s"}},
+        {"id": "n", "task": {"queue": "q"}, "needs": []},
+        {"id": "x", "task": {"queue": "q"}, "needs": [],
+         "compensate": {"task": {"queue": "undo"}}},
+        {"id": "last", "task": {"queue": "q"}, "needs": ["a", "b", "n", "x"]},
+    ]}))
+}
+
+#[test]
+fn cancel_withdraws_work_and_compensates_in_reverse_completion_order() {
+    let d = undoable();
+    let (mut state, _) = start(&d, json!({}));
+    // Completion order: b, a, n. x is still in flight.
+    run(&d, &mut state, &[ok(1, 1, json!("B"))]);
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    run(&d, &mut state, &[ok(2, 1, json!("N"))]);
+    assert_eq!(step(&d, &state, "b").completion_order, Some(1));
+    assert_eq!(step(&d, &state, "a").completion_order, Some(2));
+    assert_eq!(step(&d, &state, "n").completion_order, Some(3));
+
+    let d1 = run(&d, &mut state, &[cancel("user asked")]);
+    assert_eq!(
+        log(&d1),
+        ["instance_cancel_requested", "compensation_scheduled:a#1"]
+    );
+    assert_eq!(
+        entry(&d1, "instance_cancel_requested").data,
+        json!({"reason": "user asked"})
+    );
+    assert_eq!(
+        entry(&d1, "compensation_scheduled").data,
+        json!({"input": {"undo": "A"}})
+    );
+    // Withdrawal comes first, so it cannot remove the new compensation task.
+    assert_eq!(
+        d1.commands,
+        vec![
+            Command::WithdrawTasks,
+            Command::EnqueueTask {
+                step: 0,
+                item: None,
+                purpose: TaskPurpose::Compensate,
+                attempt: 1,
+                kind: TaskKind::Task,
+                queue: "undo".to_string(),
+                input: json!({"undo": "A"}),
+                delay_ms: 0,
+                timeout_ms: None,
+                idempotency_key: "inst-1:a:compensate".to_string(),
+            }
+        ]
+    );
+    assert_eq!(d1.wake_at, None);
+    assert_eq!(changed(&d, &d1), ["a", "x"]);
+    let x = step(&d, &state, "x");
+    assert_eq!(x.status, StepStatus::Cancelled, "the in-flight step");
+    assert_eq!(x.ended_at, Some(now()));
+    assert_eq!(x.compensation, None, "a cancelled step is not compensated");
+    assert_eq!(
+        step(&d, &state, "a").compensation,
+        Some(CompensationState {
+            status: StepStatus::Scheduled,
+            attempt: 1,
+            input: json!({"undo": "A"}),
+            output: None,
+            error: None,
+        })
+    );
+    assert_eq!(state.status, InstanceStatus::Running, "still winding down");
+    assert_eq!(state.ending, Some(Ending::Cancelled));
+    assert_eq!(
+        state.error,
+        Some(json!({"message": "cancelled: user asked", "reason": "user asked"}))
+    );
+
+    // While a compensation runs: late results, a second cancel, a result for
+    // a compensation that has not begun and plain looks change nothing.
+    assert_ignored(&d, &mut state, &[ok(3, 1, json!("late"))]);
+    assert_ignored(&d, &mut state, &[fail(3, 1, "late", true)]);
+    assert_ignored(&d, &mut state, &[cancel("again")]);
+    assert_ignored(&d, &mut state, &[comp_ok(1, 1)]);
+    assert_ignored(&d, &mut state, &[comp_ok(0, 2)]);
+    assert_ignored(&d, &mut state, &[]);
+
+    // Only after a's compensation finished does b's begin.
+    let d2 = run(&d, &mut state, &[comp_ok(0, 1)]);
+    assert_eq!(
+        log(&d2),
+        ["compensation_completed:a#1", "compensation_scheduled:b#1"]
+    );
+    assert_eq!(
+        entry(&d2, "compensation_completed").data,
+        json!({"output": {"undone": true}})
+    );
+    assert_eq!(cmds(&d, &d2), ["enqueue b/compensate#1"]);
+    assert_eq!(
+        enqueued_tasks(&d2),
+        [(json!("B"), 0, "inst-1:b:compensate".to_string())]
+    );
+    assert!(matches!(
+        d2.commands[0],
+        Command::EnqueueTask {
+            timeout_ms: Some(5_000),
+            ..
+        }
+    ));
+    let a = step(&d, &state, "a");
+    assert_eq!(a.status, StepStatus::Compensated);
+    assert_eq!(a.output, Some(json!("A")), "the step's own output is kept");
+    let comp = a.compensation.clone().unwrap();
+    assert_eq!(comp.status, StepStatus::Completed);
+    assert_eq!(comp.output, Some(json!({"undone": true})));
+
+    let d3 = run(&d, &mut state, &[comp_ok(1, 1)]);
+    assert_eq!(
+        log(&d3),
+        ["compensation_completed:b#1", "instance_cancelled"]
+    );
+    assert_eq!(d3.commands, vec![]);
+    assert_eq!(
+        entry(&d3, "instance_cancelled").data,
+        json!({"error": {"message": "cancelled: user asked", "reason": "user asked"}})
+    );
+    assert_eq!(state.status, InstanceStatus::Cancelled);
+    assert_eq!(state.ending, None);
+    assert_eq!(state.output, None);
+    assert_eq!(step(&d, &state, "b").status, StepStatus::Compensated);
+    assert_eq!(step(&d, &state, "n").status, StepStatus::Completed);
+    assert_eq!(step(&d, &state, "last").status, StepStatus::Pending);
+
+    // After the end everything is ignored.
+    assert_ignored(&d, &mut state, &[comp_ok(1, 1)]);
+    assert_ignored(&d, &mut state, &[ok(3, 1, json!("late"))]);
+    assert_ignored(&d, &mut state, &[cancel("again")]);
+}
+
+#[test]
+fn cancel_with_nothing_to_compensate_ends_in_the_same_decision() {
+    let d = def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"}, "needs": []},
+        {"id": "b", "task": {"queue": "q"}, "needs": []},
+        task("c"),
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    let decision = run(&d, &mut state, &[cancel("stop")]);
+    assert_eq!(
+        log(&decision),
+        ["instance_cancel_requested", "instance_cancelled"]
+    );
+    assert_eq!(decision.commands, vec![Command::WithdrawTasks]);
+    assert_eq!(state.status, InstanceStatus::Cancelled);
+    assert_eq!(state.ending, None);
+    assert_eq!(step(&d, &state, "a").status, StepStatus::Cancelled);
+    assert_eq!(step(&d, &state, "b").status, StepStatus::Cancelled);
+    assert_eq!(step(&d, &state, "c").status, StepStatus::Pending);
+    assert_eq!(changed(&d, &decision), ["a", "b"]);
+    assert_ignored(&d, &mut state, &[ok(0, 1, json!("late"))]);
+}
+
+#[test]
+fn cancel_requested_twice_in_one_batch_is_handled_once() {
+    let d = def(json!({"steps": [task("a")]}));
+    let (mut state, _) = start(&d, json!({}));
+    let decision = run(&d, &mut state, &[cancel("one"), cancel("two")]);
+    assert_eq!(
+        log(&decision),
+        ["instance_cancel_requested", "instance_cancelled"]
+    );
+    assert_eq!(withdraws(&decision), 1);
+    assert_eq!(state.error.as_ref().unwrap()["reason"], json!("one"));
+}
+
+#[test]
+fn result_in_the_same_batch_before_the_cancel_counts_and_is_compensated() {
+    let d = def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"}, "compensate": {"task": {"queue": "undo"}}},
+        task("b"),
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    // The driver puts results before the cancel request.
+    let decision = run(&d, &mut state, &[ok(0, 1, json!("A")), cancel("stop")]);
+    assert_eq!(
+        log(&decision),
+        [
+            "step_completed:a#1",
+            "instance_cancel_requested",
+            "compensation_scheduled:a#1"
+        ]
+    );
+    assert_eq!(cmds(&d, &decision), ["withdraw", "enqueue a/compensate#1"]);
+    assert_eq!(step(&d, &state, "b").status, StepStatus::Pending);
+}
+
+#[test]
+fn cancel_of_an_ended_instance_does_nothing() {
+    let d = def(json!({"steps": [task("a")]}));
+    let (mut completed, _) = start(&d, json!({}));
+    run(&d, &mut completed, &[ok(0, 1, json!(1))]);
+    assert_eq!(completed.status, InstanceStatus::Completed);
+    assert_ignored(&d, &mut completed, &[cancel("too late")]);
+
+    let (mut failed, _) = start(&d, json!({}));
+    run(&d, &mut failed, &[fail(0, 1, "no", false)]);
+    assert_eq!(failed.status, InstanceStatus::Failed);
+    assert_ignored(&d, &mut failed, &[cancel("too late")]);
+
+    let (mut cancelled, _) = start(&d, json!({}));
+    run(&d, &mut cancelled, &[cancel("first")]);
+    assert_eq!(cancelled.status, InstanceStatus::Cancelled);
+    assert_ignored(&d, &mut cancelled, &[cancel("second")]);
+    assert_eq!(cancelled.error.as_ref().unwrap()["reason"], json!("first"));
+}
+
+#[test]
+fn cancel_of_an_instance_winding_down_after_a_failure_keeps_it_failing() {
+    let d = def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"}, "compensate": {"task": {"queue": "undo"}}},
+        {"id": "b", "task": {"queue": "q"}, "retry": {"max_attempts": 1}},
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    run(&d, &mut state, &[fail(1, 1, "boom", false)]);
+    assert_eq!(state.ending, Some(Ending::Failed));
+    assert_ignored(&d, &mut state, &[cancel("meanwhile")]);
+    let decision = run(&d, &mut state, &[comp_ok(0, 1)]);
+    assert_eq!(
+        log(&decision),
+        ["compensation_completed:a#1", "instance_failed"]
+    );
+    assert_eq!(state.status, InstanceStatus::Failed);
+}
+
+#[test]
+fn cancel_of_a_pending_instance_in_its_first_decision() {
+    // The driver passes Start for a pending instance, before the request:
+    // nothing gets scheduled.
+    let d = def(json!({"steps": [task("a")]}));
+    let mut state = pending(json!({}));
+    let decision = run(&d, &mut state, &[Event::Start, cancel("never mind")]);
+    assert_eq!(
+        log(&decision),
+        [
+            "instance_started",
+            "instance_cancel_requested",
+            "instance_cancelled"
+        ]
+    );
+    assert_eq!(cmds(&d, &decision), ["withdraw"]);
+    assert_eq!(state.status, InstanceStatus::Cancelled);
+    assert_eq!(step(&d, &state, "a").status, StepStatus::Pending);
+}
+
+#[test]
+fn cancel_while_waiting_stops_timers_and_leaves_signals_unconsumed() {
+    let d = def(json!({
+        "timeout": "1d",
+        "steps": [
+            {"id": "nap", "sleep": "10m", "needs": []},
+            {"id": "approval", "signal": {"name": "approved", "timeout": "1h"}, "needs": []},
+        ],
+    }));
+    let (mut state, d0) = start(&d, json!({}));
+    assert_eq!(d0.wake_at, Some(at(600)));
+    let decision = run(
+        &d,
+        &mut state,
+        &[signal(1, "other", json!(null)), cancel("stop")],
+    );
+    assert_eq!(
+        log(&decision),
+        ["instance_cancel_requested", "instance_cancelled"]
+    );
+    assert_eq!(decision.commands, vec![Command::WithdrawTasks]);
+    assert_eq!(decision.wake_at, None);
+    for id in ["nap", "approval"] {
+        assert_eq!(step(&d, &state, id).status, StepStatus::Cancelled, "{id}");
+        assert_eq!(step(&d, &state, id).wake_at, None, "{id}");
+    }
+    // Neither the timers nor a matching signal do anything now.
+    assert_eq!(
+        assert_quiet_at(&d, &mut state, &[signal(2, "approved", json!(1))], at(7200)),
+        None
+    );
+}
+
+// ----- compensation on failure ------------------------------------------
+
+fn four_steps() -> Definition {
+    def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"},
+         "compensate": {"task": {"queue": "undo", "input": {"step": "a", "out": "${steps.a.output}"}}}},
+        {"id": "b", "task": {"queue": "q"},
+         "compensate": {"http": {"method": "DELETE",
+                                 "url": "http://svc/reservations/${steps.b.output.id}",
+                                 "headers": {"X-For": "${instance.id}"}},
+                        "timeout": "7s"}},
+        {"id": "c", "task": {"queue": "q"}, "retry": {"max_attempts": 1}},
+        task("d"),
+    ]}))
+}
+
+#[test]
+fn permanent_failure_compensates_completed_steps_in_reverse_order_then_fails() {
+    let d = four_steps();
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    run(&d, &mut state, &[ok(1, 1, json!({"id": "r-9"}))]);
+    let d1 = run(&d, &mut state, &[fail(2, 1, "boom", true)]);
+    // instance_failed comes only after the compensations.
+    assert_eq!(log(&d1), ["step_failed:c#1", "compensation_scheduled:b#1"]);
+    let call = json!({"method": "DELETE", "url": "http://svc/reservations/r-9",
+                      "headers": {"X-For": "inst-1"}, "body": null});
+    assert_eq!(
+        d1.commands,
+        vec![
+            Command::WithdrawTasks,
+            Command::EnqueueTask {
+                step: 1,
+                item: None,
+                purpose: TaskPurpose::Compensate,
+                attempt: 1,
+                kind: TaskKind::Http,
+                queue: HTTP_QUEUE.to_string(),
+                input: call,
+                delay_ms: 0,
+                timeout_ms: Some(7_000),
+                idempotency_key: "inst-1:b:compensate".to_string(),
+            }
+        ]
+    );
+    assert_eq!(state.status, InstanceStatus::Running);
+    assert_eq!(state.ending, Some(Ending::Failed));
+    assert!(message(&state.error).contains("step c failed: boom"));
+    assert_eq!(d1.wake_at, None);
+
+    let d2 = run(&d, &mut state, &[comp_ok(1, 1)]);
+    assert_eq!(
+        log(&d2),
+        ["compensation_completed:b#1", "compensation_scheduled:a#1"]
+    );
+    assert_eq!(
+        enqueued_tasks(&d2),
+        [(
+            json!({"step": "a", "out": "A"}),
+            0,
+            "inst-1:a:compensate".to_string()
+        )]
+    );
+    assert_eq!(state.status, InstanceStatus::Running);
+
+    let d3 = run(&d, &mut state, &[comp_ok(0, 1)]);
+    assert_eq!(log(&d3), ["compensation_completed:a#1", "instance_failed"]);
+    assert_eq!(d3.commands, vec![]);
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert_eq!(state.ending, None);
+    let error = state.error.clone().unwrap();
+    assert_eq!(entry(&d3, "instance_failed").data, json!({"error": error}));
+    assert_eq!(error.get("compensation_failures"), None);
+    assert_eq!(step(&d, &state, "a").status, StepStatus::Compensated);
+    assert_eq!(step(&d, &state, "b").status, StepStatus::Compensated);
+    assert_eq!(step(&d, &state, "c").status, StepStatus::Failed);
+    assert_eq!(step(&d, &state, "d").status, StepStatus::Pending);
+}
+
+#[test]
+fn compensations_follow_completion_order_not_definition_order() {
+    let d = def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"}, "needs": [],
+         "compensate": {"task": {"queue": "undo"}}},
+        {"id": "b", "task": {"queue": "q"}, "needs": [],
+         "compensate": {"task": {"queue": "undo"}}},
+        {"id": "c", "task": {"queue": "q"}, "needs": ["a", "b"]},
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    // b finishes before a, in the same batch.
+    run(
+        &d,
+        &mut state,
+        &[ok(1, 1, json!("B")), ok(0, 1, json!("A"))],
+    );
+    assert_eq!(step(&d, &state, "b").completion_order, Some(1));
+    assert_eq!(step(&d, &state, "a").completion_order, Some(2));
+    let d1 = run(&d, &mut state, &[fail(2, 1, "no", false)]);
+    assert_eq!(cmds(&d, &d1), ["withdraw", "enqueue a/compensate#1"]);
+    let d2 = run(&d, &mut state, &[comp_ok(0, 1)]);
+    assert_eq!(cmds(&d, &d2), ["enqueue b/compensate#1"]);
+    let d3 = run(&d, &mut state, &[comp_ok(1, 1)]);
+    assert_eq!(log(&d3), ["compensation_completed:b#1", "instance_failed"]);
+}
+
+#[test]
+fn each_compensation_retries_with_its_own_policy_and_failures_are_listed() {
+    let d = def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"}, "retry": {"max_attempts": 5},
+         "compensate": {"task": {"queue": "undo"},
+                        "retry": {"max_attempts": 2, "initial_interval": "3s", "jitter": false}}},
+        {"id": "b", "task": {"queue": "q"}, "retry": {"max_attempts": 1},
+         "compensate": {"task": {"queue": "undo", "input": "${steps.b.output}"}}},
+        {"id": "c", "task": {"queue": "q"}, "retry": {"max_attempts": 1}},
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    run(&d, &mut state, &[ok(1, 1, json!("B"))]);
+    let d1 = run(&d, &mut state, &[fail(2, 1, "boom", false)]);
+    assert_eq!(cmds(&d, &d1), ["withdraw", "enqueue b/compensate#1"]);
+
+    // b's compensation uses the workflow default (3 attempts, 1s, jitter;
+    // random 0.5 → exactly 1s), not b's own step policy of 1 attempt.
+    let d2 = run(&d, &mut state, &[comp_fail(1, 1, "undo down", true)]);
+    assert_eq!(log(&d2), ["compensation_attempt_failed:b#1"]);
+    let error = json!({"message": "undo down", "retryable": true, "attempt": 1});
+    assert_eq!(
+        entry(&d2, "compensation_attempt_failed").data,
+        json!({"error": error, "retry_in_ms": 1000})
+    );
+    assert_eq!(cmds(&d, &d2), ["enqueue b/compensate#2"]);
+    assert_eq!(
+        enqueued_tasks(&d2),
+        [(json!("B"), 1_000, "inst-1:b:compensate".to_string())]
+    );
+    let comp = step(&d, &state, "b").compensation.clone().unwrap();
+    assert_eq!(comp.status, StepStatus::Scheduled);
+    assert_eq!(comp.attempt, 2);
+    assert_eq!(comp.error, Some(error));
+    // The superseded attempt reporting again changes nothing.
+    assert_ignored(&d, &mut state, &[comp_ok(1, 1)]);
+
+    let d3 = run(&d, &mut state, &[comp_ok(1, 2)]);
+    assert_eq!(
+        log(&d3),
+        ["compensation_completed:b#2", "compensation_scheduled:a#1"]
+    );
+    assert_eq!(step(&d, &state, "b").status, StepStatus::Compensated);
+
+    // a's compensation has 2 attempts, 3s apart, whatever a's step policy.
+    let d4 = run(&d, &mut state, &[comp_fail(0, 1, "nope", true)]);
+    assert_eq!(cmds(&d, &d4), ["enqueue a/compensate#2"]);
+    assert_eq!(enqueued_tasks(&d4)[0].1, 3_000);
+    let d5 = run(&d, &mut state, &[comp_fail(0, 2, "nope", true)]);
+    // Exhausted: recorded, and the wind-down goes on (here: to the end).
+    assert_eq!(log(&d5), ["compensation_failed:a#2", "instance_failed"]);
+    let a_error = json!({"message": "nope", "retryable": true, "attempt": 2});
+    assert_eq!(
+        entry(&d5, "compensation_failed").data,
+        json!({"error": a_error})
+    );
+    let a = step(&d, &state, "a");
+    assert_eq!(a.status, StepStatus::Completed, "its effect was not undone");
+    assert_eq!(a.compensation.as_ref().unwrap().status, StepStatus::Failed);
+    assert_eq!(
+        a.compensation.as_ref().unwrap().error,
+        Some(a_error.clone())
+    );
+    assert_eq!(state.status, InstanceStatus::Failed);
+    let instance_error = state.error.clone().unwrap();
+    assert_eq!(
+        instance_error["compensation_failures"],
+        json!([{"step": "a", "error": a_error}])
+    );
+    assert!(message(&state.error).contains("step c failed: boom"));
+    assert_eq!(
+        entry(&d5, "instance_failed").data,
+        json!({"error": instance_error})
+    );
+}
+
+#[test]
+fn failed_compensation_does_not_stop_the_next_one() {
+    let d = def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"}, "compensate": {"task": {"queue": "undo"}}},
+        {"id": "b", "task": {"queue": "q"}, "compensate": {"task": {"queue": "undo"}}},
+        {"id": "c", "task": {"queue": "q"}},
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    run(&d, &mut state, &[ok(1, 1, json!("B"))]);
+    run(&d, &mut state, &[fail(2, 1, "boom", false)]);
+    // Not retryable: final at once, though attempts are left.
+    let d1 = run(&d, &mut state, &[comp_fail(1, 1, "gone", false)]);
+    assert_eq!(
+        log(&d1),
+        ["compensation_failed:b#1", "compensation_scheduled:a#1"]
+    );
+    assert_eq!(cmds(&d, &d1), ["enqueue a/compensate#1"]);
+    let d2 = run(&d, &mut state, &[comp_ok(0, 1)]);
+    assert_eq!(log(&d2), ["compensation_completed:a#1", "instance_failed"]);
+    assert_eq!(step(&d, &state, "a").status, StepStatus::Compensated);
+    assert_eq!(step(&d, &state, "b").status, StepStatus::Completed);
+    assert_eq!(
+        state.error.as_ref().unwrap()["compensation_failures"],
+        json!([{"step": "b", "error": {"message": "gone", "retryable": false, "attempt": 1}}])
+    );
+}
+
+#[test]
+fn compensation_failures_are_listed_for_a_cancelled_instance_too() {
+    let d = def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"}, "compensate": {"task": {"queue": "undo"}}},
+        task("b"),
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    run(&d, &mut state, &[cancel("stop")]);
+    let decision = run(&d, &mut state, &[comp_fail(0, 1, "gone", false)]);
+    assert_eq!(
+        log(&decision),
+        ["compensation_failed:a#1", "instance_cancelled"]
+    );
+    assert_eq!(state.status, InstanceStatus::Cancelled);
+    let error = state.error.clone().unwrap();
+    assert_eq!(error["reason"], json!("stop"));
+    assert_eq!(error["compensation_failures"][0]["step"], json!("a"));
+}
+
+#[test]
+fn only_completed_steps_are_compensated() {
+    let d = def(json!({"steps": [
+        {"id": "skipped", "task": {"queue": "q"}, "when": false, "needs": [],
+         "compensate": {"task": {"queue": "undo"}}},
+        {"id": "tolerated", "task": {"queue": "q"}, "on_failure": "continue", "needs": [],
+         "compensate": {"task": {"queue": "undo"}}},
+        {"id": "inflight", "task": {"queue": "q"}, "needs": [],
+         "compensate": {"task": {"queue": "undo"}}},
+        {"id": "bad", "task": {"queue": "q"}, "needs": [],
+         "compensate": {"task": {"queue": "undo"}}},
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[fail(1, 1, "meh", false)]);
+    assert_eq!(step(&d, &state, "tolerated").status, StepStatus::Failed);
+    let decision = run(&d, &mut state, &[fail(3, 1, "boom", false)]);
+    assert_eq!(log(&decision), ["step_failed:bad#1", "instance_failed"]);
+    assert_eq!(decision.commands, vec![Command::WithdrawTasks]);
+    for s in &state.steps {
+        assert_eq!(s.compensation, None);
+    }
+}
+
+#[test]
+fn compensation_results_while_running_normally_are_ignored() {
+    let d = def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"}, "compensate": {"task": {"queue": "undo"}}},
+        task("b"),
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    assert_ignored(&d, &mut state, &[comp_ok(0, 1)]);
+    assert_ignored(&d, &mut state, &[comp_fail(0, 1, "x", false)]);
+    assert_eq!(step(&d, &state, "a").status, StepStatus::Completed);
+}
+
+#[test]
+fn on_failure_continue_does_not_wind_down() {
+    let d = def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"}, "compensate": {"task": {"queue": "undo"}}},
+        {"id": "b", "task": {"queue": "q"}, "on_failure": "continue",
+         "compensate": {"task": {"queue": "undo"}}},
+        task("c"),
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    let decision = run(&d, &mut state, &[fail(1, 1, "meh", false)]);
+    assert_eq!(log(&decision), ["step_failed:b#1", "step_scheduled:c#1"]);
+    assert_eq!(cmds(&d, &decision), ["enqueue c/run#1"]);
+    assert_eq!(state.ending, None);
+    assert_eq!(state.status, InstanceStatus::Running);
+    run(&d, &mut state, &[ok(2, 1, json!("C"))]);
+    assert_eq!(state.status, InstanceStatus::Completed);
+    assert_eq!(step(&d, &state, "a").compensation, None);
+}
+
+// ----- workflow deadline ------------------------------------------------
+
+#[test]
+fn workflow_timeout_sets_the_deadline_at_start() {
+    let d = def(json!({"timeout": "1h", "steps": [task("a")]}));
+    let (mut state, decision) = start(&d, json!({}));
+    assert_eq!(state.deadline_at, Some(at(3600)));
+    assert_eq!(decision.wake_at, Some(at(3600)));
+    // Looking again before the deadline changes nothing but keeps the wake-up.
+    assert_eq!(
+        assert_quiet_at(&d, &mut state, &[], at(3599)),
+        Some(at(3600))
+    );
+    // A result keeps it too.
+    let d1 = run_at(&d, &mut state, &[ok(0, 1, json!(1))], at(10));
+    assert_eq!(d1.wake_at, None, "the instance completed");
+    assert_eq!(state.status, InstanceStatus::Completed);
+
+    let no_timeout = def(json!({"steps": [task("a")]}));
+    let (state, decision) = start(&no_timeout, json!({}));
+    assert_eq!(state.deadline_at, None);
+    assert_eq!(decision.wake_at, None);
+}
+
+#[test]
+fn deadline_is_measured_from_the_start_decision() {
+    let d = def(json!({"timeout": "30m", "steps": [task("a")]}));
+    let mut state = pending(json!({}));
+    let d0 = run_at(&d, &mut state, &[Event::Start], at(100));
+    assert_eq!(state.deadline_at, Some(at(100 + 1800)));
+    assert_eq!(d0.wake_at, Some(at(1900)));
+}
+
+#[test]
+fn passing_the_deadline_fails_the_instance_after_its_compensations() {
+    let d = def(json!({"timeout": "1h", "steps": [
+        {"id": "a", "task": {"queue": "q"}, "compensate": {"task": {"queue": "undo"}}},
+        task("b"),
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    let d1 = run_at(&d, &mut state, &[ok(0, 1, json!("A"))], at(60));
+    assert_eq!(d1.wake_at, Some(at(3600)));
+    assert_quiet_at(&d, &mut state, &[], at(3599));
+
+    let d2 = run_at(&d, &mut state, &[], at(3600));
+    assert_eq!(
+        log(&d2),
+        ["instance_timed_out", "compensation_scheduled:a#1"]
+    );
+    assert_eq!(
+        entry(&d2, "instance_timed_out").data,
+        json!({"deadline": at(3600)})
+    );
+    assert_eq!(cmds(&d, &d2), ["withdraw", "enqueue a/compensate#1"]);
+    assert_eq!(d2.wake_at, None);
+    assert_eq!(step(&d, &state, "b").status, StepStatus::Cancelled);
+    assert_eq!(state.status, InstanceStatus::Running);
+    assert_eq!(state.ending, Some(Ending::Failed));
+    // The deadline does not fire again while compensating.
+    assert_ignored(&d, &mut state, &[]);
+    assert_quiet_at(&d, &mut state, &[], at(7200));
+
+    let d3 = run_at(&d, &mut state, &[comp_ok(0, 1)], at(3700));
+    assert_eq!(log(&d3), ["compensation_completed:a#1", "instance_failed"]);
+    assert_eq!(state.status, InstanceStatus::Failed);
+    let error = state.error.clone().unwrap();
+    assert_eq!(error["timeout"], json!(true));
+    let m = message(&state.error);
+    assert!(m.contains("timed out") && m.contains("1h"), "{m}");
+}
+
+#[test]
+fn passing_the_deadline_with_nothing_to_compensate_fails_at_once() {
+    let d = def(json!({"timeout": "10m", "steps": [
+        {"id": "nap", "sleep": "1h", "needs": []},
+        {"id": "a", "task": {"queue": "q"}, "needs": []},
+    ]}));
+    let (mut state, d0) = start(&d, json!({}));
+    assert_eq!(d0.wake_at, Some(at(600)), "the deadline comes first");
+    let decision = run_at(&d, &mut state, &[], at(601));
+    assert_eq!(log(&decision), ["instance_timed_out", "instance_failed"]);
+    assert_eq!(decision.commands, vec![Command::WithdrawTasks]);
+    assert_eq!(decision.wake_at, None);
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert_eq!(state.error.as_ref().unwrap()["timeout"], json!(true));
+    assert_eq!(step(&d, &state, "nap").status, StepStatus::Cancelled);
+    assert_eq!(step(&d, &state, "nap").wake_at, None);
+    assert_eq!(step(&d, &state, "a").status, StepStatus::Cancelled);
+}
+
+// ----- Decision.wake_at -------------------------------------------------
+
+#[test]
+fn wake_at_is_the_earliest_timer_or_deadline() {
+    let d = def(json!({"timeout": "1h", "steps": [
+        {"id": "short", "sleep": "10m", "needs": []},
+        {"id": "sig", "signal": {"name": "go", "timeout": "2h"}, "needs": []},
+        {"id": "long", "sleep": "3h", "needs": []},
+        {"id": "untimed", "signal": {"name": "other"}, "needs": []},
+    ]}));
+    let (mut state, d0) = start(&d, json!({}));
+    assert_eq!(d0.wake_at, Some(at(600)));
+    let d1 = run_at(&d, &mut state, &[], at(600));
+    assert_eq!(log(&d1), ["step_completed:short#1"]);
+    assert_eq!(d1.wake_at, Some(at(3600)), "now the deadline");
+
+    let no_deadline = def(json!({"steps": [
+        {"id": "sig", "signal": {"name": "go", "timeout": "2h"}, "needs": []},
+        {"id": "long", "sleep": "3h", "needs": []},
+    ]}));
+    let (mut state, d0) = start(&no_deadline, json!({}));
+    assert_eq!(d0.wake_at, Some(at(7200)));
+    let d1 = run_at(
+        &no_deadline,
+        &mut state,
+        &[signal(1, "go", json!(1))],
+        at(60),
+    );
+    assert_eq!(
+        d1.wake_at,
+        Some(at(3 * 3600)),
+        "the consumed signal's timer is gone"
+    );
+}
+
+#[test]
+fn wake_at_is_none_while_winding_down_and_after_the_end() {
+    let d = def(json!({"timeout": "1d", "steps": [
+        {"id": "a", "task": {"queue": "q"}, "needs": [],
+         "compensate": {"task": {"queue": "undo"}}},
+        {"id": "nap", "sleep": "1h", "needs": []},
+    ]}));
+    let (mut state, d0) = start(&d, json!({}));
+    assert_eq!(d0.wake_at, Some(at(3600)));
+    let d1 = run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    assert_eq!(d1.wake_at, Some(at(3600)));
+    let d2 = run(&d, &mut state, &[cancel("stop")]);
+    assert_eq!(state.ending, Some(Ending::Cancelled));
+    assert_eq!(d2.wake_at, None);
+    assert_eq!(assert_quiet_at(&d, &mut state, &[], at(60)), None);
+    let d3 = run(&d, &mut state, &[comp_ok(0, 1)]);
+    assert_eq!(state.status, InstanceStatus::Cancelled);
+    assert_eq!(d3.wake_at, None);
+    assert_eq!(assert_quiet_at(&d, &mut state, &[], at(86_400 * 2)), None);
+}
+
+// ----- for_each ---------------------------------------------------------
+
+#[test]
+fn for_each_enqueues_one_task_per_item_with_item_and_index() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.orders}", "timeout": "9s",
+         "task": {"queue": "orders", "input": {"order": "${item.id}", "pos": "${index}",
+                                              "label": "#${index}: ${item.id}"}}},
+        {"id": "after", "value": "${steps.each.output}"},
+    ]}));
+    let (state, decision) = start(
+        &d,
+        json!({"orders": [{"id": "o1"}, {"id": "o2"}, {"id": "o3"}]}),
+    );
+    assert_eq!(log(&decision), ["instance_started", "step_started:each#1"]);
+    assert_eq!(entry(&decision, "step_started").data, json!({"items": 3}));
+    assert_eq!(
+        cmds(&d, &decision),
+        [
+            "enqueue each[0]/run#1",
+            "enqueue each[1]/run#1",
+            "enqueue each[2]/run#1"
+        ]
+    );
+    assert_eq!(
+        decision.commands[1],
+        Command::EnqueueTask {
+            step: 0,
+            item: Some(1),
+            purpose: TaskPurpose::Run,
+            attempt: 1,
+            kind: TaskKind::Task,
+            queue: "orders".to_string(),
+            input: json!({"order": "o2", "pos": 1, "label": "#1: o2"}),
+            delay_ms: 0,
+            timeout_ms: Some(9_000),
+            idempotency_key: "inst-1:each:1".to_string(),
+        }
+    );
+    let keys: Vec<String> = enqueued_tasks(&decision).into_iter().map(|t| t.2).collect();
+    assert_eq!(keys, ["inst-1:each:0", "inst-1:each:1", "inst-1:each:2"]);
+    let s = step(&d, &state, "each");
+    assert_eq!(s.status, StepStatus::Running);
+    assert_eq!(s.started_at, Some(now()));
+    assert_eq!(items(s), [StepStatus::Scheduled; 3]);
+    let first = &s.items.as_ref().unwrap()[0];
+    assert_eq!(first.attempt, 1);
+    assert_eq!(
+        first.input,
+        json!({"order": "o1", "pos": 0, "label": "#0: o1"})
+    );
+}
+
+#[test]
+fn for_each_output_is_in_input_order_whatever_the_completion_order() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}", "task": {"queue": "q", "input": "${item}"}},
+        {"id": "after", "value": "${steps.each.output}"},
+    ]}));
+    let (mut state, _) = start(&d, json!({"xs": ["a", "b", "c"]}));
+    let d1 = run(&d, &mut state, &[item_ok(0, 2, 1, json!("C"))]);
+    assert_eq!(log(&d1), ["item_completed:each#1"]);
+    assert_eq!(
+        entry(&d1, "item_completed").data,
+        json!({"item": 2, "output": "C", "worker": "w1",
+               "started_at": now() - Duration::seconds(2)})
+    );
+    assert_eq!(d1.commands, vec![]);
+    assert_eq!(changed(&d, &d1), ["each"]);
+    assert_eq!(step(&d, &state, "each").status, StepStatus::Running);
+    // A duplicate of a finished item changes nothing.
+    assert_ignored(&d, &mut state, &[item_ok(0, 2, 1, json!("again"))]);
+    let d2 = run(
+        &d,
+        &mut state,
+        &[item_ok(0, 0, 1, json!("A")), item_ok(0, 1, 1, json!("B"))],
+    );
+    assert_eq!(
+        log(&d2),
+        [
+            "item_completed:each#1",
+            "item_completed:each#1",
+            "step_completed:each#1",
+            "step_completed:after#1",
+            "instance_completed"
+        ]
+    );
+    assert_eq!(
+        step(&d, &state, "each").output,
+        Some(json!(["A", "B", "C"]))
+    );
+    assert_eq!(
+        step(&d, &state, "after").output,
+        Some(json!(["A", "B", "C"]))
+    );
+    assert_eq!(state.status, InstanceStatus::Completed);
+}
+
+#[test]
+fn for_each_max_parallel_caps_the_items_in_flight() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}", "max_parallel": 2,
+         "retry": {"max_attempts": 3, "jitter": false},
+         "task": {"queue": "q", "input": "${item}"}},
+    ]}));
+    let (mut state, d0) = start(&d, json!({"xs": [10, 11, 12, 13, 14]}));
+    assert_eq!(
+        cmds(&d, &d0),
+        ["enqueue each[0]/run#1", "enqueue each[1]/run#1"]
+    );
+    let s = step(&d, &state, "each");
+    assert_eq!(
+        items(s),
+        [
+            StepStatus::Scheduled,
+            StepStatus::Scheduled,
+            StepStatus::Pending,
+            StepStatus::Pending,
+            StepStatus::Pending
+        ]
+    );
+    // One finishes: one more starts.
+    let d1 = run(&d, &mut state, &[item_ok(0, 1, 1, json!(1))]);
+    assert_eq!(cmds(&d, &d1), ["enqueue each[2]/run#1"]);
+    assert_eq!(enqueued_tasks(&d1)[0].0, json!(12));
+    assert_eq!(active_items(step(&d, &state, "each")), 2);
+    // Two finish together: two more start.
+    let d2 = run(
+        &d,
+        &mut state,
+        &[item_ok(0, 0, 1, json!(0)), item_ok(0, 2, 1, json!(2))],
+    );
+    assert_eq!(
+        cmds(&d, &d2),
+        ["enqueue each[3]/run#1", "enqueue each[4]/run#1"]
+    );
+    assert_eq!(active_items(step(&d, &state, "each")), 2);
+    // A retry keeps its slot: nothing else starts.
+    let d3 = run(&d, &mut state, &[item_fail(0, 3, 1, "flaky", true)]);
+    assert_eq!(cmds(&d, &d3), ["enqueue each[3]/run#2"]);
+    assert_eq!(active_items(step(&d, &state, "each")), 2);
+    run(&d, &mut state, &[item_ok(0, 4, 1, json!(4))]);
+    let last = run(&d, &mut state, &[item_ok(0, 3, 2, json!(3))]);
+    assert_eq!(
+        log(&last),
+        [
+            "item_completed:each#2",
+            "step_completed:each#1",
+            "instance_completed"
+        ]
+    );
+    assert_eq!(state.output, Some(json!({"each": [0, 1, 2, 3, 4]})));
+}
+
+#[test]
+fn for_each_items_retry_with_backoff_under_their_own_key() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}",
+         "retry": {"max_attempts": 3, "initial_interval": "2s", "jitter": false},
+         "task": {"queue": "q", "input": {"x": "${item}"}}},
+    ]}));
+    let (mut state, _) = start(&d, json!({"xs": ["p", "q"]}));
+    let d1 = run(&d, &mut state, &[item_fail(0, 0, 1, "flaky", true)]);
+    assert_eq!(log(&d1), ["item_attempt_failed:each#1"]);
+    let error = json!({"message": "flaky", "retryable": true, "attempt": 1});
+    assert_eq!(
+        entry(&d1, "item_attempt_failed").data,
+        json!({"item": 0, "error": error, "retry_in_ms": 2000, "worker": "w1"})
+    );
+    assert_eq!(cmds(&d, &d1), ["enqueue each[0]/run#2"]);
+    assert_eq!(
+        enqueued_tasks(&d1),
+        [(json!({"x": "p"}), 2_000, "inst-1:each:0".to_string())]
+    );
+    let item = &step(&d, &state, "each").items.as_ref().unwrap()[0];
+    assert_eq!(item.status, StepStatus::Scheduled);
+    assert_eq!(item.attempt, 2);
+    assert_eq!(item.error, Some(error));
+    // The superseded attempt is stale.
+    assert_ignored(&d, &mut state, &[item_ok(0, 0, 1, json!("old"))]);
+    let d2 = run(&d, &mut state, &[item_fail(0, 0, 2, "flaky", true)]);
+    assert_eq!(enqueued_tasks(&d2)[0].1, 4_000);
+    run(&d, &mut state, &[item_ok(0, 0, 3, json!("P"))]);
+    run(&d, &mut state, &[item_ok(0, 1, 1, json!("Q"))]);
+    assert_eq!(state.output, Some(json!({"each": ["P", "Q"]})));
+}
+
+#[test]
+fn permanently_failing_item_fails_the_step_and_the_instance() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}", "retry": {"max_attempts": 2},
+         "task": {"queue": "q", "input": "${item}"}},
+        task("after"),
+    ]}));
+    let (mut state, _) = start(&d, json!({"xs": [1, 2, 3]}));
+    run(&d, &mut state, &[item_ok(0, 0, 1, json!("one"))]);
+    let decision = run(&d, &mut state, &[item_fail(0, 1, 1, "bad item", false)]);
+    assert_eq!(
+        log(&decision),
+        [
+            "item_failed:each#1",
+            "step_failed:each#1",
+            "instance_failed"
+        ]
+    );
+    assert_eq!(decision.commands, vec![Command::WithdrawTasks]);
+    let item_error = json!({"message": "bad item", "retryable": false, "attempt": 1});
+    let s = step(&d, &state, "each");
+    assert_eq!(s.status, StepStatus::Failed);
+    assert_eq!(
+        s.error,
+        Some(
+            json!({"message": "item 1 failed: bad item", "retryable": false,
+                    "item": 1, "error": item_error})
+        )
+    );
+    assert_eq!(
+        items(s),
+        [
+            StepStatus::Completed,
+            StepStatus::Failed,
+            StepStatus::Cancelled
+        ]
+    );
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert!(message(&state.error).contains("step each failed: item 1 failed: bad item"));
+    // The sibling still in flight reports late: ignored.
+    assert_ignored(&d, &mut state, &[item_ok(0, 2, 1, json!("late"))]);
+}
+
+#[test]
+fn item_with_retries_exhausted_fails_the_step() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}", "retry": {"max_attempts": 2},
+         "task": {"queue": "q"}},
+    ]}));
+    let (mut state, _) = start(&d, json!({"xs": [1]}));
+    run(&d, &mut state, &[item_fail(0, 0, 1, "flaky", true)]);
+    let decision = run(&d, &mut state, &[item_fail(0, 0, 2, "flaky", true)]);
+    assert_eq!(
+        log(&decision),
+        [
+            "item_failed:each#2",
+            "step_failed:each#2",
+            "instance_failed"
+        ]
+    );
+}
+
+#[test]
+fn failing_item_with_on_failure_continue_becomes_its_array_element() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}", "on_failure": "continue",
+         "retry": {"max_attempts": 1}, "task": {"queue": "q", "input": "${item}"}},
+        {"id": "after", "value": "${steps.each.output}"},
+    ]}));
+    let (mut state, _) = start(&d, json!({"xs": ["a", "b"]}));
+    let d1 = run(&d, &mut state, &[item_fail(0, 0, 1, "bad", true)]);
+    assert_eq!(log(&d1), ["item_failed:each#1"]);
+    assert_eq!(withdraws(&d1), 0);
+    assert_eq!(state.status, InstanceStatus::Running);
+    assert_eq!(state.ending, None);
+    run(&d, &mut state, &[item_ok(0, 1, 1, json!("B"))]);
+    let error = json!({"message": "bad", "retryable": true, "attempt": 1});
+    assert_eq!(step(&d, &state, "each").status, StepStatus::Completed);
+    assert_eq!(step(&d, &state, "each").output, Some(json!([error, "B"])));
+    assert_eq!(state.status, InstanceStatus::Completed);
+    assert_eq!(step(&d, &state, "after").output, Some(json!([error, "B"])));
+}
+
+#[test]
+fn value_for_each_completes_inline() {
+    for max_parallel in [json!(null), json!(1)] {
+        let mut s = json!({"id": "sq", "for_each": "${input.xs}",
+                           "value": {"x": "${item}", "i": "${index}", "t": "${index}:${item}"}});
+        if !max_parallel.is_null() {
+            s["max_parallel"] = max_parallel.clone();
+        }
+        let d = def(json!({"steps": [s, task("after")]}));
+        let (state, decision) = start(&d, json!({"xs": [10, 20, 30]}));
+        assert_eq!(
+            log(&decision),
+            [
+                "instance_started",
+                "step_started:sq#1",
+                "step_completed:sq#1",
+                "step_scheduled:after#1"
+            ],
+            "max_parallel {max_parallel}"
+        );
+        assert_eq!(cmds(&d, &decision), ["enqueue after/run#1"]);
+        let sq = step(&d, &state, "sq");
+        assert_eq!(sq.status, StepStatus::Completed);
+        assert_eq!(items(sq), [StepStatus::Completed; 3]);
+        assert_eq!(
+            sq.output,
+            Some(json!([
+                {"x": 10, "i": 0, "t": "0:10"},
+                {"x": 20, "i": 1, "t": "1:20"},
+                {"x": 30, "i": 2, "t": "2:30"},
+            ]))
+        );
+    }
+}
+
+#[test]
+fn for_each_over_an_empty_array_completes_with_an_empty_array() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}", "task": {"queue": "q"}},
+        task("after"),
+    ]}));
+    let (state, decision) = start(&d, json!({"xs": []}));
+    assert_eq!(
+        log(&decision),
+        [
+            "instance_started",
+            "step_started:each#1",
+            "step_completed:each#1",
+            "step_scheduled:after#1"
+        ]
+    );
+    assert_eq!(cmds(&d, &decision), ["enqueue after/run#1"]);
+    assert_eq!(step(&d, &state, "each").output, Some(json!([])));
+    assert_eq!(step(&d, &state, "each").status, StepStatus::Completed);
+}
+
+#[test]
+fn for_each_over_a_non_array_fails_the_step() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}", "task": {"queue": "q"}},
+        task("after"),
+    ]}));
+    for (xs, what) in [
+        (json!({"a": 1}), "an object"),
+        (json!("abc"), "a string"),
+        (json!(3), "a number"),
+        (json!(null), "null"),
+    ] {
+        let (state, decision) = start(&d, json!({ "xs": xs }));
+        assert_eq!(
+            log(&decision),
+            ["instance_started", "step_failed:each#0", "instance_failed"],
+            "{xs}"
+        );
+        assert_eq!(decision.commands, vec![Command::WithdrawTasks]);
+        let s = step(&d, &state, "each");
+        assert_eq!(s.status, StepStatus::Failed);
+        assert_eq!(s.error.as_ref().unwrap()["retryable"], json!(false));
+        let m = message(&s.error);
+        assert!(m.contains("array") && m.contains(what), "{m}");
+        assert_eq!(state.status, InstanceStatus::Failed);
+    }
+    // With on_failure continue the workflow goes on.
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}", "task": {"queue": "q"},
+         "on_failure": "continue"},
+        task("after"),
+    ]}));
+    let (state, decision) = start(&d, json!({"xs": "abc"}));
+    assert_eq!(cmds(&d, &decision), ["enqueue after/run#1"]);
+    assert_eq!(state.status, InstanceStatus::Running);
+}
+
+#[test]
+fn for_each_http_items_render_item_and_index() {
+    let d = def(json!({"steps": [
+        {"id": "ping", "for_each": "${input.hosts}",
+         "http": {"url": "http://${item.host}/ping", "headers": {"X-Index": "${index}"}}},
+    ]}));
+    let (_, decision) = start(&d, json!({"hosts": [{"host": "a"}, {"host": "b"}]}));
+    assert_eq!(
+        enqueued_tasks(&decision),
+        [
+            (
+                json!({"method": "GET", "url": "http://a/ping", "headers": {"X-Index": "0"}, "body": null}),
+                0,
+                "inst-1:ping:0".to_string()
+            ),
+            (
+                json!({"method": "GET", "url": "http://b/ping", "headers": {"X-Index": "1"}, "body": null}),
+                0,
+                "inst-1:ping:1".to_string()
+            ),
+        ]
+    );
+    assert!(matches!(
+        decision.commands[0],
+        Command::EnqueueTask {
+            kind: TaskKind::Http,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn mismatched_item_results_are_ignored() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}", "task": {"queue": "q"}, "needs": []},
+        {"id": "plain", "task": {"queue": "q"}, "needs": []},
+    ]}));
+    let (mut state, _) = start(&d, json!({"xs": [1, 2]}));
+    // A whole-step result for a for_each step, an item result for a plain
+    // step, an item that does not exist, an item attempt not yet scheduled.
+    assert_ignored(&d, &mut state, &[ok(0, 1, json!("whole"))]);
+    assert_ignored(&d, &mut state, &[item_ok(1, 0, 1, json!("item"))]);
+    assert_ignored(&d, &mut state, &[item_ok(0, 2, 1, json!("nope"))]);
+    assert_ignored(&d, &mut state, &[item_ok(0, 0, 2, json!("future"))]);
+}
+
+#[test]
+fn cancel_during_for_each_cancels_items_in_flight() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}", "max_parallel": 2, "task": {"queue": "q"}},
+    ]}));
+    let (mut state, _) = start(&d, json!({"xs": [1, 2, 3]}));
+    run(&d, &mut state, &[item_ok(0, 0, 1, json!("one"))]);
+    let decision = run(&d, &mut state, &[cancel("stop")]);
+    assert_eq!(
+        log(&decision),
+        ["instance_cancel_requested", "instance_cancelled"]
+    );
+    assert_eq!(cmds(&d, &decision), ["withdraw"]);
+    let s = step(&d, &state, "each");
+    assert_eq!(s.status, StepStatus::Cancelled);
+    assert_eq!(
+        items(s),
+        [
+            StepStatus::Completed,
+            StepStatus::Cancelled,
+            StepStatus::Cancelled
+        ]
+    );
+    assert_ignored(&d, &mut state, &[item_ok(0, 1, 1, json!("late"))]);
+}
+
+#[test]
+fn compensation_of_a_for_each_step_sees_each_item() {
+    // Registration accepts ${item} in the compensate of a for_each step, so
+    // undoing the step must undo every completed item with its own ${item}
+    // (not one action in which ${item} renders null). Rejecting such a
+    // definition at registration would be consistent too.
+    let doc = json!({"steps": [
+        {"id": "book", "for_each": "${input.rooms}",
+         "task": {"queue": "q", "input": "${item}"},
+         "compensate": {"task": {"queue": "undo", "input": {"room": "${item}"}}}},
+        {"id": "pay", "task": {"queue": "q"}, "retry": {"max_attempts": 1}},
+    ]});
+    let d = match parse("wf", &doc, &Limits::default()) {
+        Ok(d) => d,
+        Err(problems) => {
+            assert!(
+                problems.iter().any(|p| p.path.contains("compensate")),
+                "{problems:?}"
+            );
+            return;
+        }
+    };
+    let (mut state, _) = start(&d, json!({"rooms": ["r1", "r2"]}));
+    run(
+        &d,
+        &mut state,
+        &[item_ok(0, 0, 1, json!("b1")), item_ok(0, 1, 1, json!("b2"))],
+    );
+    let mut decision = run(&d, &mut state, &[fail(1, 1, "declined", false)]);
+    let mut inputs = Vec::new();
+    for _ in 0..10 {
+        let mut done = Vec::new();
+        for c in &decision.commands {
+            if let Command::EnqueueTask {
+                step,
+                item,
+                purpose: TaskPurpose::Compensate,
+                attempt,
+                input,
+                ..
+            } = c
+            {
+                inputs.push(input.clone());
+                done.push(finished(
+                    *step,
+                    *item,
+                    TaskPurpose::Compensate,
+                    *attempt,
+                    TaskResult::Completed(json!(null)),
+                ));
+            }
+        }
+        if done.is_empty() {
+            break;
+        }
+        decision = run(&d, &mut state, &done);
+    }
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert!(
+        inputs.contains(&json!({"room": "r1"})) && inputs.contains(&json!({"room": "r2"})),
+        "compensation inputs: {inputs:?}"
+    );
+}
+
+// ----- child workflows --------------------------------------------------
+
+#[test]
+fn workflow_step_starts_a_child_with_its_rendered_input() {
+    let d = def(json!({"steps": [
+        {"id": "sub", "workflow": {"name": "billing", "version": 2,
+                                   "input": {"amount": "${input.amount}", "parent": "${instance.id}"}}},
+        {"id": "after", "task": {"queue": "q", "input": "${steps.sub.output}"}},
+    ]}));
+    let (mut state, decision) = start(&d, json!({"amount": 5}));
+    let input = json!({"amount": 5, "parent": "inst-1"});
+    assert_eq!(
+        decision.commands,
+        vec![Command::StartChild {
+            step: 0,
+            item: None,
+            child_id: child_id(ID, "sub", None),
+            workflow: "billing".to_string(),
+            version: Some(2),
+            input: input.clone(),
+        }]
+    );
+    assert_eq!(child_id(ID, "sub", None), "inst-1:sub");
+    assert_eq!(log(&decision), ["instance_started", "child_started:sub#1"]);
+    assert_eq!(
+        entry(&decision, "child_started").data,
+        json!({"child_id": "inst-1:sub", "workflow": "billing"})
+    );
+    let s = step(&d, &state, "sub");
+    assert_eq!(s.status, StepStatus::Running);
+    assert_eq!(s.attempt, 1);
+    assert_eq!(s.input, Some(input));
+    assert_eq!(decision.wake_at, None);
+
+    // The child's end comes back as the result of attempt 1.
+    let d1 = run(&d, &mut state, &[ok(0, 1, json!({"paid": true}))]);
+    assert_eq!(log(&d1), ["step_completed:sub#1", "step_scheduled:after#1"]);
+    assert_eq!(step(&d, &state, "sub").output, Some(json!({"paid": true})));
+    assert_eq!(only_enqueue(&d1).0, json!({"paid": true}));
+    assert_ignored(&d, &mut state, &[ok(0, 1, json!("again"))]);
+}
+
+#[test]
+fn workflow_step_without_input_or_version() {
+    let d = def(json!({"steps": [{"id": "sub", "workflow": {"name": "child"}}]}));
+    let (_, decision) = start(&d, json!({"x": 1}));
+    assert_eq!(
+        decision.commands,
+        vec![Command::StartChild {
+            step: 0,
+            item: None,
+            child_id: "inst-1:sub".to_string(),
+            workflow: "child".to_string(),
+            version: None,
+            input: Value::Null,
+        }]
+    );
+}
+
+#[test]
+fn failed_child_fails_the_step_without_retry_even_if_retryable() {
+    let d = def(json!({"steps": [
+        {"id": "sub", "workflow": {"name": "child"}, "retry": {"max_attempts": 5}},
+        task("after"),
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    let decision = run(&d, &mut state, &[fail(0, 1, "child failed", true)]);
+    assert_eq!(log(&decision), ["step_failed:sub#1", "instance_failed"]);
+    // The child already ended: nothing to start again or cancel.
+    assert_eq!(cmds(&d, &decision), ["withdraw"]);
+    assert_eq!(step(&d, &state, "sub").status, StepStatus::Failed);
+    assert_eq!(state.status, InstanceStatus::Failed);
+}
+
+#[test]
+fn ending_the_parent_cancels_running_children() {
+    let d = def(json!({"steps": [
+        {"id": "sub", "workflow": {"name": "child"}, "needs": []},
+        {"id": "other", "task": {"queue": "q"}, "needs": [], "retry": {"max_attempts": 1}},
+    ]}));
+    // By a cancel.
+    let (mut state, _) = start(&d, json!({}));
+    let decision = run(&d, &mut state, &[cancel("stop")]);
+    assert_eq!(cmds(&d, &decision), ["withdraw", "cancel_children"]);
+    assert_eq!(step(&d, &state, "sub").status, StepStatus::Cancelled);
+    assert_eq!(state.status, InstanceStatus::Cancelled);
+    // The child's late end is ignored.
+    assert_ignored(&d, &mut state, &[ok(0, 1, json!("late"))]);
+
+    // By a sibling's failure.
+    let (mut state, _) = start(&d, json!({}));
+    let decision = run(&d, &mut state, &[fail(1, 1, "boom", false)]);
+    assert_eq!(cmds(&d, &decision), ["withdraw", "cancel_children"]);
+
+    // A child that already finished is not cancelled.
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[ok(0, 1, json!("done"))]);
+    let decision = run(&d, &mut state, &[cancel("stop")]);
+    assert_eq!(cmds(&d, &decision), ["withdraw"]);
+}
+
+#[test]
+fn for_each_workflow_starts_one_child_per_item() {
+    let d = def(json!({"steps": [
+        {"id": "kids", "for_each": "${input.xs}", "max_parallel": 2,
+         "retry": {"max_attempts": 4},
+         "workflow": {"name": "child", "input": {"x": "${item}", "i": "${index}"}}},
+    ]}));
+    let (mut state, d0) = start(&d, json!({"xs": ["a", "b", "c"]}));
+    assert_eq!(
+        cmds(&d, &d0),
+        [
+            "start_child kids[0] inst-1:kids:0",
+            "start_child kids[1] inst-1:kids:1"
+        ]
+    );
+    assert_eq!(
+        d0.commands[1],
+        Command::StartChild {
+            step: 0,
+            item: Some(1),
+            child_id: child_id(ID, "kids", Some(1)),
+            workflow: "child".to_string(),
+            version: None,
+            input: json!({"x": "b", "i": 1}),
+        }
+    );
+    let d1 = run(&d, &mut state, &[item_ok(0, 0, 1, json!("A"))]);
+    assert_eq!(cmds(&d, &d1), ["start_child kids[2] inst-1:kids:2"]);
+    // A failed child is not retried: the item and the step fail.
+    let d2 = run(&d, &mut state, &[item_fail(0, 1, 1, "child failed", true)]);
+    assert_eq!(
+        log(&d2),
+        [
+            "item_failed:kids#1",
+            "step_failed:kids#1",
+            "instance_failed"
+        ]
+    );
+    // Item 2's child is still running and gets cancelled.
+    assert_eq!(cmds(&d, &d2), ["withdraw", "cancel_children"]);
+}
+
+#[test]
+fn child_id_is_readable_when_short_and_a_stable_digest_when_long() {
+    use sha2::{Digest, Sha256};
+    assert_eq!(child_id("p", "s", None), "p:s");
+    assert_eq!(child_id("p", "s", Some(3)), "p:s:3");
+    // Exactly 200 characters stay readable.
+    let parent = "x".repeat(198);
+    assert_eq!(child_id(&parent, "s", None), format!("{parent}:s"));
+    assert_eq!(child_id(&parent, "s", None).len(), 200);
+    // One more falls back to a digest of the readable form.
+    let parent = "x".repeat(199);
+    let long = child_id(&parent, "s", None);
+    let hex: String = Sha256::digest(format!("{parent}:s").as_bytes())
+        .iter()
+        .take(20)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(long, format!("child-{hex}"));
+    assert_eq!(long.len(), 46);
+    assert_eq!(child_id(&parent, "s", None), long, "stable");
+    let with_item = child_id(&parent, "s", Some(0));
+    assert!(with_item.starts_with("child-"));
+    assert_ne!(with_item, long);
+    assert_ne!(with_item, child_id(&parent, "s", Some(1)));
+    // An item can push a readable id over the limit too.
+    let parent = "x".repeat(196);
+    assert_eq!(child_id(&parent, "s", Some(1)).len(), 200);
+    assert!(child_id(&parent, "s", Some(10)).starts_with("child-"));
+}
+
+#[test]
+fn workflow_step_of_a_long_parent_id_uses_the_digest_child_id() {
+    let d = def(json!({"steps": [{"id": "sub", "workflow": {"name": "child"}}]}));
+    let long_id = "i".repeat(199);
+    let mut state = InstanceState::new(&long_id, json!({}), 1);
+    let decision = run(&d, &mut state, &[Event::Start]);
+    let want = child_id(&long_id, "sub", None);
+    assert!(want.starts_with("child-"));
+    assert!(matches!(
+        &decision.commands[..],
+        [Command::StartChild { child_id, .. }] if *child_id == want
+    ));
+}
+
+// ----- retry of a failed instance ---------------------------------------
+
+#[test]
+fn retry_restarts_the_failed_step_and_keeps_completed_ones() {
+    let d = def(json!({"steps": [
+        task("a"),
+        {"id": "b", "task": {"queue": "q", "input": "${steps.a.output}"},
+         "retry": {"max_attempts": 1}},
+        task("c"),
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    run(&d, &mut state, &[fail(1, 1, "down", true)]);
+    assert_eq!(state.status, InstanceStatus::Failed);
+
+    let decision = run_at(&d, &mut state, &[Event::RetryRequested], at(3600));
+    assert_eq!(log(&decision), ["instance_retried", "step_scheduled:b#1"]);
+    assert_eq!(
+        entry(&decision, "instance_retried").data,
+        json!({"steps": ["b"]})
+    );
+    assert_eq!(cmds(&d, &decision), ["enqueue b/run#1"]);
+    assert_eq!(only_enqueue(&decision).0, json!("A"));
+    assert_eq!(changed(&d, &decision), ["b"]);
+    assert_eq!(state.status, InstanceStatus::Running);
+    assert_eq!(state.error, None);
+    assert_eq!(state.ending, None);
+    let a = step(&d, &state, "a");
+    assert_eq!(a.status, StepStatus::Completed);
+    assert_eq!(a.output, Some(json!("A")));
+    assert_eq!(a.ended_at, Some(now()), "untouched");
+    let b = step(&d, &state, "b");
+    assert_eq!(b.status, StepStatus::Scheduled);
+    assert_eq!(b.attempt, 1);
+    assert_eq!(b.error, None);
+    assert_eq!(b.scheduled_at, Some(at(3600)));
+    assert_eq!(step(&d, &state, "c").status, StepStatus::Pending);
+
+    run(&d, &mut state, &[ok(1, 1, json!("B"))]);
+    run(&d, &mut state, &[ok(2, 1, json!("C"))]);
+    assert_eq!(state.status, InstanceStatus::Completed);
+    assert_eq!(state.output, Some(json!({"a": "A", "b": "B", "c": "C"})));
+}
+
+#[test]
+fn retry_resets_cancelled_and_compensated_steps_too() {
+    let d = def(json!({"timeout": "1h", "steps": [
+        {"id": "a", "task": {"queue": "q"}, "needs": [],
+         "compensate": {"task": {"queue": "undo"}}},
+        {"id": "x", "task": {"queue": "q"}, "needs": []},
+        {"id": "keep", "task": {"queue": "q"}, "needs": []},
+        {"id": "c", "task": {"queue": "q"}, "needs": ["a"], "retry": {"max_attempts": 1}},
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    run(
+        &d,
+        &mut state,
+        &[ok(0, 1, json!("A")), ok(2, 1, json!("K"))],
+    );
+    run(&d, &mut state, &[fail(3, 1, "boom", false)]);
+    run(&d, &mut state, &[comp_ok(0, 1)]);
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert_eq!(step(&d, &state, "a").status, StepStatus::Compensated);
+    assert_eq!(step(&d, &state, "x").status, StepStatus::Cancelled);
+
+    let decision = run_at(&d, &mut state, &[Event::RetryRequested], at(7200));
+    assert_eq!(
+        entry(&decision, "instance_retried").data,
+        json!({"steps": ["a", "x", "c"]})
+    );
+    assert_eq!(cmds(&d, &decision), ["enqueue a/run#1", "enqueue x/run#1"]);
+    let a = step(&d, &state, "a");
+    assert_eq!(a.status, StepStatus::Scheduled);
+    assert_eq!(a.compensation, None);
+    assert_eq!(a.completion_order, None);
+    assert_eq!(a.output, None);
+    assert_eq!(step(&d, &state, "c").status, StepStatus::Pending);
+    assert_eq!(step(&d, &state, "c").error, None);
+    assert_eq!(step(&d, &state, "keep").status, StepStatus::Completed);
+    // A new deadline, measured from the retry.
+    assert_eq!(state.deadline_at, Some(at(7200 + 3600)));
+    assert_eq!(decision.wake_at, Some(at(7200 + 3600)));
+}
+
+#[test]
+fn retry_on_an_instance_that_is_not_failed_does_nothing() {
+    let d = def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"}, "compensate": {"task": {"queue": "undo"}}},
+        task("b"),
+    ]}));
+    // Running.
+    let (mut state, _) = start(&d, json!({}));
+    assert_ignored(&d, &mut state, &[Event::RetryRequested]);
+    // Winding down towards failed.
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    run(&d, &mut state, &[fail(1, 1, "boom", false)]);
+    assert_eq!(state.ending, Some(Ending::Failed));
+    assert_ignored(&d, &mut state, &[Event::RetryRequested]);
+    // Completed.
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    run(&d, &mut state, &[ok(1, 1, json!("B"))]);
+    assert_eq!(state.status, InstanceStatus::Completed);
+    assert_ignored(&d, &mut state, &[Event::RetryRequested]);
+    // Pending (never started).
+    let mut state = pending(json!({}));
+    let decision = run(&d, &mut state, &[Event::RetryRequested]);
+    assert_eq!(decision.history, vec![]);
+    assert_eq!(state.status, InstanceStatus::Pending);
+}
+
+#[test]
+fn retry_of_a_for_each_step_runs_all_its_items_again() {
+    let d = def(json!({"steps": [
+        {"id": "each", "for_each": "${input.xs}", "retry": {"max_attempts": 1},
+         "task": {"queue": "q"}},
+    ]}));
+    let (mut state, _) = start(&d, json!({"xs": [1, 2]}));
+    run(&d, &mut state, &[item_ok(0, 0, 1, json!("one"))]);
+    run(&d, &mut state, &[item_fail(0, 1, 1, "bad", true)]);
+    assert_eq!(state.status, InstanceStatus::Failed);
+    let decision = run(&d, &mut state, &[Event::RetryRequested]);
+    assert_eq!(
+        cmds(&d, &decision),
+        ["enqueue each[0]/run#1", "enqueue each[1]/run#1"]
+    );
+    assert_eq!(items(step(&d, &state, "each")), [StepStatus::Scheduled; 2]);
+}
+
+#[test]
+fn a_retried_instance_that_fails_again_compensates_again() {
+    // a's compensation failed in the first wind-down, so its effect is still
+    // in place; the retry keeps a completed, and a second failure must try
+    // to undo it again.
+    let d = def(json!({"steps": [
+        {"id": "a", "task": {"queue": "q"},
+         "compensate": {"task": {"queue": "undo"}, "retry": {"max_attempts": 1}}},
+        {"id": "b", "task": {"queue": "q"}, "retry": {"max_attempts": 1}},
+    ]}));
+    let (mut state, _) = start(&d, json!({}));
+    run(&d, &mut state, &[ok(0, 1, json!("A"))]);
+    run(&d, &mut state, &[fail(1, 1, "boom", false)]);
+    run(&d, &mut state, &[comp_fail(0, 1, "undo down", true)]);
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert_eq!(step(&d, &state, "a").status, StepStatus::Completed);
+
+    run(&d, &mut state, &[Event::RetryRequested]);
+    assert_eq!(state.status, InstanceStatus::Running);
+    assert_eq!(step(&d, &state, "a").status, StepStatus::Completed);
+    let decision = run(&d, &mut state, &[fail(1, 1, "boom again", false)]);
+    assert_eq!(
+        log(&decision),
+        ["step_failed:b#1", "compensation_scheduled:a#1"]
+    );
+    assert_eq!(cmds(&d, &decision), ["withdraw", "enqueue a/compensate#1"]);
 }
 
 // ----- determinism ------------------------------------------------------

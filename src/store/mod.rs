@@ -879,6 +879,8 @@ pub struct InstanceRecord {
     pub started_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,
+    /// The parent instance, for a child workflow.
+    pub parent_id: Option<String>,
 }
 
 fn instance_from_row(r: &tokio_postgres::Row) -> InstanceRecord {
@@ -894,6 +896,7 @@ fn instance_from_row(r: &tokio_postgres::Row) -> InstanceRecord {
         started_at: r.get(8),
         updated_at: r.get(9),
         ended_at: r.get(10),
+        parent_id: r.get(11),
     }
 }
 

@@ -37,16 +37,14 @@ pub const LIST_WORKFLOW_VERSIONS: &str = "
 // ---- instances -------------------------------------------------------------
 
 pub const START_INSTANCE: &str = "SELECT instance_id, created FROM start_instance($1, $2, $3, $4)";
-pub const INSTANCE_COLUMNS: &str = "id, workflow_name, workflow_version, status, input, output, \
-     error, created_at, started_at, updated_at, ended_at";
 pub const GET_INSTANCE: &str = "
     SELECT id, workflow_name, workflow_version, status, input, output, error,
-           created_at, started_at, updated_at, ended_at
+           created_at, started_at, updated_at, ended_at, parent_id
     FROM instances WHERE id = $1";
 /// Newest first; the cursor is the (created_at, id) of the last row seen.
 pub const LIST_INSTANCES: &str = "
     SELECT id, workflow_name, workflow_version, status, input, output, error,
-           created_at, started_at, updated_at, ended_at
+           created_at, started_at, updated_at, ended_at, parent_id
     FROM instances
     WHERE ($1::text IS NULL OR workflow_name = $1)
       AND ($2::text IS NULL OR status = $2)
@@ -245,8 +243,18 @@ pub const START_CHILDREN: &str = "
            v.parent_id, v.step_id, t.id
     FROM v JOIN t ON t.idempotency_key = v.child_id
     WHERE v.resolved IS NOT NULL
-    ON CONFLICT (id) DO UPDATE SET parent_task_id = excluded.parent_task_id,
-                                   wake_at = now()";
+    ON CONFLICT (id) DO UPDATE
+    SET parent_task_id = excluded.parent_task_id,
+        wake_at = now(),
+        -- A child that failed or was cancelled runs again from its failed
+        -- steps (the parent is being retried); a completed one reports its
+        -- output again.
+        retry_requested_at = CASE WHEN instances.status IN ('failed', 'cancelled')
+                                  THEN now() ELSE instances.retry_requested_at END,
+        cancel_requested_at = CASE WHEN instances.status IN ('failed', 'cancelled')
+                                   THEN NULL ELSE instances.cancel_requested_at END,
+        cancel_reason = CASE WHEN instances.status IN ('failed', 'cancelled')
+                             THEN NULL ELSE instances.cancel_reason END";
 
 /// Reports ended children (among $1) to their parents' task rows.
 pub const REPORT_CHILDREN: &str = "
@@ -260,7 +268,7 @@ pub const REPORT_CHILDREN: &str = "
         finished_at = now()
     FROM instances c
     WHERE c.id = ANY($1) AND t.id = c.parent_task_id AND t.status = 'leased'
-      AND c.status IN ('completed', 'failed', 'cancelled')";
+      AND c.status IN ('completed', 'failed', 'cancelled') AND c.retry_requested_at IS NULL";
 
 /// Asks the running children of the instances $1 to cancel.
 pub const CANCEL_CHILDREN: &str = "

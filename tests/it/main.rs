@@ -2,18 +2,26 @@
 //! real nodes. One file per feature.
 
 mod api_validation;
+mod cancel;
+mod children;
 mod crash;
+mod deadline;
 mod dev;
+mod fan_out;
 mod harness;
 mod http_steps;
 mod node;
 mod queue;
 mod retries;
+mod retry_instance;
+mod sagas;
 mod schema;
+mod signals;
 mod smoke;
 mod sql_interface;
 mod starts;
 mod timeouts;
+mod timers;
 mod workflows;
 
 use serde_json::Value;
