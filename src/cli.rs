@@ -103,6 +103,12 @@ pub struct NodeArgs {
     /// Most steps a definition may have.
     #[arg(long, env = "STEAD_MAX_STEPS", default_value_t = 1000)]
     pub max_steps: usize,
+    /// How often each worker member heartbeats, in milliseconds.
+    #[arg(long, env = "STEAD_HEARTBEAT_MS", default_value_t = 1_000)]
+    pub heartbeat_ms: u64,
+    /// Members silent for this long (database time) are removed, in milliseconds.
+    #[arg(long, env = "STEAD_MEMBER_TTL_MS", default_value_t = 10_000)]
+    pub member_ttl_ms: u64,
     /// How long shutdown waits for in-flight work, in milliseconds.
     #[arg(long, env = "STEAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -130,6 +136,8 @@ impl NodeArgs {
             poll_interval_ms: self.poll_interval_ms,
             reap_interval_ms: self.reap_interval_ms,
             shutdown_timeout_ms: self.shutdown_timeout_ms,
+            heartbeat_ms: self.heartbeat_ms,
+            member_ttl_ms: self.member_ttl_ms,
             ..Tuning::default()
         };
         config

@@ -73,6 +73,11 @@ pub struct Tuning {
     pub reap_interval_ms: u64,
     pub http_step_timeout_ms: u64,
     pub shutdown_timeout_ms: u64,
+    /// How often each member heartbeats.
+    pub heartbeat_ms: u64,
+    /// A member that has not heartbeaten for this long (database time) is
+    /// removed by the others and its session terminated.
+    pub member_ttl_ms: u64,
 }
 
 impl Default for Tuning {
@@ -91,6 +96,8 @@ impl Default for Tuning {
             reap_interval_ms: 1_000,
             http_step_timeout_ms: 30_000,
             shutdown_timeout_ms: 10_000,
+            heartbeat_ms: 1_000,
+            member_ttl_ms: 10_000,
         }
     }
 }

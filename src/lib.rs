@@ -15,8 +15,10 @@ pub mod dev;
 pub mod embedded;
 pub mod engine;
 pub mod handlers;
+pub mod membership;
 pub mod metrics;
 mod node;
+pub mod ring;
 pub mod store;
 pub mod worker;
 

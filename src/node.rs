@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::membership::{Membership, MembershipConfig, Ownership};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreConfig};
 use crate::worker::advancer::{Advancer, AdvancerConfig};
@@ -71,6 +72,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 /// workers. Returns once the API accepts connections.
 pub async fn start(config: Config) -> anyhow::Result<Node> {
     let tuning = &config.tuning;
+    if tuning.member_ttl_ms < 2 * tuning.heartbeat_ms.max(1) {
+        anyhow::bail!(
+            "--member-ttl-ms ({}) must be at least twice --heartbeat-ms ({})",
+            tuning.member_ttl_ms,
+            tuning.heartbeat_ms
+        );
+    }
     let store = Store::new(StoreConfig {
         database_url: config.database_url.clone(),
         schema: config.schema.clone(),
@@ -114,63 +122,8 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         .run(cancel.child_token()),
     );
 
-    let mut handlers = config.handlers.clone();
-    builtin::install(&mut handlers, tuning.http_step_timeout_ms);
-    for n in 0..config.workers {
-        let worker_name = if config.workers == 1 {
-            config.name.clone()
-        } else {
-            format!("{}-{}", config.name, n + 1)
-        };
-        tasks.spawn(
-            Advancer {
-                config: AdvancerConfig {
-                    batch_size: tuning.advance_batch_size,
-                    poll_interval_ms: tuning.poll_interval_ms,
-                    error_backoff_ms: 500,
-                },
-                store: store.clone(),
-                definitions: definitions.clone(),
-                wakeups: wakeups.clone(),
-                metrics: metrics.clone(),
-            }
-            .run(cancel.child_token()),
-        );
-        tasks.spawn(
-            Executor {
-                config: ExecutorConfig {
-                    worker_name,
-                    claim_batch_size: tuning.claim_batch_size,
-                    concurrency: tuning.worker_concurrency,
-                    lease_ms: tuning.lease_ms,
-                    poll_interval_ms: tuning.poll_interval_ms,
-                    completion_batch_size: tuning.completion_batch_size,
-                    error_backoff_ms: 500,
-                    shutdown_timeout_ms: tuning.shutdown_timeout_ms,
-                },
-                store: store.clone(),
-                handlers: handlers.clone(),
-                wakeups: wakeups.clone(),
-                notifier: notifier.clone(),
-                metrics: metrics.clone(),
-            }
-            .run(cancel.child_token()),
-        );
-    }
-    if config.workers > 0 {
-        tasks.spawn(
-            Reaper {
-                config: ReaperConfig {
-                    interval_ms: tuning.reap_interval_ms,
-                    batch_size: 1000,
-                },
-                store: store.clone(),
-                metrics: metrics.clone(),
-            }
-            .run(cancel.child_token()),
-        );
-    }
-
+    // The API is bound first so members can advertise its URL; it starts
+    // serving at once.
     let mut api_addr = None;
     if config.api {
         let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -197,6 +150,83 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
                 tracing::error!(error = %e, "API server failed");
             }
         });
+    }
+
+    let mut handlers = config.handlers.clone();
+    builtin::install(&mut handlers, tuning.http_step_timeout_ms);
+    let api_url = api_addr.map(|a| format!("http://{a}"));
+    for n in 0..config.workers {
+        let worker_name = if config.workers == 1 {
+            config.name.clone()
+        } else {
+            format!("{}-{}", config.name, n + 1)
+        };
+        let ownership = Ownership::default();
+        tasks.spawn(
+            Membership {
+                config: MembershipConfig {
+                    name: worker_name.clone(),
+                    heartbeat_ms: tuning.heartbeat_ms,
+                    ttl_ms: tuning.member_ttl_ms,
+                    api_url: api_url.clone(),
+                    reconnect_max_ms: 5_000,
+                },
+                store: store.clone(),
+                ownership: ownership.clone(),
+                wakeups: wakeups.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(cancel.child_token()),
+        );
+        tasks.spawn(
+            Advancer {
+                config: AdvancerConfig {
+                    batch_size: tuning.advance_batch_size,
+                    poll_interval_ms: tuning.poll_interval_ms,
+                    error_backoff_ms: 500,
+                },
+                store: store.clone(),
+                definitions: definitions.clone(),
+                wakeups: wakeups.clone(),
+                ownership: ownership.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(cancel.child_token()),
+        );
+        tasks.spawn(
+            Reaper {
+                config: ReaperConfig {
+                    interval_ms: tuning.reap_interval_ms,
+                    batch_size: 1000,
+                },
+                store: store.clone(),
+                ownership,
+                metrics: metrics.clone(),
+            }
+            .run(cancel.child_token()),
+        );
+        tasks.spawn(
+            Executor {
+                config: ExecutorConfig {
+                    worker_name,
+                    claim_batch_size: tuning.claim_batch_size,
+                    concurrency: tuning.worker_concurrency,
+                    lease_ms: tuning.lease_ms,
+                    poll_interval_ms: tuning.poll_interval_ms,
+                    completion_batch_size: tuning.completion_batch_size,
+                    error_backoff_ms: 500,
+                    shutdown_timeout_ms: tuning.shutdown_timeout_ms,
+                },
+                store: store.clone(),
+                handlers: handlers.clone(),
+                wakeups: wakeups.clone(),
+                notifier: notifier.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(cancel.child_token()),
+        );
+    }
+    if let Some(addr) = api_addr {
         println!("stead listening on http://{addr}");
     }
 

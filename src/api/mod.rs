@@ -90,6 +90,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks/{task_id}/heartbeat", post(tasks::heartbeat))
         .route("/v1/tasks/{task_id}/complete", post(tasks::complete))
         .route("/v1/tasks/{task_id}/fail", post(tasks::fail))
+        .route("/v1/cluster", get(cluster))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -157,6 +158,37 @@ async fn metrics(State(state): State<AppState>) -> Response {
         inner.metrics.render(),
     )
         .into_response()
+}
+
+/// Members with their heartbeats and the slots each owns (as pg_locks shows).
+async fn cluster(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    let store = &state.inner.store;
+    let members = store.cluster_members().await?;
+    let owners = store.slot_owners().await?;
+    let slot_count = store.slot_count().await?;
+    let mut by_member: std::collections::BTreeMap<String, Vec<i32>> = Default::default();
+    let mut unowned: Vec<i32> = (0..slot_count).collect();
+    for (slot, owner) in &owners {
+        unowned.retain(|s| s != slot);
+        by_member
+            .entry(owner.clone().unwrap_or_else(|| "(unknown session)".into()))
+            .or_default()
+            .push(*slot);
+    }
+    Ok(Json(json!({
+        "slot_count": slot_count,
+        "members": members.iter().map(|m| json!({
+            "name": m.name,
+            "alive": m.alive,
+            "heartbeat_at": m.heartbeat_at,
+            "seconds_since_heartbeat": m.since_heartbeat_s,
+            "ttl_ms": m.ttl_ms,
+            "joined_at": m.joined_at,
+            "api_url": m.api_url,
+            "slots": by_member.get(&m.name).cloned().unwrap_or_default(),
+        })).collect::<Vec<_>>(),
+        "unowned_slots": unowned,
+    })))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -23,6 +23,11 @@ pub struct Metrics {
     pub pool_available: IntGauge,
     pub pool_waiting: IntGauge,
     pub queue_depth: IntGaugeVec,
+    pub members_alive: IntGauge,
+    pub members_removed: IntCounter,
+    pub slots_owned: IntGaugeVec,
+    pub slot_rebalances: IntCounter,
+    pub heartbeat_failures: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -123,6 +128,29 @@ impl Metrics {
                     "Tasks per queue and state (ready, leased, delayed)."
                 ),
                 &["queue", "state"]
+            )),
+            members_alive: reg!(IntGauge::new(
+                "stead_members_alive",
+                "Live members as this process last saw them."
+            )),
+            members_removed: reg!(IntCounter::new(
+                "stead_members_removed_total",
+                "Dead members this process removed from the cluster."
+            )),
+            slots_owned: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "stead_slots_owned",
+                    "Slots each member of this process holds."
+                ),
+                &["member"]
+            )),
+            slot_rebalances: reg!(IntCounter::new(
+                "stead_slot_rebalances_total",
+                "Times a member of this process released or acquired slots."
+            )),
+            heartbeat_failures: reg!(IntCounter::new(
+                "stead_heartbeat_failures_total",
+                "Membership heartbeats or joins that failed."
             )),
             registry,
         }

@@ -128,6 +128,62 @@ impl Store {
         Ok((client, handle))
     }
 
+    /// Opens a member's dedicated session. TCP keepalives on both ends and
+    /// a TCP user timeout on the server make a silent peer (partition,
+    /// frozen process) drop within about `ttl_ms` instead of hours.
+    pub async fn connect_member(&self, name: &str, ttl_ms: u64) -> Result<MemberSession> {
+        let mut config = self.pg_config.clone();
+        let idle_s = (ttl_ms / 4000).max(1);
+        config.options(format!(
+            "-c search_path={} -c statement_timeout={} -c tcp_keepalives_idle={idle_s} \
+             -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 -c tcp_user_timeout={ttl_ms}",
+            self.config.schema,
+            (ttl_ms / 2).max(1000)
+        ));
+        config.application_name(&format!("stead member {name}"));
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(idle_s));
+        config.keepalives_interval(Duration::from_secs(1));
+        config.keepalives_retries(3);
+        config.connect_timeout(Duration::from_millis((ttl_ms / 2).max(1000)));
+        let (client, connection) = config.connect(NoTls).await?;
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let row = client.query_one(sql::LOCK_CLASS, &[]).await?;
+        Ok(MemberSession {
+            client,
+            connection,
+            lock_class: row.get(0),
+            slot_count: row.get(1),
+        })
+    }
+
+    pub async fn cluster_members(&self) -> Result<Vec<MemberRecord>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(sql::CLUSTER_MEMBERS, &[]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| MemberRecord {
+                name: r.get(0),
+                alive: r.get(1),
+                heartbeat_at: r.get(2),
+                since_heartbeat_s: r.get(3),
+                ttl_ms: r.get(4),
+                joined_at: r.get(5),
+                slots_owned: r.get(6),
+                api_url: r.get(7),
+            })
+            .collect())
+    }
+
+    /// Slot -> owner as pg_locks shows it.
+    pub async fn slot_owners(&self) -> Result<Vec<(i32, Option<String>)>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(sql::CLUSTER_SLOTS, &[]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// A dedicated connection whose asynchronous messages (notifications)
     /// are handed to the caller.
     pub async fn connect_listener(
@@ -477,9 +533,11 @@ impl Store {
     }
 
     /// Fails up to `limit` attempts whose lease expired; returns how many.
-    pub async fn reap_expired_leases(&self, limit: i64) -> Result<u64> {
+    pub async fn reap_expired_leases(&self, limit: i64, slots: &[i32]) -> Result<u64> {
         let conn = self.conn().await?;
-        let rows = conn.query(sql::REAP_EXPIRED_LEASES, &[&limit]).await?;
+        let rows = conn
+            .query(sql::REAP_EXPIRED_LEASES, &[&limit, &slots])
+            .await?;
         Ok(rows.len() as u64)
     }
 
@@ -512,6 +570,77 @@ impl Store {
     }
 }
 
+/// A member's dedicated session (not pooled): it heartbeats and holds the
+/// member's slot locks, which PostgreSQL releases when the session ends.
+pub struct MemberSession {
+    client: Client,
+    connection: tokio::task::JoinHandle<()>,
+    pub lock_class: i32,
+    pub slot_count: i32,
+}
+
+impl MemberSession {
+    /// True once the connection has failed; the session must be replaced.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed() || self.connection.is_finished()
+    }
+
+    pub async fn register(&self, name: &str, ttl_ms: u64, api_url: Option<&str>) -> Result<()> {
+        self.client
+            .execute(sql::REGISTER_MEMBER, &[&name, &(ttl_ms as i32), &api_url])
+            .await?;
+        Ok(())
+    }
+
+    /// False if this member's row is gone (it was judged dead).
+    pub async fn heartbeat(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .client
+            .query_opt(sql::HEARTBEAT_MEMBER, &[&name])
+            .await?
+            .is_some())
+    }
+
+    /// Removes dead members (and ends their sessions); returns their names.
+    pub async fn reap_members(&self, me: &str) -> Result<Vec<String>> {
+        let rows = self.client.query(sql::REAP_MEMBERS, &[&me]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn live_members(&self) -> Result<Vec<String>> {
+        let rows = self.client.query(sql::LIVE_MEMBERS, &[]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Tries to take the slots' locks; returns the slots it got.
+    pub async fn try_lock_slots(&self, slots: &[i32]) -> Result<Vec<i32>> {
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .client
+            .query(sql::TRY_LOCK_SLOTS, &[&self.lock_class, &slots])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn unlock_slots(&self, slots: &[i32]) -> Result<()> {
+        if !slots.is_empty() {
+            self.client
+                .query(sql::UNLOCK_SLOTS, &[&self.lock_class, &slots])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the cluster (clean shutdown); the session's end frees the locks.
+    pub async fn leave(self, name: &str) {
+        let _ = self.client.execute(sql::LEAVE_MEMBER, &[&name]).await;
+        drop(self.client);
+        let _ = self.connection.await;
+    }
+}
+
 /// A transaction in which the engine moves a batch of instances on. Dropping
 /// it without `commit` discards the connection, which rolls back.
 pub struct AdvanceTx {
@@ -535,10 +664,14 @@ impl AdvanceTx {
         self.conn.as_ref().expect("transaction is open")
     }
 
-    pub async fn lock_due(&self, limit: i64) -> Result<(Vec<DueInstance>, DateTime<Utc>)> {
+    pub async fn lock_due(
+        &self,
+        limit: i64,
+        slots: &[i32],
+    ) -> Result<(Vec<DueInstance>, DateTime<Utc>)> {
         let c = self.client();
         let stmt = c.prepare_cached(sql::LOCK_DUE_INSTANCES).await?;
-        let rows = c.query(&stmt, &[&limit]).await?;
+        let rows = c.query(&stmt, &[&limit, &slots]).await?;
         let mut now = Utc::now();
         let instances = rows
             .iter()
@@ -935,6 +1068,18 @@ pub struct EventRecord {
     pub attempt: Option<i32>,
     pub data: Value,
     pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MemberRecord {
+    pub name: String,
+    pub alive: bool,
+    pub heartbeat_at: DateTime<Utc>,
+    pub since_heartbeat_s: f64,
+    pub ttl_ms: i32,
+    pub joined_at: DateTime<Utc>,
+    pub slots_owned: i64,
+    pub api_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]

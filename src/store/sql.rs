@@ -118,11 +118,12 @@ pub const FINISH_TASKS: &str = "
     )
     SELECT id FROM done";
 
-/// Turns expired leases into failed (retryable) attempts for the engine.
+/// Turns expired leases of the slots $2 into failed (retryable) attempts for
+/// the engine.
 pub const REAP_EXPIRED_LEASES: &str = "
     WITH expired AS (
         SELECT id FROM tasks
-        WHERE status = 'leased' AND lease_expires_at <= now()
+        WHERE status = 'leased' AND lease_expires_at <= now() AND slot = ANY($2)
         ORDER BY lease_expires_at
         LIMIT $1
         FOR UPDATE SKIP LOCKED
@@ -146,13 +147,15 @@ pub const QUEUE_DEPTH: &str =
 
 // ---- engine transitions ----------------------------------------------------
 
-/// Locks up to $1 instances that need the engine: woken ones (start,
-/// timers) and ones with unrecorded task results.
+/// Locks up to $1 instances of the slots $2 that need the engine: woken ones
+/// (start, timers, signals, requests) and ones with unrecorded task results.
 pub const LOCK_DUE_INSTANCES: &str = "
     WITH due AS (
-        (SELECT id FROM instances WHERE wake_at <= now() ORDER BY wake_at LIMIT $1)
+        (SELECT id FROM instances
+         WHERE wake_at <= now() AND slot = ANY($2) ORDER BY wake_at LIMIT $1)
         UNION
-        (SELECT DISTINCT instance_id FROM tasks WHERE status IN ('completed', 'failed') LIMIT $1)
+        (SELECT DISTINCT instance_id FROM tasks
+         WHERE status IN ('completed', 'failed') AND slot = ANY($2) LIMIT $1)
     )
     SELECT i.id, i.workflow_name, i.workflow_version, i.slot, i.status, i.input, i.output,
            i.error, i.state_version, i.event_seq, now(), i.ending, i.deadline_at,
@@ -318,3 +321,60 @@ pub const NOTIFY_QUEUES: &str =
     "SELECT pg_notify(channel('tasks'), q) FROM unnest($1::text[]) AS q";
 pub const NOTIFY_ENDED: &str =
     "SELECT pg_notify(channel('ended'), id) FROM unnest($1::text[]) AS id";
+
+// ---- membership (on each member's dedicated session) ------------------------
+
+pub const LOCK_CLASS: &str = "SELECT lock_class, slot_count FROM cluster";
+
+/// Registers (or re-registers) a member on this session.
+pub const REGISTER_MEMBER: &str = "
+    INSERT INTO members (name, backend_pid, backend_start, ttl_ms, api_url)
+    SELECT $1, pg_backend_pid(),
+           (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()), $2, $3
+    ON CONFLICT (name) DO UPDATE
+    SET backend_pid = excluded.backend_pid, backend_start = excluded.backend_start,
+        ttl_ms = excluded.ttl_ms, api_url = excluded.api_url,
+        joined_at = now(), heartbeat_at = now()";
+
+/// Heartbeats; no row means this member was removed (it must rejoin).
+pub const HEARTBEAT_MEMBER: &str = "
+    UPDATE members SET heartbeat_at = now()
+    WHERE name = $1 AND backend_pid = pg_backend_pid()
+    RETURNING name";
+
+/// Removes members past their TTL or whose session is gone, and terminates
+/// their sessions so the slot locks they held are released.
+pub const REAP_MEMBERS: &str = "
+    WITH dead AS (
+        DELETE FROM members m
+        WHERE m.name <> $1
+          AND (m.heartbeat_at + make_interval(secs => m.ttl_ms / 1000.0) < now()
+               OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                              WHERE a.pid = m.backend_pid
+                                AND a.backend_start IS NOT DISTINCT FROM m.backend_start))
+        RETURNING m.name, m.backend_pid, m.backend_start
+    )
+    SELECT d.name,
+           (SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
+            WHERE a.pid = d.backend_pid AND a.backend_start IS NOT DISTINCT FROM d.backend_start)
+    FROM dead d";
+
+/// Live members by database time.
+pub const LIVE_MEMBERS: &str = "
+    SELECT name FROM members
+    WHERE heartbeat_at + make_interval(secs => ttl_ms / 1000.0) >= now()
+    ORDER BY name";
+
+pub const TRY_LOCK_SLOTS: &str =
+    "SELECT s FROM unnest($2::int[]) AS s WHERE pg_try_advisory_lock($1, s)";
+pub const UNLOCK_SLOTS: &str =
+    "SELECT s FROM unnest($2::int[]) AS s WHERE pg_advisory_unlock($1, s)";
+
+pub const LEAVE_MEMBER: &str =
+    "DELETE FROM members WHERE name = $1 AND backend_pid = pg_backend_pid()";
+
+pub const CLUSTER_MEMBERS: &str = "
+    SELECT name, alive, heartbeat_at, extract(epoch FROM since_heartbeat)::float8, ttl_ms,
+           joined_at, slots_owned, api_url
+    FROM members_overview ORDER BY name";
+pub const CLUSTER_SLOTS: &str = "SELECT slot, owner FROM slot_owners ORDER BY slot";

@@ -13,6 +13,7 @@ use crate::engine::{
     self, Command, CompensationState, Context, Ending, Event, InstanceState, InstanceStatus,
     ItemState, PendingSignal, StepState, StepStatus, TaskPurpose, TaskResult,
 };
+use crate::membership::Ownership;
 use crate::metrics::Metrics;
 use crate::store::{
     AdvanceWrites, DueInstance, FinishedTask, InstanceUpdate, NewChild, NewEvent, NewTask,
@@ -31,6 +32,7 @@ pub struct Advancer {
     pub store: Store,
     pub definitions: DefinitionCache,
     pub wakeups: Wakeups,
+    pub ownership: Ownership,
     pub metrics: Arc<Metrics>,
 }
 
@@ -69,9 +71,17 @@ impl Advancer {
 
     /// Moves one batch of instances on; returns how many it looked at.
     pub async fn run_once(&self) -> Result<usize, StoreError> {
+        // Held for the whole batch: the member does not hand these slots
+        // over while the batch is in flight.
+        let owned = self.ownership.read().await;
+        if owned.slots().is_empty() {
+            return Ok(0);
+        }
         let started = std::time::Instant::now();
         let tx = self.store.begin_advance().await?;
-        let (due, now) = tx.lock_due(self.config.batch_size as i64).await?;
+        let (due, now) = tx
+            .lock_due(self.config.batch_size as i64, owned.slots())
+            .await?;
         if due.is_empty() {
             tx.rollback().await?;
             return Ok(0);

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::jittered;
+use crate::membership::Ownership;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -18,6 +19,7 @@ pub struct ReaperConfig {
 pub struct Reaper {
     pub config: ReaperConfig,
     pub store: Store,
+    pub ownership: Ownership,
     pub metrics: Arc<Metrics>,
 }
 
@@ -39,10 +41,15 @@ impl Reaper {
         }
     }
 
+    /// Reaps the expired leases of the slots this member owns.
     pub async fn run_once(&self) -> Result<u64, StoreError> {
+        let owned = self.ownership.read().await;
+        if owned.slots().is_empty() {
+            return Ok(0);
+        }
         let n = self
             .store
-            .reap_expired_leases(self.config.batch_size as i64)
+            .reap_expired_leases(self.config.batch_size as i64, owned.slots())
             .await?;
         if n > 0 {
             self.metrics.leases_expired.inc_by(n);

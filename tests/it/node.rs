@@ -22,6 +22,8 @@ impl TestNode {
         config.name = format!("test-{}", db.name);
         config.tuning.poll_interval_ms = 100;
         config.tuning.reap_interval_ms = 100;
+        config.tuning.heartbeat_ms = 200;
+        config.tuning.member_ttl_ms = 2_000;
         config.tuning.pool_size = 8;
         config.tuning.shutdown_timeout_ms = 5_000;
         config
