@@ -140,7 +140,7 @@ impl Store {
             self.config.schema,
             (ttl_ms / 2).max(1000)
         ));
-        config.application_name(&format!("stead member {name}"));
+        config.application_name(format!("stead member {name}"));
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(idle_s));
         config.keepalives_interval(Duration::from_secs(1));
