@@ -175,6 +175,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
                 ownership: ownership.clone(),
                 wakeups: wakeups.clone(),
                 metrics: metrics.clone(),
+                failover_since: Default::default(),
             }
             .run(cancel.child_token()),
         );

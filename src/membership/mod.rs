@@ -101,6 +101,8 @@ pub struct Membership {
     pub ownership: Ownership,
     pub wakeups: Wakeups,
     pub metrics: Arc<Metrics>,
+    /// Since when (the dead member's last heartbeat) a takeover is pending.
+    pub failover_since: Mutex<Option<Instant>>,
 }
 
 impl Membership {
@@ -187,9 +189,15 @@ impl Membership {
             .vouch(sent + Duration::from_millis(self.config.ttl_ms / 2));
 
         let reaped = session.reap_members(name).await?;
-        for dead in &reaped {
-            tracing::warn!(member = %name, dead = %dead, "removed a dead member");
+        for (dead, silent_s) in &reaped {
+            tracing::warn!(member = %name, dead = %dead, silent_s, "removed a dead member");
             self.metrics.members_removed.inc();
+            // A failover is timed from the dead member's last heartbeat.
+            let since = Instant::now()
+                .checked_sub(Duration::from_secs_f64(silent_s.max(0.0)))
+                .unwrap_or_else(Instant::now);
+            let mut failover = self.failover_since.lock().expect("failover lock");
+            *failover = Some(failover.map_or(since, |f: Instant| f.min(since)));
         }
         let live = session.live_members().await?;
         self.metrics.members_alive.set(live.len() as i64);
@@ -223,6 +231,13 @@ impl Membership {
                 slots.dedup();
                 self.metrics.slot_rebalances.inc();
                 tracing::info!(member = %name, acquired = got.len(), waiting = wanted.len() - got.len(), "acquired slots");
+                if got.len() == wanted.len() {
+                    if let Some(since) = self.failover_since.lock().expect("failover lock").take() {
+                        let seconds = since.elapsed().as_secs_f64();
+                        self.metrics.failover_seconds.observe(seconds);
+                        tracing::info!(member = %name, seconds, "took over a dead member's slots");
+                    }
+                }
                 // Work may be waiting in the new slots.
                 let _ = self.wakeups.advance.send(());
             }

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub slots_owned: IntGaugeVec,
     pub slot_rebalances: IntCounter,
     pub heartbeat_failures: IntCounter,
+    pub failover_seconds: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -151,6 +152,13 @@ impl Metrics {
             heartbeat_failures: reg!(IntCounter::new(
                 "stead_heartbeat_failures_total",
                 "Membership heartbeats or joins that failed."
+            )),
+            failover_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "stead_failover_seconds",
+                    "From a dead member's last heartbeat until this process held the slots it took over."
+                )
+                .buckets(vec![0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0])
             )),
             registry,
         }

@@ -601,10 +601,11 @@ impl MemberSession {
             .is_some())
     }
 
-    /// Removes dead members (and ends their sessions); returns their names.
-    pub async fn reap_members(&self, me: &str) -> Result<Vec<String>> {
+    /// Removes dead members (and ends their sessions); returns their names
+    /// with the seconds since their last heartbeat.
+    pub async fn reap_members(&self, me: &str) -> Result<Vec<(String, f64)>> {
         let rows = self.client.query(sql::REAP_MEMBERS, &[&me]).await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     pub async fn live_members(&self) -> Result<Vec<String>> {

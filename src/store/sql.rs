@@ -352,9 +352,9 @@ pub const REAP_MEMBERS: &str = "
                OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
                               WHERE a.pid = m.backend_pid
                                 AND a.backend_start IS NOT DISTINCT FROM m.backend_start))
-        RETURNING m.name, m.backend_pid, m.backend_start
+        RETURNING m.name, m.backend_pid, m.backend_start, m.heartbeat_at
     )
-    SELECT d.name,
+    SELECT d.name, extract(epoch FROM now() - d.heartbeat_at)::float8,
            (SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
             WHERE a.pid = d.backend_pid AND a.backend_start IS NOT DISTINCT FROM d.backend_start)
     FROM dead d";
