@@ -85,6 +85,13 @@ pub struct NodeArgs {
     /// Statement timeout of every pooled connection, in milliseconds.
     #[arg(long, env = "STEAD_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
     pub statement_timeout_ms: u64,
+    /// Pooled sessions idle inside a transaction this long are ended by the server, in milliseconds.
+    #[arg(
+        long,
+        env = "STEAD_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub idle_in_transaction_timeout_ms: u64,
     /// Task attempts each worker runs in-process at once.
     #[arg(long, env = "STEAD_WORKER_CONCURRENCY", default_value_t = 64)]
     pub worker_concurrency: usize,
@@ -131,6 +138,7 @@ impl NodeArgs {
         config.tuning = Tuning {
             pool_size: self.pool_size,
             statement_timeout_ms: self.statement_timeout_ms,
+            idle_in_transaction_timeout_ms: self.idle_in_transaction_timeout_ms,
             worker_concurrency: self.worker_concurrency,
             lease_ms: self.lease_ms,
             poll_interval_ms: self.poll_interval_ms,
@@ -356,6 +364,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 pool_size: 1,
                 pool_wait_timeout_ms: 10_000,
                 statement_timeout_ms: 0,
+                idle_in_transaction_timeout_ms: 0,
                 application_name: "stead migrate".into(),
             })?;
             store.migrate(args.slot_count).await?;

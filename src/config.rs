@@ -60,6 +60,9 @@ pub struct Tuning {
     pub pool_size: usize,
     pub pool_wait_timeout_ms: u64,
     pub statement_timeout_ms: u64,
+    /// A pooled session idle inside a transaction this long is ended by the
+    /// server (frees the row locks of a frozen or cut-off worker).
+    pub idle_in_transaction_timeout_ms: u64,
     pub advance_batch_size: usize,
     pub claim_batch_size: usize,
     pub completion_batch_size: usize,
@@ -86,6 +89,7 @@ impl Default for Tuning {
             pool_size: 16,
             pool_wait_timeout_ms: 10_000,
             statement_timeout_ms: 30_000,
+            idle_in_transaction_timeout_ms: 5_000,
             advance_batch_size: 200,
             claim_batch_size: 100,
             completion_batch_size: 500,

@@ -85,6 +85,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
         pool_size: tuning.pool_size,
         pool_wait_timeout_ms: tuning.pool_wait_timeout_ms,
         statement_timeout_ms: tuning.statement_timeout_ms,
+        idle_in_transaction_timeout_ms: tuning.idle_in_transaction_timeout_ms,
         application_name: format!("stead {}", config.name),
     })?;
     if config.migrate {

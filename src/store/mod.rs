@@ -32,6 +32,10 @@ pub struct StoreConfig {
     pub pool_size: usize,
     pub pool_wait_timeout_ms: u64,
     pub statement_timeout_ms: u64,
+    /// The server ends a pooled session that sits this long inside a
+    /// transaction (0 = never), so a frozen or cut-off worker cannot keep
+    /// row locks that the others skip.
+    pub idle_in_transaction_timeout_ms: u64,
     pub application_name: String,
 }
 
@@ -72,9 +76,14 @@ impl Store {
         validate_schema_name(&config.schema).map_err(StoreError::Invalid)?;
         let mut pg_config = tokio_postgres::Config::from_str(&config.database_url)
             .map_err(|e| StoreError::Invalid(format!("invalid database URL: {e}")))?;
+        // Server-side keepalives and a TCP user timeout make the server drop
+        // a silent client (partition, frozen process) within seconds; with
+        // the idle-in-transaction timeout, its row locks are freed too.
         pg_config.options(format!(
-            "-c search_path={} -c statement_timeout={}",
-            config.schema, config.statement_timeout_ms
+            "-c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={} \
+             -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 \
+             -c tcp_user_timeout=10000",
+            config.schema, config.statement_timeout_ms, config.idle_in_transaction_timeout_ms
         ));
         pg_config.application_name(&config.application_name);
         pg_config.connect_timeout(Duration::from_secs(10));
@@ -885,7 +894,9 @@ impl AdvanceTx {
         if !e.is_empty() {
             statements.push((
                 sql::INSERT_EVENTS,
-                vec![&e_inst, &e_seq, &e_kind, &e_step, &e_attempt, &e_data],
+                vec![
+                    &e_inst, &e_seq, &e_kind, &e_step, &e_attempt, &e_data, &w.now,
+                ],
             ));
         }
 
@@ -926,6 +937,7 @@ impl AdvanceTx {
                 &u_wake,
                 &u_ending,
                 &u_deadline,
+                &w.now,
             ],
         ));
 
@@ -1240,6 +1252,8 @@ pub struct InstanceUpdate {
 /// Everything one advance transaction writes.
 #[derive(Debug, Default)]
 pub struct AdvanceWrites {
+    /// The engine's clock for this batch (from `lock_due`).
+    pub now: DateTime<Utc>,
     pub instances: Vec<InstanceUpdate>,
     pub steps: Vec<StepRow>,
     pub tasks: Vec<NewTask>,

@@ -149,6 +149,8 @@ pub const QUEUE_DEPTH: &str =
 
 /// Locks up to $1 instances of the slots $2 that need the engine: woken ones
 /// (start, timers, signals, requests) and ones with unrecorded task results.
+/// The engine's clock is this statement's start (not the transaction's): the
+/// snapshot is taken then, so every result it sees finished before it.
 pub const LOCK_DUE_INSTANCES: &str = "
     WITH due AS (
         (SELECT id FROM instances
@@ -158,7 +160,7 @@ pub const LOCK_DUE_INSTANCES: &str = "
          WHERE status IN ('completed', 'failed') AND slot = ANY($2) LIMIT $1)
     )
     SELECT i.id, i.workflow_name, i.workflow_version, i.slot, i.status, i.input, i.output,
-           i.error, i.state_version, i.event_seq, now(), i.ending, i.deadline_at,
+           i.error, i.state_version, i.event_seq, statement_timestamp(), i.ending, i.deadline_at,
            i.cancel_requested_at IS NOT NULL, coalesce(i.cancel_reason, 'cancelled'),
            i.retry_requested_at IS NOT NULL
     FROM instances i
@@ -287,8 +289,9 @@ pub const CONSUME_SIGNALS: &str = "
     WHERE s.id = d.id";
 
 pub const INSERT_EVENTS: &str = "
-    INSERT INTO events (instance_id, seq, type, step_id, attempt, data)
-    SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::int[], $6::jsonb[])";
+    INSERT INTO events (instance_id, seq, type, step_id, attempt, data, created_at)
+    SELECT *, $7::timestamptz
+    FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::int[], $6::jsonb[])";
 
 /// Applies new instance states, fenced by the state version each was read
 /// at; the caller checks that every row was updated.
@@ -301,11 +304,11 @@ pub const UPDATE_INSTANCES: &str = "
                             AND u.status IN ('pending', 'running')
                        THEN now() ELSE u.wake_at END,
         ending = u.ending, deadline_at = u.deadline_at, retry_requested_at = NULL,
-        state_version = i.state_version + 1, updated_at = now(),
+        state_version = i.state_version + 1, updated_at = $10,
         started_at = CASE WHEN i.started_at IS NULL AND u.status <> 'pending'
-                          THEN now() ELSE i.started_at END,
+                          THEN $10 ELSE i.started_at END,
         ended_at = CASE WHEN u.status IN ('completed', 'failed', 'cancelled')
-                        THEN coalesce(i.ended_at, now()) END
+                        THEN coalesce(i.ended_at, $10) END
     FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::jsonb[], $6::int[],
                 $7::timestamptz[], $8::text[], $9::timestamptz[])
          AS u(id, expected_version, status, output, error, event_seq, wake_at, ending,

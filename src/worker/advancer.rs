@@ -107,7 +107,10 @@ impl Advancer {
                 .push(sig);
         }
 
-        let mut writes = AdvanceWrites::default();
+        let mut writes = AdvanceWrites {
+            now,
+            ..AdvanceWrites::default()
+        };
         // StdRng rather than thread_rng: the future must stay Send.
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
         let mut random = || rand::Rng::gen::<f64>(&mut rng);

@@ -8,6 +8,8 @@ mod crash;
 mod deadline;
 mod dev;
 mod fan_out;
+mod fault;
+mod fault_harness;
 mod harness;
 mod http_steps;
 mod node;

@@ -12,6 +12,7 @@ fn store(db: &TestDb, schema: &str) -> Store {
         pool_size: 2,
         pool_wait_timeout_ms: 10_000,
         statement_timeout_ms: 0,
+        idle_in_transaction_timeout_ms: 0,
         application_name: "migrate-test".into(),
     })
     .unwrap()

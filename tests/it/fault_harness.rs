@@ -1,0 +1,1206 @@
+//! Fault-injection harness for the high-availability tests (`fault.rs`):
+//!
+//! - [`Workers`]: a group of real `stead serve` processes on one database,
+//!   with fast membership settings ([`FAST`]), that can be killed, frozen
+//!   (SIGSTOP/SIGCONT), respawned or joined by one more;
+//! - [`Load`]: starts instances of a three-step `stead.echo` workflow at a
+//!   steady pace over HTTP, round-robin across the processes marked up in
+//!   [`Targets`], and records every acknowledged (201/200) id;
+//! - [`Sampler`]: samples `stead.slot_owners` every 50ms from its own
+//!   connection, and `GET /v1/cluster` of every live process, and records
+//!   any slot seen with two owners at once;
+//! - [`Probe`]: a self-reconnecting database connection for the checks
+//!   (it survives a PostgreSQL restart) and [`check_invariants`];
+//! - [`Proxy`]: a TCP proxy that can blackhole a connection (stop
+//!   forwarding both ways without closing anything);
+//! - [`PrivatePg`]: a PostgreSQL of one test's own, run by `pg_ctl`, that can
+//!   be restarted.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stead::embedded::{Cluster, PgBinaries, RunAs};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::types::ToSql;
+
+use crate::{wait_until, ServeProcess};
+
+/// Membership TTL of [`FAST`].
+pub const TTL: Duration = Duration::from_millis(2000);
+
+/// Fast failure detection and recovery for every worker of these tests.
+pub const FAST: &[&str] = &[
+    "--heartbeat-ms",
+    "200",
+    "--member-ttl-ms",
+    "2000",
+    "--lease-ms",
+    "2000",
+    "--reap-interval-ms",
+    "200",
+    "--poll-interval-ms",
+    "100",
+];
+
+/// The workflow every load driver starts.
+pub const WORKFLOW: &str = "fault";
+
+// ---------------------------------------------------------------------------
+// Targets: which processes take HTTP requests
+// ---------------------------------------------------------------------------
+
+/// The processes the load driver and the sampler talk to, each marked up or
+/// down (a killed, frozen or partitioned process is marked down first).
+#[derive(Clone, Default)]
+pub struct Targets(Arc<Mutex<Vec<Target>>>);
+
+#[derive(Clone, Debug)]
+struct Target {
+    name: String,
+    url: String,
+    up: bool,
+}
+
+impl Targets {
+    pub fn set(&self, name: &str, url: &str) {
+        let mut t = self.0.lock().unwrap();
+        match t.iter_mut().find(|t| t.name == name) {
+            Some(t) => {
+                t.url = url.to_string();
+                t.up = true;
+            }
+            None => t.push(Target {
+                name: name.to_string(),
+                url: url.to_string(),
+                up: true,
+            }),
+        }
+    }
+
+    pub fn set_up(&self, name: &str, up: bool) {
+        for t in self.0.lock().unwrap().iter_mut() {
+            if t.name == name {
+                t.up = up;
+            }
+        }
+    }
+
+    /// (name, base URL) of every process marked up.
+    pub fn up(&self) -> Vec<(String, String)> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| t.up)
+            .map(|t| (t.name.clone(), t.url.clone()))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Workers
+// ---------------------------------------------------------------------------
+
+pub struct Worker {
+    pub name: String,
+    /// The database URL it was given (maybe through a proxy).
+    pub db_url: String,
+    pub proc: Option<ServeProcess>,
+}
+
+/// `stead serve` processes (API and worker roles) on one database.
+pub struct Workers {
+    pub list: Vec<Worker>,
+    pub targets: Targets,
+    http: reqwest::Client,
+}
+
+impl Workers {
+    /// Spawns one process per (name, database URL), one after the other
+    /// (the first applies the migrations), and registers [`WORKFLOW`].
+    pub async fn start(specs: &[(&str, &str)]) -> Workers {
+        let mut w = Workers {
+            list: Vec::new(),
+            targets: Targets::default(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        };
+        for (name, url) in specs {
+            w.add(name, url).await;
+        }
+        w.register_workflow().await;
+        w
+    }
+
+    /// Spawns one more process and marks it up.
+    pub async fn add(&mut self, name: &str, db_url: &str) {
+        let proc = ServeProcess::spawn(db_url, name, FAST).await;
+        self.targets.set(name, &proc.base_url);
+        self.list.push(Worker {
+            name: name.to_string(),
+            db_url: db_url.to_string(),
+            proc: Some(proc),
+        });
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.list.iter().map(|w| w.name.clone()).collect()
+    }
+
+    /// Every name but `name`.
+    pub fn others(&self, name: &str) -> Vec<String> {
+        self.names().into_iter().filter(|n| n != name).collect()
+    }
+
+    fn worker_mut(&mut self, name: &str) -> &mut Worker {
+        self.list
+            .iter_mut()
+            .find(|w| w.name == name)
+            .unwrap_or_else(|| panic!("no worker {name}"))
+    }
+
+    pub fn proc(&self, name: &str) -> &ServeProcess {
+        self.list
+            .iter()
+            .find(|w| w.name == name)
+            .and_then(|w| w.proc.as_ref())
+            .unwrap_or_else(|| panic!("worker {name} is not running"))
+    }
+
+    /// Marks it down, then SIGKILLs it and waits until it is gone.
+    pub fn kill9(&mut self, name: &str) {
+        self.targets.set_up(name, false);
+        let w = self.worker_mut(name);
+        let mut proc = w.proc.take().expect("running");
+        tokio::task::block_in_place(|| proc.kill9());
+    }
+
+    /// Starts a killed worker again, same name and database URL.
+    pub async fn respawn(&mut self, name: &str) {
+        let w = self.worker_mut(name);
+        assert!(w.proc.is_none(), "{name} is still running");
+        let proc = ServeProcess::spawn(&w.db_url, name, FAST).await;
+        let url = proc.base_url.clone();
+        w.proc = Some(proc);
+        self.targets.set(name, &url);
+    }
+
+    /// Marks it down and freezes it (SIGSTOP).
+    pub fn freeze(&self, name: &str) {
+        self.targets.set_up(name, false);
+        self.proc(name).signal(libc::SIGSTOP);
+    }
+
+    /// Thaws it (SIGCONT) and marks it up.
+    pub fn thaw(&self, name: &str) {
+        self.proc(name).signal(libc::SIGCONT);
+        self.targets.set_up(name, true);
+    }
+
+    pub async fn register_workflow(&self) {
+        let (_, url) = self.targets.up().into_iter().next().expect("a worker");
+        let resp = self
+            .http
+            .put(format!("{url}/v1/workflows/{WORKFLOW}"))
+            .json(&json!({
+                "steps": [
+                    {"id": "one", "task": {"queue": "stead.echo", "input": {"n": "${input.n}", "at": 1}}},
+                    {"id": "two", "task": {"queue": "stead.echo", "input": {"n": "${steps.one.output.n}", "at": 2}}},
+                    {"id": "three", "task": {"queue": "stead.echo", "input": {"n": "${steps.two.output.n}", "at": 3}}}
+                ],
+                "output": "${steps.three.output}"
+            }))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        assert!(
+            status == 201 || status == 200,
+            "registering the workflow: {status} {:?}",
+            resp.text().await
+        );
+    }
+
+    /// Waits until every named process answers `/readyz` with 200.
+    pub async fn wait_ready(&self, names: &[String], deadline: Duration) {
+        let urls: Vec<(String, String)> = names
+            .iter()
+            .map(|n| (n.clone(), self.proc(n).base_url.clone()))
+            .collect();
+        let http = &self.http;
+        let urls = &urls;
+        wait_until("every worker is ready", deadline, || async move {
+            for (name, url) in urls {
+                let status = http
+                    .get(format!("{url}/readyz"))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16());
+                if !matches!(status, Ok(200)) {
+                    return Err(format!("{name}: {status:?}"));
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Database probe and ownership conditions
+// ---------------------------------------------------------------------------
+
+/// A database connection for checks that reconnects after a failure (so it
+/// outlives a PostgreSQL restart). Every call is cut off after 5s.
+pub struct Probe {
+    url: String,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl Probe {
+    pub fn new(url: &str) -> Probe {
+        Probe {
+            url: url.to_string(),
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, String> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().map_or(true, |c| c.is_closed()) {
+            let connect = tokio_postgres::connect(&self.url, tokio_postgres::NoTls);
+            let (client, conn) = tokio::time::timeout(Duration::from_secs(5), connect)
+                .await
+                .map_err(|_| "connect timed out".to_string())?
+                .map_err(|e| format!("connect: {e}"))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            *guard = Some(client);
+        }
+        let client = guard.as_ref().expect("connected");
+        match tokio::time::timeout(Duration::from_secs(5), client.query(sql, params)).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => {
+                if client.is_closed() {
+                    *guard = None;
+                }
+                Err(e.to_string())
+            }
+            Err(_) => {
+                *guard = None;
+                Err("query timed out".into())
+            }
+        }
+    }
+
+    pub async fn slot_count(&self) -> i64 {
+        let rows = self
+            .query("SELECT slot_count::int8 FROM stead.cluster", &[])
+            .await
+            .expect("reading the slot count");
+        rows[0].get(0)
+    }
+
+    /// Owner name (or `?pid` for a session that is no member) -> number of
+    /// slots it holds, as pg_locks shows it.
+    pub async fn owners(&self) -> Result<BTreeMap<String, i64>, String> {
+        let rows = self
+            .query(
+                "SELECT coalesce(owner, '?' || backend_pid), count(*) \
+                 FROM stead.slot_owners GROUP BY 1",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Member name -> (alive, slots owned), from `stead.members_overview`.
+    pub async fn members(&self) -> Result<BTreeMap<String, (bool, i64)>, String> {
+        let rows = self
+            .query(
+                "SELECT name, coalesce(alive, false), slots_owned FROM stead.members_overview",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect())
+    }
+
+    /// Ok when every slot is held by one of `names`.
+    pub async fn all_owned_by(&self, names: &[String], slot_count: i64) -> Result<(), String> {
+        let owners = self.owners().await?;
+        let by_them: i64 = owners
+            .iter()
+            .filter(|(o, _)| names.contains(o))
+            .map(|(_, n)| n)
+            .sum();
+        if by_them == slot_count {
+            Ok(())
+        } else {
+            Err(format!(
+                "{by_them}/{slot_count} held by {names:?}; owners: {owners:?}"
+            ))
+        }
+    }
+
+    /// Ok when every one of `names` is alive and holds at least half its fair
+    /// share, and together they hold every slot.
+    pub async fn balanced(&self, names: &[String], slot_count: i64) -> Result<(), String> {
+        let members = self.members().await?;
+        for name in names {
+            match members.get(name) {
+                Some((true, _)) => {}
+                other => return Err(format!("{name} is not alive: {other:?}; {members:?}")),
+            }
+        }
+        self.all_owned_by(names, slot_count).await?;
+        let owners = self.owners().await?;
+        let fair = slot_count / names.len() as i64;
+        for name in names {
+            let n = owners.get(name).copied().unwrap_or(0);
+            if n < fair / 2 {
+                return Err(format!("{name} holds {n} slots; owners: {owners:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Polls `check` every 20ms until it is Ok and returns the time since
+/// `since`; panics (with the last error) once `deadline` has passed since
+/// `since`.
+pub async fn measure<F, Fut>(
+    what: &str,
+    since: Instant,
+    deadline: Duration,
+    mut check: F,
+) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    loop {
+        let left = deadline.saturating_sub(since.elapsed());
+        let last = match tokio::time::timeout(left, check()).await {
+            Ok(Ok(())) => return since.elapsed(),
+            Ok(Err(e)) => e,
+            Err(_) => "the check did not finish".into(),
+        };
+        if since.elapsed() >= deadline {
+            panic!("{what}: not done after {deadline:?} (last: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn median_and_worst(times: &[Duration]) -> (Duration, Duration) {
+    let mut t = times.to_vec();
+    t.sort();
+    (t[t.len() / 2], *t.last().expect("some times"))
+}
+
+// ---------------------------------------------------------------------------
+// Load driver
+// ---------------------------------------------------------------------------
+
+/// Starts `per_second` instances a second, round-robin across the targets
+/// that are up, each request on its own (a hung process cannot slow the
+/// pace) and cut off after 3s. Only a 201/200 counts as acknowledged.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+    handle: JoinHandle<LoadReport>,
+}
+
+#[derive(Debug)]
+pub struct LoadReport {
+    pub acked: Vec<String>,
+    pub attempted: u64,
+    /// Refused, failed or timed-out starts, by kind.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl Load {
+    pub fn start(targets: Targets, prefix: &str, per_second: u32) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let handle = tokio::spawn(drive(
+            targets,
+            prefix.to_string(),
+            per_second,
+            stop.clone(),
+            acked.clone(),
+        ));
+        Load {
+            stop,
+            acked,
+            handle,
+        }
+    }
+
+    /// Acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Stops starting and waits for the requests in flight.
+    pub async fn stop(self) -> LoadReport {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.await.expect("load driver")
+    }
+}
+
+async fn drive(
+    targets: Targets,
+    prefix: String,
+    per_second: u32,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+) -> LoadReport {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let errors: Arc<Mutex<BTreeMap<String, u64>>> = Default::default();
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    while !stop.load(Ordering::SeqCst) {
+        tick.tick().await;
+        while inflight.try_join_next().is_some() {}
+        let up = targets.up();
+        if up.is_empty() {
+            continue;
+        }
+        n += 1;
+        let (_, url) = up[(n as usize) % up.len()].clone();
+        let id = format!("{prefix}-{n}");
+        let http = http.clone();
+        let acked = acked.clone();
+        let errors = errors.clone();
+        inflight.spawn(async move {
+            let result = http
+                .post(format!("{url}/v1/workflows/{WORKFLOW}/instances"))
+                .json(&json!({"id": id, "input": {"n": n}}))
+                .send()
+                .await;
+            let kind = match result {
+                Ok(r) if matches!(r.status().as_u16(), 200 | 201) => {
+                    acked.lock().unwrap().push(id);
+                    return;
+                }
+                Ok(r) => format!("status {}", r.status().as_u16()),
+                Err(e) if e.is_timeout() => "timeout".to_string(),
+                Err(e) if e.is_connect() => "connect".to_string(),
+                Err(_) => "other".to_string(),
+            };
+            *errors.lock().unwrap().entry(kind).or_default() += 1;
+        });
+    }
+    while inflight.join_next().await.is_some() {}
+    let acked = acked.lock().unwrap().clone();
+    let errors = errors.lock().unwrap().clone();
+    LoadReport {
+        acked,
+        attempted: n,
+        errors,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Slot-ownership sampler
+// ---------------------------------------------------------------------------
+
+/// Samples slot ownership during a test: `stead.slot_owners` every 50ms
+/// from its own connection (a slot with two backend pids in one sample is a
+/// violation), and `GET /v1/cluster` of every process that is up every
+/// 200ms (a slot listed for two members in one answer is a violation).
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    db: JoinHandle<()>,
+    api: JoinHandle<()>,
+    report: Arc<Mutex<SamplerReport>>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SamplerReport {
+    pub db_samples: u64,
+    pub db_errors: u64,
+    pub api_samples: u64,
+    pub api_errors: u64,
+    pub violations: Vec<String>,
+}
+
+impl SamplerReport {
+    pub fn assert_ok(&self) {
+        println!(
+            "slot sampler: {} pg_locks samples ({} failed), {} /v1/cluster samples ({} failed), \
+             {} violations",
+            self.db_samples,
+            self.db_errors,
+            self.api_samples,
+            self.api_errors,
+            self.violations.len()
+        );
+        assert!(
+            self.violations.is_empty(),
+            "two members held the same slot at once: {:#?}",
+            &self.violations[..self.violations.len().min(20)]
+        );
+        assert!(self.db_samples >= 20, "too few slot samples: {self:?}");
+        assert!(
+            self.api_samples >= 5,
+            "too few /v1/cluster samples: {self:?}"
+        );
+    }
+}
+
+impl Sampler {
+    pub fn start(db_url: &str, targets: Targets) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(SamplerReport::default()));
+        let db = {
+            let (stop, report, probe) = (stop.clone(), report.clone(), Probe::new(db_url));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while !stop.load(Ordering::SeqCst) {
+                    tick.tick().await;
+                    let rows = probe
+                        .query("SELECT slot, backend_pid FROM stead.slot_owners", &[])
+                        .await;
+                    let mut r = report.lock().unwrap();
+                    let Ok(rows) = rows else {
+                        r.db_errors += 1;
+                        continue;
+                    };
+                    r.db_samples += 1;
+                    let mut pids: BTreeMap<i32, BTreeSet<i32>> = BTreeMap::new();
+                    for row in &rows {
+                        pids.entry(row.get(0)).or_default().insert(row.get(1));
+                    }
+                    for (slot, p) in pids.iter().filter(|(_, p)| p.len() > 1) {
+                        r.violations
+                            .push(format!("pg_locks: slot {slot} held by backends {p:?}"));
+                    }
+                }
+            })
+        };
+        let api = {
+            let (stop, report) = (stop.clone(), report.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(1))
+                    .build()
+                    .unwrap();
+                let mut tick = tokio::time::interval(Duration::from_millis(200));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while !stop.load(Ordering::SeqCst) {
+                    tick.tick().await;
+                    let fetches = targets.up().into_iter().map(|(name, url)| {
+                        let http = http.clone();
+                        async move {
+                            let body: Result<Value, String> = async {
+                                let r = http
+                                    .get(format!("{url}/v1/cluster"))
+                                    .send()
+                                    .await
+                                    .map_err(|e| e.to_string())?;
+                                if !r.status().is_success() {
+                                    return Err(format!("status {}", r.status()));
+                                }
+                                r.json().await.map_err(|e| e.to_string())
+                            }
+                            .await;
+                            (name, body)
+                        }
+                    });
+                    let answers = futures::future::join_all(fetches).await;
+                    let mut r = report.lock().unwrap();
+                    for (from, body) in answers {
+                        let Ok(body) = body else {
+                            r.api_errors += 1;
+                            continue;
+                        };
+                        r.api_samples += 1;
+                        let mut holders: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+                        for m in body["members"].as_array().into_iter().flatten() {
+                            let name = m["name"].as_str().unwrap_or("?").to_string();
+                            for s in m["slots"].as_array().into_iter().flatten() {
+                                holders
+                                    .entry(s.as_i64().unwrap_or(-1))
+                                    .or_default()
+                                    .push(name.clone());
+                            }
+                        }
+                        for (slot, h) in holders.iter().filter(|(_, h)| h.len() > 1) {
+                            r.violations.push(format!(
+                                "/v1/cluster of {from}: slot {slot} listed for {h:?}"
+                            ));
+                        }
+                    }
+                }
+            })
+        };
+        Sampler {
+            stop,
+            db,
+            api,
+            report,
+        }
+    }
+
+    pub async fn stop(self) -> SamplerReport {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.db.await;
+        let _ = self.api.await;
+        let r = self.report.lock().unwrap().clone();
+        r
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Invariants
+// ---------------------------------------------------------------------------
+
+/// Ok when every acknowledged instance exists and every instance in the
+/// database has completed; else what is missing.
+pub async fn all_completed(probe: &Probe, acked: &[String]) -> Result<(), String> {
+    let acked: Vec<String> = acked.to_vec();
+    let rows = probe
+        .query(
+            "SELECT (SELECT count(*) FROM stead.instances WHERE id = ANY($1)), \
+                    (SELECT count(*) FROM stead.instances WHERE status <> 'completed'), \
+                    (SELECT string_agg(status || '=' || n, ', ') FROM \
+                        (SELECT status, count(*) n FROM stead.instances GROUP BY 1) s), \
+                    (SELECT string_agg(id, ', ') FROM (SELECT id FROM stead.instances \
+                        WHERE status <> 'completed' ORDER BY created_at LIMIT 5) o)",
+            &[&acked],
+        )
+        .await?;
+    let (present, open): (i64, i64) = (rows[0].get(0), rows[0].get(1));
+    if present == acked.len() as i64 && open == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{present}/{} acknowledged present; statuses: {:?}; oldest not completed: {:?}",
+            acked.len(),
+            rows[0].get::<_, Option<String>>(2),
+            rows[0].get::<_, Option<String>>(3),
+        ))
+    }
+}
+
+/// Ok when every acknowledged instance has completed (whatever the others
+/// do); else which have not.
+pub async fn acked_completed(probe: &Probe, acked: &[String]) -> Result<(), String> {
+    let acked: Vec<String> = acked.to_vec();
+    let rows = probe
+        .query(
+            "SELECT count(*) FILTER (WHERE status = 'completed'), \
+                    string_agg(id || ' ' || status, ', ') FILTER (WHERE status <> 'completed') \
+             FROM stead.instances WHERE id = ANY($1)",
+            &[&acked],
+        )
+        .await?;
+    let done: i64 = rows[0].get(0);
+    if done == acked.len() as i64 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{done}/{} acknowledged instances completed; not completed: {:?}",
+            acked.len(),
+            rows[0].get::<_, Option<String>>(1)
+        ))
+    }
+}
+
+/// Waits (at most `deadline`) for [`all_completed`].
+pub async fn wait_all_completed(probe: &Probe, acked: &[String], deadline: Duration) {
+    wait_until("every instance completes", deadline, || {
+        all_completed(probe, acked)
+    })
+    .await
+}
+
+/// Sessions of the current database in an open transaction, and the
+/// instances not completed, for a failure message.
+pub async fn diagnose_stall(probe: &Probe) -> String {
+    let sessions = probe
+        .query(
+            "SELECT pid, state, application_name, client_port, \
+                    extract(epoch FROM now() - xact_start)::float8, left(query, 100) \
+             FROM pg_stat_activity \
+             WHERE datname = current_database() AND xact_start IS NOT NULL \
+               AND pid <> pg_backend_pid() ORDER BY xact_start",
+            &[],
+        )
+        .await;
+    let sessions: Vec<String> = match sessions {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "pid {} {:?} {:?} port {:?} in transaction for {:.1}s: {:?}",
+                    r.get::<_, i32>(0),
+                    r.get::<_, Option<String>>(1),
+                    r.get::<_, Option<String>>(2),
+                    r.get::<_, Option<i32>>(3),
+                    r.get::<_, Option<f64>>(4).unwrap_or(0.0),
+                    r.get::<_, Option<String>>(5),
+                )
+            })
+            .collect(),
+        Err(e) => vec![e],
+    };
+    let open = probe
+        .query(
+            "SELECT i.id, i.status, i.slot, \
+                    (SELECT string_agg(t.step_id || ':' || t.status, ',') FROM stead.tasks t \
+                     WHERE t.instance_id = i.id), \
+                    (SELECT owner FROM stead.slot_owners o WHERE o.slot = i.slot) \
+             FROM stead.instances i WHERE i.status <> 'completed' ORDER BY i.created_at LIMIT 10",
+            &[],
+        )
+        .await;
+    let open: Vec<String> = match open {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} slot {} tasks {:?} slot owner {:?}",
+                    r.get::<_, String>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, i32>(2),
+                    r.get::<_, Option<String>>(3),
+                    r.get::<_, Option<String>>(4),
+                )
+            })
+            .collect(),
+        Err(e) => vec![e],
+    };
+    format!("sessions in a transaction: {sessions:#?}\ninstances not completed: {open:#?}")
+}
+
+/// After [`wait_all_completed`]: every acknowledged instance completed with
+/// its own output; no step result recorded twice; every history numbered
+/// 1..n without gaps or duplicates (and agreeing with the instance row);
+/// no task rows left. Prints the counts and latencies.
+pub async fn check_invariants(probe: &Probe, acked: &[String]) {
+    let acked: Vec<String> = acked.to_vec();
+    let q = |sql: &'static str| async move { probe.query(sql, &[]).await.expect(sql) };
+
+    let rows = probe
+        .query(
+            "SELECT count(*) FROM stead.instances WHERE id = ANY($1) AND status = 'completed'",
+            &[&acked],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows[0].get::<_, i64>(0),
+        acked.len() as i64,
+        "every acknowledged instance completed"
+    );
+
+    let wrong = q("SELECT id FROM stead.instances \
+         WHERE status <> 'completed' \
+            OR output IS DISTINCT FROM jsonb_build_object('n', input->'n', 'at', 3)")
+    .await;
+    let wrong: Vec<String> = wrong.iter().map(|r| r.get(0)).collect();
+    assert!(
+        wrong.is_empty(),
+        "instances not completed with their own output: {wrong:?}"
+    );
+
+    let dups = q("SELECT instance_id, step_id, count(*) FROM stead.events \
+         WHERE type = 'step_completed' GROUP BY 1, 2 HAVING count(*) > 1")
+    .await;
+    let dups: Vec<(String, String, i64)> = dups
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(
+        dups.is_empty(),
+        "step results recorded more than once: {dups:?}"
+    );
+
+    let counts = q("SELECT i.id, \
+            (SELECT count(*) FROM stead.events e \
+             WHERE e.instance_id = i.id AND e.type = 'step_completed'), \
+            (SELECT count(*) FROM stead.events e \
+             WHERE e.instance_id = i.id AND e.type = 'instance_completed') \
+         FROM stead.instances i")
+    .await;
+    let bad: Vec<(String, i64, i64)> = counts
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .filter(|(_, s, c)| (*s, *c) != (3, 1))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "instances without exactly 3 step completions and 1 instance completion: {bad:?}"
+    );
+
+    let gaps = q(
+        "SELECT i.id, i.event_seq, count(e.seq), min(e.seq), max(e.seq), \
+                count(DISTINCT e.seq) \
+         FROM stead.instances i LEFT JOIN stead.events e ON e.instance_id = i.id \
+         GROUP BY i.id, i.event_seq \
+         HAVING count(e.seq) = 0 OR min(e.seq) <> 1 OR max(e.seq) <> count(e.seq) \
+             OR count(DISTINCT e.seq) <> count(e.seq) OR i.event_seq <> max(e.seq)",
+    )
+    .await;
+    let gaps: Vec<String> = gaps
+        .iter()
+        .map(|r| {
+            format!(
+                "{} event_seq={} count={} min={:?} max={:?} distinct={}",
+                r.get::<_, String>(0),
+                r.get::<_, i32>(1),
+                r.get::<_, i64>(2),
+                r.get::<_, Option<i32>>(3),
+                r.get::<_, Option<i32>>(4),
+                r.get::<_, i64>(5)
+            )
+        })
+        .collect();
+    assert!(
+        gaps.is_empty(),
+        "histories with gaps or duplicates: {gaps:#?}"
+    );
+
+    let left = q("SELECT count(*) FROM stead.tasks").await;
+    assert_eq!(left[0].get::<_, i64>(0), 0, "task rows left behind");
+
+    let stats = q("SELECT count(*), \
+            percentile_cont(0.5) WITHIN GROUP \
+                (ORDER BY extract(epoch FROM ended_at - created_at)::float8), \
+            max(extract(epoch FROM ended_at - created_at)::float8) \
+         FROM stead.instances")
+    .await;
+    println!(
+        "invariants hold: {} instances ({} acknowledged), start-to-end latency p50 {:.2}s, \
+         max {:.2}s",
+        stats[0].get::<_, i64>(0),
+        acked.len(),
+        stats[0].get::<_, Option<f64>>(1).unwrap_or(0.0),
+        stats[0].get::<_, Option<f64>>(2).unwrap_or(0.0),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Blackhole proxy
+// ---------------------------------------------------------------------------
+
+/// A TCP proxy on 127.0.0.1 to `127.0.0.1:upstream`. While blackholed it
+/// moves no byte in either direction and closes nothing (no FIN, no RST):
+/// it stops reading, so the peers' data sits in socket buffers, and holds
+/// back connection ends and new connections until it is switched back.
+pub struct Proxy {
+    pub port: u16,
+    blackholed: watch::Sender<bool>,
+    /// Added to every chunk forwarded, in milliseconds (a slow link).
+    latency_ms: Arc<AtomicU64>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (blackholed, rx) = watch::channel(false);
+        let latency_ms = Arc::new(AtomicU64::new(0));
+        let latency = latency_ms.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((down, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut rx = rx.clone();
+                let latency = latency.clone();
+                tokio::spawn(async move {
+                    open(&mut rx).await;
+                    let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let _ = down.set_nodelay(true);
+                    let _ = up.set_nodelay(true);
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    tokio::join!(
+                        pump(dr, uw, rx.clone(), latency.clone()),
+                        pump(ur, dw, rx, latency)
+                    );
+                });
+            }
+        });
+        Proxy {
+            port,
+            blackholed,
+            latency_ms,
+            accept,
+        }
+    }
+
+    pub fn blackhole(&self, on: bool) {
+        self.blackholed.send_replace(on);
+    }
+
+    /// Delay every chunk by `latency` in each direction from now on.
+    pub fn set_latency(&self, latency: Duration) {
+        self.latency_ms
+            .store(latency.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Waits until the proxy is not blackholed.
+async fn open(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|b| !*b).await;
+}
+
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut rx: watch::Receiver<bool>,
+    latency_ms: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        open(&mut rx).await;
+        let read = tokio::select! {
+            r = from.read(&mut buf) => r,
+            // Blackholed while waiting for data: stop reading (a TCP read
+            // is cancel-safe).
+            _ = rx.wait_for(|b| *b) => continue,
+        };
+        let latency = latency_ms.load(Ordering::SeqCst);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_millis(latency)).await;
+        }
+        // Whatever was read is held back until the blackhole ends.
+        open(&mut rx).await;
+        match read {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// `url` with its port replaced (`postgresql://user@host:PORT/db`).
+pub fn with_port(url: &str, port: u16) -> String {
+    let (head, rest) = url.rsplit_once(':').expect("a port in the URL");
+    let path = &rest[rest.find('/').unwrap_or(rest.len())..];
+    format!("{head}:{port}{path}")
+}
+
+/// The port of `postgresql://user@host:PORT/db`.
+pub fn port_of(url: &str) -> u16 {
+    let (_, rest) = url.rsplit_once(':').expect("a port in the URL");
+    rest[..rest.find('/').unwrap_or(rest.len())]
+        .parse()
+        .expect("a numeric port")
+}
+
+// ---------------------------------------------------------------------------
+// A private PostgreSQL that can be restarted
+// ---------------------------------------------------------------------------
+
+static PRIVATE_PG_COUNTER: AtomicU64 = AtomicU64::new(0);
+const PRIVATE_PG_PREFIX: &str = "stead-fault-pg-";
+
+/// A PostgreSQL of its own under the temp dir, run by `pg_ctl` (not as our
+/// child: `pg_ctl restart` must be able to replace it). Stopped
+/// (`-m immediate`) and removed on drop; directories left by dead test
+/// processes are cleaned up on the next start.
+pub struct PrivatePg {
+    pub cluster: Cluster,
+    pub bins: PgBinaries,
+    pub run_as: RunAs,
+    /// URL of its database `stead`.
+    pub url: String,
+}
+
+impl PrivatePg {
+    pub async fn start() -> PrivatePg {
+        let tmp = std::env::temp_dir();
+        let dir = tmp.join(format!(
+            "{PRIVATE_PG_PREFIX}{}-{}",
+            std::process::id(),
+            PRIVATE_PG_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let (cluster, bins, run_as) = tokio::task::spawn_blocking(move || {
+            let bins = PgBinaries::find().expect("PostgreSQL binaries");
+            let run_as = RunAs::detect().expect("whom to run PostgreSQL as");
+            remove_dead_private_pgs(&tmp, &bins, &run_as);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).unwrap();
+            }
+            let cluster = Cluster::init(&bins, &run_as, &dir).expect("initdb");
+            (cluster, bins, run_as)
+        })
+        .await
+        .unwrap();
+        let mut pg = PrivatePg {
+            cluster,
+            bins,
+            run_as,
+            url: String::new(),
+        };
+        pg.url = pg.cluster.start().await.expect("pg_ctl start");
+        pg
+    }
+
+    /// `pg_ctl restart -m MODE -w` (the server keeps its options and port).
+    pub async fn restart(&self, mode: &str) {
+        let cmd = pg_ctl(
+            &self.bins,
+            &self.run_as,
+            &self.cluster.data_dir,
+            &[
+                "restart",
+                "-D",
+                &self.cluster.pgdata().to_string_lossy(),
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                &self.cluster.log_path().to_string_lossy(),
+            ],
+        );
+        let out = tokio::task::spawn_blocking(move || {
+            let mut cmd = cmd;
+            cmd.output()
+        })
+        .await
+        .unwrap()
+        .expect("running pg_ctl restart");
+        assert!(
+            out.status.success(),
+            "pg_ctl restart -m {mode}: {}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        stop_immediate(&self.bins, &self.run_as, &self.cluster.data_dir);
+        let _ = std::fs::remove_dir_all(&self.cluster.data_dir);
+    }
+}
+
+fn pg_ctl(bins: &PgBinaries, run_as: &RunAs, data_dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bins.pg_ctl());
+    cmd.args(args)
+        .current_dir(data_dir)
+        .env("HOME", data_dir)
+        .stdin(Stdio::null());
+    for var in [
+        "PGDATA",
+        "PGPORT",
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGUSER",
+        "PGDATABASE",
+        "PGOPTIONS",
+    ] {
+        cmd.env_remove(var);
+    }
+    if let RunAs::User { name, uid, gid } = run_as {
+        cmd.uid(*uid)
+            .gid(*gid)
+            .env("USER", name)
+            .env("LOGNAME", name);
+    }
+    cmd
+}
+
+fn stop_immediate(bins: &PgBinaries, run_as: &RunAs, data_dir: &Path) {
+    let pgdata: PathBuf = data_dir.join("pgdata");
+    if !pgdata.join("postmaster.pid").exists() {
+        return;
+    }
+    let _ = pg_ctl(
+        bins,
+        run_as,
+        data_dir,
+        &[
+            "stop",
+            "-D",
+            &pgdata.to_string_lossy(),
+            "-m",
+            "immediate",
+            "-w",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .status();
+}
+
+/// Stops and removes private clusters of test processes that are gone.
+fn remove_dead_private_pgs(tmp: &Path, bins: &PgBinaries, run_as: &RunAs) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PRIVATE_PG_PREFIX))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if pid as u32 != std::process::id() && !alive {
+            stop_immediate(bins, run_as, &entry.path());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
