@@ -29,6 +29,20 @@ FROM pg_locks l
 JOIN cluster c ON l.classid::integer = c.lock_class
 LEFT JOIN members m ON m.backend_pid = l.pid
 WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+  AND l.objid::bigint < c.slot_count
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database());
+
+-- Operator view: who holds the singleton duties (advisory locks of the same
+-- class with negative keys: -1 = maintenance).
+CREATE VIEW duty_holders AS
+SELECT CASE l.objid::bigint WHEN 4294967295 THEN 'maintenance' ELSE l.objid::text END AS duty,
+       m.name AS holder,
+       l.pid AS backend_pid
+FROM pg_locks l
+JOIN cluster c ON l.classid::integer = c.lock_class
+LEFT JOIN members m ON m.backend_pid = l.pid
+WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+  AND l.objid::bigint >= c.slot_count
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database());
 
 -- Operator view: members with liveness and owned-slot counts.

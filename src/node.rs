@@ -177,6 +177,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
                 wakeups: wakeups.clone(),
                 metrics: metrics.clone(),
                 failover_since: Default::default(),
+                holds_maintenance: Default::default(),
             }
             .run(cancel.child_token()),
         );

@@ -103,7 +103,12 @@ pub struct Membership {
     pub metrics: Arc<Metrics>,
     /// Since when (the dead member's last heartbeat) a takeover is pending.
     pub failover_since: Mutex<Option<Instant>>,
+    /// Whether this member's current session holds the maintenance duty.
+    pub holds_maintenance: Mutex<bool>,
 }
+
+/// The advisory-lock key of the maintenance duty (slots use 0..slot_count).
+const MAINTENANCE_DUTY: i32 = -1;
 
 impl Membership {
     pub async fn run(self, cancel: CancellationToken) {
@@ -150,6 +155,7 @@ impl Membership {
             }
             // The session (and with it every slot lock) is gone.
             self.ownership.clear().await;
+            *self.holds_maintenance.lock().expect("duty lock") = false;
             self.metrics
                 .slots_owned
                 .with_label_values(&[&self.config.name])
@@ -188,7 +194,21 @@ impl Membership {
         self.ownership
             .vouch(sent + Duration::from_millis(self.config.ttl_ms / 2));
 
-        let reaped = session.reap_members(name).await?;
+        // Removing dead members (and terminating their sessions) is a
+        // singleton duty: one member at a time, by the same kind of lock.
+        let mut maintenance = self.holds_maintenance.lock().expect("duty lock").to_owned();
+        if !maintenance {
+            maintenance = session.try_lock_duty(MAINTENANCE_DUTY).await?;
+            *self.holds_maintenance.lock().expect("duty lock") = maintenance;
+            if maintenance {
+                tracing::info!(member = %name, "holds the maintenance duty");
+            }
+        }
+        let reaped = if maintenance {
+            session.reap_members(name).await?
+        } else {
+            Vec::new()
+        };
         for (dead, silent_s) in &reaped {
             tracing::warn!(member = %name, dead = %dead, silent_s, "removed a dead member");
             self.metrics.members_removed.inc();

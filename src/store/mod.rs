@@ -622,6 +622,16 @@ impl MemberSession {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    /// Tries to take a singleton duty's lock (held until the session ends).
+    /// Call it only while not holding it: session locks stack.
+    pub async fn try_lock_duty(&self, duty: i32) -> Result<bool> {
+        let row = self
+            .client
+            .query_one(sql::TRY_LOCK_DUTY, &[&self.lock_class, &duty])
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// Tries to take the slots' locks; returns the slots it got.
     pub async fn try_lock_slots(&self, slots: &[i32]) -> Result<Vec<i32>> {
         if slots.is_empty() {

@@ -368,6 +368,8 @@ pub const LIVE_MEMBERS: &str = "
     WHERE heartbeat_at + make_interval(secs => ttl_ms / 1000.0) >= now()
     ORDER BY name";
 
+/// Takes a singleton duty's lock (key -1 = maintenance) for this session.
+pub const TRY_LOCK_DUTY: &str = "SELECT pg_try_advisory_lock($1, $2)";
 pub const TRY_LOCK_SLOTS: &str =
     "SELECT s FROM unnest($2::int[]) AS s WHERE pg_try_advisory_lock($1, s)";
 pub const UNLOCK_SLOTS: &str =

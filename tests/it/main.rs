@@ -12,6 +12,7 @@ mod fault;
 mod fault_harness;
 mod harness;
 mod http_steps;
+mod membership;
 mod node;
 mod queue;
 mod retries;
