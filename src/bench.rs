@@ -100,7 +100,10 @@ struct Report {
 }
 
 async fn measure(client: &ApiClient, args: &BenchArgs) -> anyhow::Result<Report> {
-    let name = format!("bench_{}", args.steps);
+    let run_tag = uuid::Uuid::now_v7().simple().to_string();
+    // A workflow per run, so that waiting and reading back see only this
+    // run's instances.
+    let name = format!("bench_{}_{}", args.steps, &run_tag[run_tag.len() - 12..]);
     let steps: Vec<Value> = (1..=args.steps)
         .map(|i| json!({ "id": format!("s{i}"), "task": { "queue": "stead.echo", "input": { "step": i } } }))
         .collect();
@@ -109,7 +112,6 @@ async fn measure(client: &ApiClient, args: &BenchArgs) -> anyhow::Result<Report>
         .await?;
 
     let started = Instant::now();
-    let run_tag = uuid::Uuid::now_v7().simple().to_string();
     let submits: Vec<anyhow::Result<(String, f64)>> = futures::stream::iter(0..args.instances)
         .map(|i| {
             let client = client.clone();
@@ -135,27 +137,59 @@ async fn measure(client: &ApiClient, args: &BenchArgs) -> anyhow::Result<Report>
         submit_latencies_ms.push(ms);
     }
 
-    let finals: Vec<anyhow::Result<Value>> = futures::stream::iter(ids)
-        .map(|id| {
-            let client = client.clone();
-            async move {
-                loop {
-                    let v = client.instance(&id, Some("60s")).await?;
-                    if v["ended_at"].is_string() {
-                        return Ok(v);
-                    }
-                }
-            }
-        })
-        .buffer_unordered(args.concurrency)
-        .collect()
-        .await;
+    // Wait cheaply (two one-row list queries per poll) rather than reading
+    // every instance while the engine works: the bench must not compete with
+    // what it measures.
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let mut busy = false;
+        for status in ["pending", "running"] {
+            let page = client
+                .list(&[
+                    ("workflow", name.clone()),
+                    ("status", status.to_string()),
+                    ("limit", "1".to_string()),
+                ])
+                .await?;
+            busy |= page["instances"].as_array().is_some_and(|a| !a.is_empty());
+        }
+        if !busy {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("instances did not all end within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Read every instance back, a page at a time.
+    let mut finals: Vec<Value> = Vec::with_capacity(ids.len());
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut query = vec![("workflow", name.clone()), ("limit", "1000".to_string())];
+        if let Some(c) = &cursor {
+            query.push(("cursor", c.clone()));
+        }
+        let page = client.list(&query).await?;
+        if let Some(items) = page["instances"].as_array() {
+            finals.extend(items.iter().cloned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    if finals.len() != ids.len() {
+        bail!(
+            "started {} instances but read back {}",
+            ids.len(),
+            finals.len()
+        );
+    }
     let mut first_created: Option<DateTime<Utc>> = None;
     let mut last_ended: Option<DateTime<Utc>> = None;
     let mut e2e_latencies_ms = Vec::with_capacity(finals.len());
     let (mut completed, mut failed) = (0, 0);
-    for f in finals {
-        let v = f?;
+    for v in finals {
         if v["status"] == "completed" {
             completed += 1;
         } else {
