@@ -87,8 +87,11 @@ impl Store {
         ));
         pg_config.application_name(&config.application_name);
         pg_config.connect_timeout(Duration::from_secs(10));
+        // Client-side keepalives: a dead server is noticed in ~16 s, not hours.
         pg_config.keepalives(true);
         pg_config.keepalives_idle(Duration::from_secs(10));
+        pg_config.keepalives_interval(Duration::from_secs(2));
+        pg_config.keepalives_retries(3);
         let manager = Manager::from_config(
             pg_config.clone(),
             NoTls,

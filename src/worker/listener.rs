@@ -3,7 +3,6 @@
 //! consumers because notifications may have been missed meanwhile.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -64,6 +63,8 @@ impl Listener {
                     return Ok(());
                 }
                 n = rx.recv() => {
+                    // The connection task ends, closing the channel, when the
+                    // socket breaks.
                     let Some(n) = n else {
                         return Err(crate::store::StoreError::Transient("listener connection closed".into()));
                     };
@@ -75,8 +76,6 @@ impl Listener {
                         let _ = self.wakeups.ended.send(Arc::from(n.payload()));
                     }
                 }
-                // The connection task ends when the socket breaks.
-                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
             }
         }
     }
