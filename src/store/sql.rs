@@ -362,11 +362,16 @@ pub const REAP_MEMBERS: &str = "
             WHERE a.pid = d.backend_pid AND a.backend_start IS NOT DISTINCT FROM d.backend_start)
     FROM dead d";
 
-/// Live members by database time.
+/// Live members: heartbeat within the TTL by database time, and the session
+/// still there (so every member notices a crashed one at its next heartbeat,
+/// without waiting for the maintenance holder to remove it).
 pub const LIVE_MEMBERS: &str = "
-    SELECT name FROM members
-    WHERE heartbeat_at + make_interval(secs => ttl_ms / 1000.0) >= now()
-    ORDER BY name";
+    SELECT m.name FROM members m
+    WHERE m.heartbeat_at + make_interval(secs => m.ttl_ms / 1000.0) >= now()
+      AND EXISTS (SELECT 1 FROM pg_stat_activity a
+                  WHERE a.pid = m.backend_pid
+                    AND a.backend_start IS NOT DISTINCT FROM m.backend_start)
+    ORDER BY m.name";
 
 /// Takes a singleton duty's lock (key -1 = maintenance) for this session.
 pub const TRY_LOCK_DUTY: &str = "SELECT pg_try_advisory_lock($1, $2)";
