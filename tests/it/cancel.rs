@@ -3,85 +3,14 @@
 //! steps in reverse completion order; double cancels, ended and unknown
 //! instances.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use stead::{Handlers, TaskContext};
-use tokio::sync::Semaphore;
 
+use crate::support::{compensation_events, pairs, show, start_with_id, step, Gate};
 use crate::{pretty, wait_until, TestDb, TestNode};
-
-fn step<'a>(instance: &'a Value, id: &str) -> &'a Value {
-    instance["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {}", pretty(instance)))
-}
-
-fn show(history: &[Value]) -> String {
-    pretty(&Value::Array(history.to_vec()))
-}
-
-/// (type, step) of the compensation events, in history order.
-fn compensation_events(history: &[Value]) -> Vec<(String, String)> {
-    history
-        .iter()
-        .filter(|e| {
-            e["type"]
-                .as_str()
-                .is_some_and(|t| t.starts_with("compensation_"))
-        })
-        .map(|e| {
-            (
-                e["type"].as_str().unwrap().to_string(),
-                e["step_id"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    list.iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect()
-}
-
-/// A handler that holds every task until the test lets it go.
-struct Gate {
-    entered: AtomicU32,
-    release: Semaphore,
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Gate {
-            entered: AtomicU32::new(0),
-            release: Semaphore::new(0),
-        }
-    }
-}
-
-impl Gate {
-    async fn pass(&self) {
-        self.entered.fetch_add(1, Ordering::SeqCst);
-        self.release.acquire().await.expect("gate open").forget();
-    }
-
-    async fn wait_entered(&self, n: u32) {
-        wait_until(
-            "the gated handler to be called",
-            Duration::from_secs(10),
-            || async { self.entered.load(Ordering::SeqCst) >= n },
-        )
-        .await;
-    }
-
-    fn open(&self) {
-        self.release.add_permits(1000);
-    }
-}
 
 /// Handlers: `work` echoes its input, `undo` records the `undo` field of its
 /// input (after passing `undo_gate`, if given), `block` waits on `block`.
@@ -132,17 +61,6 @@ fn undoable(id: &str, queue: &str) -> Value {
     })
 }
 
-async fn start_with_id(node: &TestNode, workflow: &str, id: &str) {
-    let (status, body) = node
-        .call(
-            "POST",
-            &format!("/v1/workflows/{workflow}/instances"),
-            Some(json!({"id": id, "input": {}})),
-        )
-        .await;
-    assert_eq!(status, 201, "start {workflow}: {body}");
-}
-
 /// Cancelling during a running in-process task: 202 (twice, the second
 /// without a body, is harmless), the completed steps' compensations run in
 /// reverse completion order (b, then a; the running step c and the
@@ -168,7 +86,7 @@ async fn cancel_during_a_running_task_compensates_in_reverse_order() {
         }),
     )
     .await;
-    start_with_id(&node, "cancel_inproc", "cx-1").await;
+    start_with_id(&node, "cancel_inproc", "cx-1", json!({})).await;
     block.wait_entered(1).await;
     let (_, running) = node.call("GET", "/v1/instances/cx-1", None).await;
     assert_eq!(running["status"], "running", "{}", pretty(&running));
@@ -275,7 +193,7 @@ async fn cancel_while_an_external_worker_holds_the_task() {
         json!({"steps": [undoable("a", "work"), undoable("b", "ext.cancel")]}),
     )
     .await;
-    start_with_id(&node, "cancel_ext", "cx-ext").await;
+    start_with_id(&node, "cancel_ext", "cx-ext", json!({})).await;
     let (status, claimed) = node
         .call(
             "POST",
@@ -391,7 +309,7 @@ async fn sql_cancel_cancels_and_a_rolled_back_one_does_nothing() {
         }),
     )
     .await;
-    start_with_id(&node, "cancel_sql", "cx-sql").await;
+    start_with_id(&node, "cancel_sql", "cx-sql", json!({})).await;
     let mut client = db.client().await;
     let c = &client;
     wait_until(

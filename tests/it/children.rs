@@ -8,29 +8,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use stead::{Handlers, TaskContext, TaskError};
 
+use crate::support::{show, start_with_id, step};
 use crate::{pretty, wait_until, TestDb, TestNode};
-
-fn step<'a>(instance: &'a Value, id: &str) -> &'a Value {
-    instance["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {}", pretty(instance)))
-}
-
-fn show(history: &[Value]) -> String {
-    pretty(&Value::Array(history.to_vec()))
-}
-
-async fn start_with_id(node: &TestNode, workflow: &str, id: &str, input: Value) {
-    let (status, body) = node
-        .call(
-            "POST",
-            &format!("/v1/workflows/{workflow}/instances"),
-            Some(json!({"id": id, "input": input})),
-        )
-        .await;
-    assert_eq!(status, 201, "start {workflow}: {body}");
-}
 
 /// The child's output becomes the parent step's output; the child is an
 /// instance `<parent>:<step>` readable over the API, linked to its parent

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::fault_harness::Probe;
+use crate::support::{check_histories, echo_chain_workflow};
 use crate::{wait_until, ServeProcess, TestDb};
 
 /// Instances started before the crash. Enough that the first process is
@@ -50,14 +52,7 @@ async fn kill_9_mid_run_loses_nothing_and_records_each_step_once() {
     let http = reqwest::Client::new();
     let resp = http
         .put(format!("{}/v1/workflows/crash", first.base_url))
-        .json(&json!({
-            "steps": [
-                {"id": "one", "task": {"queue": "stead.echo", "input": {"n": "${input.n}", "at": 1}}},
-                {"id": "two", "task": {"queue": "stead.echo", "input": {"n": "${steps.one.output.n}", "at": 2}}},
-                {"id": "three", "task": {"queue": "stead.echo", "input": {"n": "${steps.two.output.n}", "at": 3}}}
-            ],
-            "output": "${steps.three.output}"
-        }))
+        .json(&echo_chain_workflow())
         .send()
         .await
         .unwrap();
@@ -132,78 +127,11 @@ async fn kill_9_mid_run_loses_nothing_and_records_each_step_once() {
         );
     }
 
-    // Each step's result was recorded exactly once.
-    let dups = client
-        .query(
-            "SELECT instance_id, step_id, count(*) FROM stead.events \
-             WHERE type = 'step_completed' GROUP BY 1, 2 HAVING count(*) > 1",
-            &[],
-        )
-        .await
-        .unwrap();
-    let dups: Vec<(String, String, i64)> = dups
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    assert!(dups.is_empty(), "steps completed more than once: {dups:?}");
-    let per_instance = client
-        .query(
-            "SELECT i.id, \
-                    (SELECT count(*) FROM stead.events e WHERE e.instance_id = i.id AND e.type = 'step_completed'), \
-                    (SELECT count(*) FROM stead.events e WHERE e.instance_id = i.id AND e.type = 'instance_completed') \
-             FROM stead.instances i",
-            &[],
-        )
-        .await
-        .unwrap();
-    for r in &per_instance {
-        let id: String = r.get(0);
-        assert_eq!(
-            (r.get::<_, i64>(1), r.get::<_, i64>(2)),
-            (3, 1),
-            "{id}: three steps completed and one instance completion"
-        );
-    }
-
-    // Every history is numbered 1..n with no gap or duplicate, and the
-    // instance row agrees with its history.
-    let bad = client
-        .query(
-            "SELECT i.id, i.event_seq, count(e.seq), min(e.seq), max(e.seq), count(DISTINCT e.seq) \
-             FROM stead.instances i LEFT JOIN stead.events e ON e.instance_id = i.id \
-             GROUP BY i.id, i.event_seq \
-             HAVING count(e.seq) = 0 OR min(e.seq) <> 1 OR max(e.seq) <> count(e.seq) \
-                 OR count(DISTINCT e.seq) <> count(e.seq) OR i.event_seq <> max(e.seq)",
-            &[],
-        )
-        .await
-        .unwrap();
-    let bad: Vec<String> = bad
-        .iter()
-        .map(|r| {
-            format!(
-                "{} event_seq={} count={} min={:?} max={:?} distinct={}",
-                r.get::<_, String>(0),
-                r.get::<_, i32>(1),
-                r.get::<_, i64>(2),
-                r.get::<_, Option<i32>>(3),
-                r.get::<_, Option<i32>>(4),
-                r.get::<_, i64>(5)
-            )
-        })
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "histories with gaps or duplicates: {bad:#?}"
-    );
-
-    // No work is left behind.
-    let left: i64 = client
-        .query_one("SELECT count(*) FROM stead.tasks", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "task rows left after every instance completed");
+    // Each step's result was recorded exactly once, every instance has
+    // three step completions and one instance completion, every history is
+    // numbered 1..n with no gap or duplicate (and the instance row agrees
+    // with it), and no work is left behind.
+    check_histories(&Probe::new(&db.url), 3).await;
 
     // The second process stops cleanly.
     second.signal(libc::SIGTERM);

@@ -3,17 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
+use crate::support::time;
 use crate::{pretty, TestDb, TestNode};
-
-fn time(v: &Value, what: &str) -> DateTime<Utc> {
-    v.as_str()
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_else(|| panic!("{what} is not a timestamp: {v}"))
-}
 
 /// A 1 s workflow timeout on an instance waiting for a signal that never
 /// comes: it ends `failed` with a timeout error within a few seconds, and

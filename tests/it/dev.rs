@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::support::greet_workflow;
 use crate::{wait_until, ServeProcess};
 
 async fn call(
@@ -58,14 +59,7 @@ async fn dev_runs_the_quickstart_and_keeps_its_data() {
         &http,
         reqwest::Method::PUT,
         format!("{api}/v1/workflows/greet"),
-        Some(json!({
-            "steps": [
-                {"id": "hello", "value": {"greeting": "hello ${input.name}"}},
-                {"id": "echo", "task": {"queue": "stead.echo", "input": "${steps.hello.output}"}},
-                {"id": "shout", "value": "${steps.echo.output.greeting}!"}
-            ],
-            "output": {"message": "${steps.shout.output}"}
-        })),
+        Some(greet_workflow()),
     )
     .await;
     assert_eq!(status, 201, "{body}");

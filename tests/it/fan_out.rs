@@ -8,14 +8,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use stead::{Handlers, TaskContext, TaskError};
 
+use crate::support::step;
 use crate::{pretty, TestDb, TestNode};
-
-fn step<'a>(instance: &'a Value, id: &str) -> &'a Value {
-    instance["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {}", pretty(instance)))
-}
 
 /// (item, started, finished) of every handler call.
 type Intervals = Arc<Mutex<Vec<(i64, Instant, Instant)>>>;

@@ -35,6 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 
+use crate::support::{check_histories, echo_chain_workflow, pid_alive};
 use crate::{wait_until, ServeProcess};
 
 /// Membership TTL of [`FAST`].
@@ -216,14 +217,7 @@ impl Workers {
         let resp = self
             .http
             .put(format!("{url}/v1/workflows/{WORKFLOW}"))
-            .json(&json!({
-                "steps": [
-                    {"id": "one", "task": {"queue": "stead.echo", "input": {"n": "${input.n}", "at": 1}}},
-                    {"id": "two", "task": {"queue": "stead.echo", "input": {"n": "${steps.one.output.n}", "at": 2}}},
-                    {"id": "three", "task": {"queue": "stead.echo", "input": {"n": "${steps.two.output.n}", "at": 3}}}
-                ],
-                "output": "${steps.three.output}"
-            }))
+            .json(&echo_chain_workflow())
             .send()
             .await
             .unwrap();
@@ -837,65 +831,7 @@ pub async fn check_invariants(probe: &Probe, acked: &[String]) {
         "instances not completed with their own output: {wrong:?}"
     );
 
-    let dups = q("SELECT instance_id, step_id, count(*) FROM stead.events \
-         WHERE type = 'step_completed' GROUP BY 1, 2 HAVING count(*) > 1")
-    .await;
-    let dups: Vec<(String, String, i64)> = dups
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    assert!(
-        dups.is_empty(),
-        "step results recorded more than once: {dups:?}"
-    );
-
-    let counts = q("SELECT i.id, \
-            (SELECT count(*) FROM stead.events e \
-             WHERE e.instance_id = i.id AND e.type = 'step_completed'), \
-            (SELECT count(*) FROM stead.events e \
-             WHERE e.instance_id = i.id AND e.type = 'instance_completed') \
-         FROM stead.instances i")
-    .await;
-    let bad: Vec<(String, i64, i64)> = counts
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .filter(|(_, s, c)| (*s, *c) != (3, 1))
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "instances without exactly 3 step completions and 1 instance completion: {bad:?}"
-    );
-
-    let gaps = q(
-        "SELECT i.id, i.event_seq, count(e.seq), min(e.seq), max(e.seq), \
-                count(DISTINCT e.seq) \
-         FROM stead.instances i LEFT JOIN stead.events e ON e.instance_id = i.id \
-         GROUP BY i.id, i.event_seq \
-         HAVING count(e.seq) = 0 OR min(e.seq) <> 1 OR max(e.seq) <> count(e.seq) \
-             OR count(DISTINCT e.seq) <> count(e.seq) OR i.event_seq <> max(e.seq)",
-    )
-    .await;
-    let gaps: Vec<String> = gaps
-        .iter()
-        .map(|r| {
-            format!(
-                "{} event_seq={} count={} min={:?} max={:?} distinct={}",
-                r.get::<_, String>(0),
-                r.get::<_, i32>(1),
-                r.get::<_, i64>(2),
-                r.get::<_, Option<i32>>(3),
-                r.get::<_, Option<i32>>(4),
-                r.get::<_, i64>(5)
-            )
-        })
-        .collect();
-    assert!(
-        gaps.is_empty(),
-        "histories with gaps or duplicates: {gaps:#?}"
-    );
-
-    let left = q("SELECT count(*) FROM stead.tasks").await;
-    assert_eq!(left[0].get::<_, i64>(0), 0, "task rows left behind");
+    check_histories(probe, 3).await;
 
     let stats = q("SELECT count(*), \
             percentile_cont(0.5) WITHIN GROUP \
@@ -1195,10 +1131,7 @@ fn remove_dead_private_pgs(tmp: &Path, bins: &PgBinaries, run_as: &RunAs) {
         else {
             continue;
         };
-        // SAFETY: signal 0 only checks that the process exists.
-        let alive = unsafe { libc::kill(pid, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        if pid as u32 != std::process::id() && !alive {
+        if pid as u32 != std::process::id() && !pid_alive(pid) {
             stop_immediate(bins, run_as, &entry.path());
             let _ = std::fs::remove_dir_all(entry.path());
         }

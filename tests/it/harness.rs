@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use stead::embedded::{Cluster, PgBinaries, RunAs};
 
+use crate::support::pid_alive;
+
 // ---------------------------------------------------------------------------
 // PostgreSQL
 // ---------------------------------------------------------------------------
@@ -86,12 +88,6 @@ fn remove_dead_test_dirs(tmp: &Path) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-}
-
-fn pid_alive(pid: libc::pid_t) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// A fresh database in the test process's private PostgreSQL.

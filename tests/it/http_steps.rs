@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::support::{events, show, step};
 use crate::{pretty, TestDb, TestNode};
 
 /// One request the test server received.
@@ -123,21 +124,6 @@ const TEXT: &str = "text/plain; charset=utf-8";
 
 fn reply(status: u16, content_type: &'static str, body: impl Into<String>) -> Reply {
     (status, content_type, body.into())
-}
-
-fn step<'a>(instance: &'a Value, id: &str) -> &'a Value {
-    instance["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {}", pretty(instance)))
-}
-
-fn events<'a>(history: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    history.iter().filter(|e| e["type"] == kind).collect()
-}
-
-fn show(history: &[Value]) -> String {
-    pretty(&Value::Array(history.to_vec()))
 }
 
 /// 503 is retryable: after two 503s the third attempt's JSON 200 body is

@@ -24,6 +24,7 @@ mod signals;
 mod smoke;
 mod sql_interface;
 mod starts;
+mod support;
 mod timeouts;
 mod timers;
 mod workflows;

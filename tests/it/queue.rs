@@ -4,32 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde_json::{json, Value};
 
+use crate::support::{events, show, step, time};
 use crate::{pretty, wait_until, TestDb, TestNode};
-
-fn step<'a>(instance: &'a Value, id: &str) -> &'a Value {
-    instance["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {}", pretty(instance)))
-}
-
-fn time(v: &Value, what: &str) -> DateTime<Utc> {
-    v.as_str()
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_else(|| panic!("{what} is not a timestamp: {v}"))
-}
-
-fn events<'a>(history: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    history.iter().filter(|e| e["type"] == kind).collect()
-}
-
-fn show(history: &[Value]) -> String {
-    pretty(&Value::Array(history.to_vec()))
-}
 
 /// POST /v1/queues/{queue}/claim; asserts 200 and returns the tasks.
 async fn claim(node: &TestNode, queue: &str, body: Value) -> Vec<Value> {

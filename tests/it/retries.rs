@@ -5,33 +5,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use stead::{Handlers, TaskContext, TaskError};
 
+use crate::support::{events, show, step, time};
 use crate::{pretty, TestDb, TestNode};
-
-fn step<'a>(instance: &'a Value, id: &str) -> &'a Value {
-    instance["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {}", pretty(instance)))
-}
-
-fn time(v: &Value, what: &str) -> DateTime<Utc> {
-    v.as_str()
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_else(|| panic!("{what} is not a timestamp: {v}"))
-}
-
-fn events<'a>(history: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    history.iter().filter(|e| e["type"] == kind).collect()
-}
-
-fn show(history: &[Value]) -> String {
-    pretty(&Value::Array(history.to_vec()))
-}
 
 /// A step that fails twice (retryable) and then succeeds completes on
 /// attempt 3; the attempts are spaced by the policy's backoff (200ms, then

@@ -8,18 +8,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use stead::{Handlers, TaskContext, TaskError};
 
+use crate::support::{show, step};
 use crate::{pretty, wait_until, TestDb, TestNode};
-
-fn step<'a>(instance: &'a Value, id: &str) -> &'a Value {
-    instance["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {}", pretty(instance)))
-}
-
-fn show(history: &[Value]) -> String {
-    pretty(&Value::Array(history.to_vec()))
-}
 
 fn count(history: &[Value], kind: &str, step_id: &str) -> usize {
     history

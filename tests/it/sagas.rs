@@ -11,42 +11,8 @@ use serde_json::{json, Value};
 use stead::{Handlers, TaskContext, TaskError};
 use tokio::sync::Semaphore;
 
+use crate::support::{compensation_events, pairs, show, step};
 use crate::{pretty, wait_until, TestDb, TestNode};
-
-fn step<'a>(instance: &'a Value, id: &str) -> &'a Value {
-    instance["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {}", pretty(instance)))
-}
-
-fn show(history: &[Value]) -> String {
-    pretty(&Value::Array(history.to_vec()))
-}
-
-/// (type, step) of the compensation events, in history order.
-fn compensation_events(history: &[Value]) -> Vec<(String, String)> {
-    history
-        .iter()
-        .filter(|e| {
-            e["type"]
-                .as_str()
-                .is_some_and(|t| t.starts_with("compensation_"))
-        })
-        .map(|e| {
-            (
-                e["type"].as_str().unwrap().to_string(),
-                e["step_id"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
-}
-
-fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    list.iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect()
-}
 
 /// What the handlers saw, in call order: ("work", step) and ("undo", step).
 type Calls = Arc<Mutex<Vec<(String, String)>>>;

@@ -3,72 +3,14 @@
 //! (inside the caller's transaction), and the errors for unknown and ended
 //! instances.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use stead::{Handlers, TaskContext};
-use tokio::sync::Semaphore;
+use stead::Handlers;
 
+use crate::support::{start_with_id, step, time, Gate};
 use crate::{pretty, wait_until, TestDb, TestNode};
-
-fn step<'a>(instance: &'a Value, id: &str) -> &'a Value {
-    instance["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {}", pretty(instance)))
-}
-
-fn time(v: &Value, what: &str) -> DateTime<Utc> {
-    v.as_str()
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_else(|| panic!("{what} is not a timestamp: {v}"))
-}
-
-/// A handler that holds every task until the test lets it go.
-struct Gate {
-    entered: AtomicU32,
-    release: Semaphore,
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Gate {
-            entered: AtomicU32::new(0),
-            release: Semaphore::new(0),
-        }
-    }
-}
-
-impl Gate {
-    fn register(self: &Arc<Self>, handlers: &mut Handlers, queue: &str) {
-        let gate = self.clone();
-        handlers.register(queue, move |task: TaskContext| {
-            let gate = gate.clone();
-            async move {
-                gate.entered.fetch_add(1, Ordering::SeqCst);
-                gate.release.acquire().await.expect("gate open").forget();
-                Ok(task.input)
-            }
-        });
-    }
-
-    async fn wait_entered(&self, n: u32) {
-        wait_until(
-            "the gated handler to be called",
-            Duration::from_secs(10),
-            || async { self.entered.load(Ordering::SeqCst) >= n },
-        )
-        .await;
-    }
-
-    fn open(&self) {
-        self.release.add_permits(1000);
-    }
-}
 
 /// POST with a raw body; returns (status, content type, JSON body).
 async fn post_raw(node: &TestNode, path: &str, body: &str) -> (u16, String, Value) {
@@ -109,17 +51,6 @@ async fn signal_rows(
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
-}
-
-async fn start_with_id(node: &TestNode, workflow: &str, id: &str, input: Value) {
-    let (status, body) = node
-        .call(
-            "POST",
-            &format!("/v1/workflows/{workflow}/instances"),
-            Some(json!({"id": id, "input": input})),
-        )
-        .await;
-    assert_eq!(status, 201, "start {workflow}: {body}");
 }
 
 /// A workflow whose `approval` signal step comes after a task held by a

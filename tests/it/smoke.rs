@@ -2,24 +2,14 @@
 
 use serde_json::json;
 
+use crate::support::greet_workflow;
 use crate::{TestDb, TestNode};
 
 #[tokio::test]
 async fn quickstart_workflow_completes() {
     let db = TestDb::new().await;
     let node = TestNode::start(&db).await;
-    node.put_workflow(
-        "greet",
-        json!({
-            "steps": [
-                {"id": "hello", "value": {"greeting": "hello ${input.name}"}},
-                {"id": "echo", "task": {"queue": "stead.echo", "input": "${steps.hello.output}"}},
-                {"id": "shout", "value": "${steps.echo.output.greeting}!"}
-            ],
-            "output": {"message": "${steps.shout.output}"}
-        }),
-    )
-    .await;
+    node.put_workflow("greet", greet_workflow()).await;
     let id = node.start_instance("greet", json!({"name": "world"})).await;
     let done = node.wait_ended(&id).await;
     assert_eq!(done["status"], "completed", "{}", crate::pretty(&done));

@@ -7,21 +7,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
+use crate::support::{step, time};
 use crate::{pretty, wait_until, ServeProcess, TestDb, TestNode};
-
-fn step<'a>(instance: &'a Value, id: &str) -> &'a Value {
-    instance["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {}", pretty(instance)))
-}
-
-fn time(v: &Value, what: &str) -> DateTime<Utc> {
-    v.as_str()
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_else(|| panic!("{what} is not a timestamp: {v}"))
-}
 
 fn event<'a>(history: &'a [Value], kind: &str, step_id: &str) -> &'a Value {
     history

@@ -4,30 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use stead::{Handlers, TaskContext, TaskError};
 use tokio::sync::Barrier;
 
+use crate::support::{step, time};
 use crate::{pretty, TestDb, TestNode};
 
 /// How long a barrier handler waits for its partner before declaring that
 /// the two tasks did not run at the same time.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(8);
-
-fn step<'a>(instance: &'a Value, id: &str) -> &'a Value {
-    instance["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id))
-        .unwrap_or_else(|| panic!("no step {id} in {}", pretty(instance)))
-}
-
-fn time(v: &Value, what: &str) -> DateTime<Utc> {
-    v.as_str()
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_else(|| panic!("{what} is not a timestamp: {v}"))
-}
 
 /// Sequence number of the single event of `kind` for `step_id`.
 fn seq_of(history: &[Value], kind: &str, step_id: &str) -> i64 {
