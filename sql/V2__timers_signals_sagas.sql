@@ -39,6 +39,22 @@ CREATE TABLE signals (
 );
 CREATE INDEX signals_pending ON signals (instance_id, id) WHERE consumed_at IS NULL;
 
+-- The status of an instance; raises ST404 if there is none.
+CREATE FUNCTION existing_status(p_id text) RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_status text;
+BEGIN
+    SELECT status INTO v_status FROM instances WHERE id = p_id;
+    IF v_status IS NULL THEN
+        RAISE EXCEPTION 'stead: instance "%" does not exist', p_id USING ERRCODE = 'ST404';
+    END IF;
+    RETURN v_status;
+END
+$$;
+
 -- Delivers a signal (the one path used by the HTTP API and by SQL). Raises
 -- ST404 for an unknown instance and ST409 for an ended one.
 CREATE FUNCTION send_signal(p_id text, p_name text, p_payload jsonb) RETURNS bigint
@@ -53,10 +69,8 @@ BEGIN
         RAISE EXCEPTION 'stead: signal name must be 1-200 characters of [A-Za-z0-9._:@-]'
             USING ERRCODE = '22023';
     END IF;
-    SELECT status INTO v_status FROM instances WHERE id = p_id;
-    IF v_status IS NULL THEN
-        RAISE EXCEPTION 'stead: instance "%" does not exist', p_id USING ERRCODE = 'ST404';
-    ELSIF v_status IN ('completed', 'failed', 'cancelled') THEN
+    v_status := existing_status(p_id);
+    IF v_status IN ('completed', 'failed', 'cancelled') THEN
         RAISE EXCEPTION 'stead: instance "%" has ended (%)', p_id, v_status USING ERRCODE = 'ST409';
     END IF;
     INSERT INTO signals (instance_id, name, payload)
@@ -84,11 +98,7 @@ BEGIN
     WHERE id = p_id AND status NOT IN ('completed', 'failed', 'cancelled')
     RETURNING status INTO v_status;
     IF v_status IS NULL THEN
-        SELECT status INTO v_status FROM instances WHERE id = p_id;
-        IF v_status IS NULL THEN
-            RAISE EXCEPTION 'stead: instance "%" does not exist', p_id USING ERRCODE = 'ST404';
-        END IF;
-        RAISE EXCEPTION 'stead: instance "%" has already ended (%)', p_id, v_status
+        RAISE EXCEPTION 'stead: instance "%" has already ended (%)', p_id, existing_status(p_id)
             USING ERRCODE = 'ST409';
     END IF;
 END
@@ -106,12 +116,8 @@ BEGIN
     WHERE id = p_id AND status = 'failed'
     RETURNING status INTO v_status;
     IF v_status IS NULL THEN
-        SELECT status INTO v_status FROM instances WHERE id = p_id;
-        IF v_status IS NULL THEN
-            RAISE EXCEPTION 'stead: instance "%" does not exist', p_id USING ERRCODE = 'ST404';
-        END IF;
-        RAISE EXCEPTION 'stead: only failed instances can be retried; "%" is %', p_id, v_status
-            USING ERRCODE = 'ST409';
+        RAISE EXCEPTION 'stead: only failed instances can be retried; "%" is %', p_id,
+            existing_status(p_id) USING ERRCODE = 'ST409';
     END IF;
 END
 $$;

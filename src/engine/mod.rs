@@ -676,6 +676,16 @@ impl Run<'_, '_, '_, '_> {
         template::render(template, &scope)
     }
 
+    /// An optional template (a task's or child's `input`): absent is null.
+    fn render_optional(
+        &self,
+        template: Option<&Value>,
+        outputs: &HashMap<String, Value>,
+        item: Option<(&Value, usize)>,
+    ) -> Value {
+        template.map_or(Value::Null, |t| self.render(t, outputs, item))
+    }
+
     fn render_http(
         &self,
         call: &HttpCall,
@@ -726,11 +736,7 @@ impl Run<'_, '_, '_, '_> {
                 self.fail_step(index, 0, error);
                 return;
             };
-            let s = &mut self.state.steps[index];
-            s.status = StepStatus::Running;
-            s.attempt = 1;
-            s.scheduled_at = Some(now);
-            s.started_at = Some(now);
+            let s = self.begin(index, StepStatus::Running);
             s.items = Some(
                 items
                     .into_iter()
@@ -765,10 +771,7 @@ impl Run<'_, '_, '_, '_> {
                 self.complete_step(index, output, json!({}));
             }
             StepKind::Task { input, .. } => {
-                let input = input
-                    .as_ref()
-                    .map(|t| self.render(t, &outputs, None))
-                    .unwrap_or(Value::Null);
+                let input = self.render_optional(input.as_ref(), &outputs, None);
                 self.schedule(index, input);
             }
             StepKind::Http(call) => {
@@ -789,11 +792,7 @@ impl Run<'_, '_, '_, '_> {
                 };
                 match until {
                     Ok(until) => {
-                        let s = &mut self.state.steps[index];
-                        s.status = StepStatus::Waiting;
-                        s.attempt = 1;
-                        s.scheduled_at = Some(now);
-                        s.started_at = Some(now);
+                        let s = self.begin(index, StepStatus::Waiting);
                         s.wake_at = Some(until);
                         self.record(
                             "step_waiting",
@@ -812,11 +811,7 @@ impl Run<'_, '_, '_, '_> {
                 }
             }
             StepKind::Signal { name, timeout_ms } => {
-                let s = &mut self.state.steps[index];
-                s.status = StepStatus::Waiting;
-                s.attempt = 1;
-                s.scheduled_at = Some(now);
-                s.started_at = Some(now);
+                let s = self.begin(index, StepStatus::Waiting);
                 s.wake_at = timeout_ms.map(|t| now + ms(t));
                 let wake_at = s.wake_at;
                 self.record(
@@ -831,16 +826,9 @@ impl Run<'_, '_, '_, '_> {
                 version,
                 input,
             } => {
-                let input = input
-                    .as_ref()
-                    .map(|t| self.render(t, &outputs, None))
-                    .unwrap_or(Value::Null);
-                let s = &mut self.state.steps[index];
-                s.status = StepStatus::Running;
-                s.attempt = 1;
+                let input = self.render_optional(input.as_ref(), &outputs, None);
+                let s = self.begin(index, StepStatus::Running);
                 s.input = Some(input.clone());
-                s.scheduled_at = Some(now);
-                s.started_at = Some(now);
                 let child = child_id(&self.state.id, &step_def.id, None);
                 self.record(
                     "child_started",
@@ -900,10 +888,7 @@ impl Run<'_, '_, '_, '_> {
                     it.ended_at = Some(now);
                 }
                 StepKind::Task { input, .. } => {
-                    let input = input
-                        .as_ref()
-                        .map(|t| self.render(t, &outputs, scope_item))
-                        .unwrap_or(Value::Null);
+                    let input = self.render_optional(input.as_ref(), &outputs, scope_item);
                     self.schedule_item(index, k, input);
                 }
                 StepKind::Http(call) => {
@@ -915,10 +900,7 @@ impl Run<'_, '_, '_, '_> {
                     version,
                     input,
                 } => {
-                    let input = input
-                        .as_ref()
-                        .map(|t| self.render(t, &outputs, scope_item))
-                        .unwrap_or(Value::Null);
+                    let input = self.render_optional(input.as_ref(), &outputs, scope_item);
                     let it = &mut self.state.steps[index].items.as_mut().expect("items")[k];
                     it.status = StepStatus::Running;
                     it.attempt = 1;
@@ -959,6 +941,17 @@ impl Run<'_, '_, '_, '_> {
             progressed = true;
         }
         progressed
+    }
+
+    /// Marks a step begun now, at attempt 1, with `status`.
+    fn begin(&mut self, index: usize, status: StepStatus) -> &mut StepState {
+        let now = self.ctx.now;
+        let s = &mut self.state.steps[index];
+        s.status = status;
+        s.attempt = 1;
+        s.scheduled_at = Some(now);
+        s.started_at = Some(now);
+        s
     }
 
     fn schedule(&mut self, index: usize, input: Value) {
@@ -1157,10 +1150,9 @@ impl Run<'_, '_, '_, '_> {
                 .expect("compensation");
             let input = match &comp.action {
                 CompensationAction::Http(call) => self.render_http(call, &outputs, None),
-                CompensationAction::Task { input, .. } => input
-                    .as_ref()
-                    .map(|t| self.render(t, &outputs, None))
-                    .unwrap_or(Value::Null),
+                CompensationAction::Task { input, .. } => {
+                    self.render_optional(input.as_ref(), &outputs, None)
+                }
             };
             self.state.steps[index].compensation = Some(CompensationState {
                 status: StepStatus::Scheduled,
