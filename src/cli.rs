@@ -116,6 +116,10 @@ pub struct NodeArgs {
     /// Members silent for this long (database time) are removed, in milliseconds.
     #[arg(long, env = "STEAD_MEMBER_TTL_MS", default_value_t = 10_000)]
     pub member_ttl_ms: u64,
+    /// How often the maintenance-duty holder refreshes the query-based
+    /// gauges (queue depth, members alive, unowned slots), in milliseconds.
+    #[arg(long, env = "STEAD_GAUGE_REFRESH_MS", default_value_t = 5_000)]
+    pub gauge_refresh_ms: u64,
     /// How long shutdown waits for in-flight work, in milliseconds.
     #[arg(long, env = "STEAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -146,6 +150,7 @@ impl NodeArgs {
             shutdown_timeout_ms: self.shutdown_timeout_ms,
             heartbeat_ms: self.heartbeat_ms,
             member_ttl_ms: self.member_ttl_ms,
+            gauge_refresh_ms: self.gauge_refresh_ms,
             ..Tuning::default()
         };
         config

@@ -81,6 +81,9 @@ pub struct Tuning {
     /// A member that has not heartbeaten for this long (database time) is
     /// removed by the others and its session terminated.
     pub member_ttl_ms: u64,
+    /// How often the maintenance-duty holder refreshes the cluster gauges
+    /// (queue depth, members alive, unowned slots), which need queries.
+    pub gauge_refresh_ms: u64,
 }
 
 impl Default for Tuning {
@@ -102,6 +105,7 @@ impl Default for Tuning {
             shutdown_timeout_ms: 10_000,
             heartbeat_ms: 1_000,
             member_ttl_ms: 10_000,
+            gauge_refresh_ms: 5_000,
         }
     }
 }

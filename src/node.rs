@@ -11,7 +11,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::membership::{Membership, MembershipConfig, Ownership};
+use crate::membership::{
+    ClusterGaugesConfig, ClusterGaugesLoop, Membership, MembershipConfig, Ownership, ProcessDuty,
+};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreConfig};
 use crate::worker::advancer::{Advancer, AdvancerConfig};
@@ -96,6 +98,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     }
 
     let metrics = Arc::new(Metrics::new());
+    metrics.pool_max.set(tuning.pool_size.max(1) as i64);
     let wakeups = Wakeups::default();
     let definitions = DefinitionCache::default();
     let cancel = CancellationToken::new();
@@ -109,6 +112,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
             },
             store: store.clone(),
             wakeups: wakeups.clone(),
+            metrics: metrics.clone(),
         }
         .run(cancel.child_token()),
     );
@@ -119,6 +123,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
             config: NotifierConfig { coalesce_ms: 5 },
             store: store.clone(),
             handle: notifier.clone(),
+            metrics: metrics.clone(),
         }
         .run(cancel.child_token()),
     );
@@ -156,6 +161,20 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
     let mut handlers = config.handlers.clone();
     builtin::install(&mut handlers, tuning.http_step_timeout_ms);
     let api_url = api_addr.map(|a| format!("http://{a}"));
+    let process_duty = ProcessDuty::default();
+    if config.workers > 0 {
+        tasks.spawn(
+            ClusterGaugesLoop {
+                config: ClusterGaugesConfig {
+                    interval_ms: tuning.gauge_refresh_ms.max(100),
+                },
+                store: store.clone(),
+                process_duty: process_duty.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(cancel.child_token()),
+        );
+    }
     for n in 0..config.workers {
         let worker_name = if config.workers == 1 {
             config.name.clone()
@@ -178,6 +197,7 @@ pub async fn start(config: Config) -> anyhow::Result<Node> {
                 metrics: metrics.clone(),
                 failover_since: Default::default(),
                 holds_maintenance: Default::default(),
+                process_duty: process_duty.clone(),
             }
             .run(cancel.child_token()),
         );

@@ -23,7 +23,14 @@ pub struct ApiError {
     pub title: &'static str,
     pub detail: String,
     pub errors: Vec<FieldProblem>,
+    /// The database failed (not the client): counted in
+    /// `stead_db_errors_total{component="api"}` by the metrics layer.
+    pub db_fault: bool,
 }
+
+/// Marks a response caused by a database fault, for the metrics layer.
+#[derive(Debug, Clone, Copy)]
+pub struct DbFault;
 
 #[derive(Serialize)]
 struct ProblemDocument<'a> {
@@ -49,6 +56,7 @@ impl ApiError {
             title,
             detail: detail.into(),
             errors: Vec::new(),
+            db_fault: false,
         }
     }
 
@@ -62,6 +70,7 @@ impl ApiError {
             title: "Invalid request",
             detail: format!("{path}: {message}"),
             errors: vec![FieldProblem { path, message }],
+            db_fault: false,
         }
     }
 
@@ -103,16 +112,20 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::Transient(m) => {
                 tracing::warn!(error = %m, "request failed on a transient database error");
-                ApiError::new(
+                let mut e = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
                     "Service unavailable",
                     "the database is temporarily unavailable; retry later",
-                )
+                );
+                e.db_fault = true;
+                e
             }
             StoreError::Permanent(m) | StoreError::Fenced(m) => {
                 tracing::error!(error = %m, "request failed on a database error");
-                ApiError::internal()
+                let mut e = ApiError::internal();
+                e.db_fault = true;
+                e
             }
         }
     }
@@ -133,6 +146,9 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if self.db_fault {
+            response.extensions_mut().insert(DbFault);
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

@@ -20,7 +20,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::config::{Limits, Tuning};
-use crate::metrics::Metrics;
+use crate::metrics::{Component, Metrics};
 use crate::store::Store;
 use crate::worker::notifier::AdvanceNotifier;
 use crate::worker::{DefinitionCache, Wakeups};
@@ -126,6 +126,9 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     let started = Instant::now();
     let response = next.run(request).await;
     let m = &state.inner.metrics;
+    if response.extensions().get::<error::DbFault>().is_some() {
+        m.db_error(Component::Api);
+    }
     m.http_requests
         .with_label_values(&[&method, &route, response.status().as_str()])
         .inc();
@@ -137,19 +140,16 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let inner = &state.inner;
+    // Pool numbers are read from memory; the gauges that need a query are
+    // kept fresh by the maintenance-duty holder (membership::gauges), so a
+    // scrape never touches the database.
     let pool = inner.store.pool_status();
     inner.metrics.pool_size.set(pool.size as i64);
-    inner.metrics.pool_available.set(pool.available as i64);
+    inner
+        .metrics
+        .pool_in_use
+        .set(pool.size.saturating_sub(pool.available) as i64);
     inner.metrics.pool_waiting.set(pool.waiting as i64);
-    if let Ok(depths) = inner.store.queue_depth().await {
-        inner.metrics.queue_depth.reset();
-        for d in depths {
-            let g = &inner.metrics.queue_depth;
-            g.with_label_values(&[&d.queue, "ready"]).set(d.ready);
-            g.with_label_values(&[&d.queue, "leased"]).set(d.leased);
-            g.with_label_values(&[&d.queue, "delayed"]).set(d.delayed);
-        }
-    }
     (
         [(
             header::CONTENT_TYPE,

@@ -39,6 +39,7 @@ pub async fn put(
                 message: p.message,
             })
             .collect(),
+        db_fault: false,
     })?;
     // The stored document always names its workflow, so that the same
     // content hashes the same whether or not the client sent the name.

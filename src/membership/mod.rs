@@ -10,12 +10,17 @@
 //! (self-fencing) until it is a member again; correctness does not depend on
 //! this (every transition is fenced in the database), it only avoids waste.
 
+mod gauges;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tokio::sync::{RwLock, RwLockReadGuard};
 use tokio_util::sync::CancellationToken;
+
+pub use gauges::{ClusterGaugesConfig, ClusterGaugesLoop};
 
 use crate::metrics::Metrics;
 use crate::store::{MemberSession, Store, StoreError};
@@ -35,6 +40,10 @@ pub struct MembershipConfig {
     pub api_url: Option<String>,
     pub reconnect_max_ms: u64,
 }
+
+/// Whether a member of this process holds the maintenance duty (at most one
+/// member in the cluster does), shared with `ClusterGaugesLoop`.
+pub type ProcessDuty = Arc<AtomicBool>;
 
 /// The slots a member holds, shared with its advancer and reaper.
 #[derive(Clone, Default)]
@@ -105,6 +114,7 @@ pub struct Membership {
     pub failover_since: Mutex<Option<Instant>>,
     /// Whether this member's current session holds the maintenance duty.
     pub holds_maintenance: Mutex<bool>,
+    pub process_duty: ProcessDuty,
 }
 
 /// The advisory-lock key of the maintenance duty (slots use 0..slot_count).
@@ -143,6 +153,7 @@ impl Membership {
                 tokio::select! {
                     _ = cancel.cancelled() => {
                         self.ownership.clear().await;
+                        self.drop_duty();
                         session.leave(&self.config.name).await;
                         return;
                     }
@@ -155,12 +166,21 @@ impl Membership {
             }
             // The session (and with it every slot lock) is gone.
             self.ownership.clear().await;
-            *self.holds_maintenance.lock().expect("duty lock") = false;
+            self.drop_duty();
             self.metrics
                 .slots_owned
                 .with_label_values(&[&self.config.name])
                 .set(0);
         }
+    }
+
+    /// The session that held the duty is gone (or going).
+    fn drop_duty(&self) {
+        let mut held = self.holds_maintenance.lock().expect("duty lock");
+        if *held {
+            self.process_duty.store(false, Ordering::SeqCst);
+        }
+        *held = false;
     }
 
     async fn join(&self) -> Result<MemberSession, MembershipError> {
@@ -201,6 +221,7 @@ impl Membership {
             maintenance = session.try_lock_duty(MAINTENANCE_DUTY).await?;
             *self.holds_maintenance.lock().expect("duty lock") = maintenance;
             if maintenance {
+                self.process_duty.store(true, Ordering::SeqCst);
                 tracing::info!(member = %name, "holds the maintenance duty");
             }
         }
@@ -220,7 +241,6 @@ impl Membership {
             *failover = Some(failover.map_or(since, |f: Instant| f.min(since)));
         }
         let live = session.live_members().await?;
-        self.metrics.members_alive.set(live.len() as i64);
         let desired = crate::ring::owned_by(&live, session.slot_count.max(1) as u32, name);
 
         let held = self.ownership.held().await;

@@ -1,38 +1,133 @@
 //! Every metric stead exports, defined in this one file. Names carry the
-//! `stead_` prefix and base units; labels are bounded (workflow names, queue
-//! names, step kinds, routes, statuses; never instance ids).
+//! `stead_` prefix and base units (seconds, counts); labels are bounded:
+//! workflow names, queue names, step kinds, member names, routes, statuses
+//! and outcomes, never instance ids.
+//!
+//! Counters and histograms are per process: a dashboard sums them over the
+//! cluster. Gauges that need a query (queue depth, members alive, unowned
+//! slots) are set only in the process whose member holds the maintenance
+//! duty, so summing or taking the max over the cluster counts them once.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// What failed when `stead_db_errors_total` counts an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Api,
+    Advancer,
+    Executor,
+    Reaper,
+    Membership,
+    Listener,
+    Notifier,
+}
+
+impl Component {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Api => "api",
+            Component::Advancer => "advancer",
+            Component::Executor => "executor",
+            Component::Reaper => "reaper",
+            Component::Membership => "membership",
+            Component::Listener => "listener",
+            Component::Notifier => "notifier",
+        }
+    }
+
+    const ALL: [Component; 7] = [
+        Component::Api,
+        Component::Advancer,
+        Component::Executor,
+        Component::Reaper,
+        Component::Membership,
+        Component::Listener,
+        Component::Notifier,
+    ];
+}
+
+/// The final statuses of an instance, pre-created per workflow so a rate()
+/// over them has a starting point before the first increment.
+pub const ENDED_STATUSES: [&str; 3] = ["completed", "failed", "cancelled"];
+
+/// One queue's numbers, as the maintenance-duty holder reads them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueGauges {
+    pub queue: String,
+    pub ready: i64,
+    pub leased: i64,
+    pub delayed: i64,
+    pub oldest_ready_age_seconds: f64,
+}
+
+/// The cluster-wide numbers only the maintenance-duty holder exports.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClusterGauges {
+    pub members_alive: i64,
+    pub slots: i64,
+    pub slots_unowned: i64,
+    pub queues: Vec<QueueGauges>,
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    // ---- instances ----
     pub instances_started: IntCounterVec,
     pub instances_ended: IntCounterVec,
+    pub instance_duration: HistogramVec,
+    // ---- steps ----
+    pub step_attempts: IntCounterVec,
+    pub step_retries: IntCounterVec,
+    pub step_duration: HistogramVec,
+    // ---- queues and tasks ----
     pub tasks_claimed: IntCounterVec,
+    pub queue_wait: HistogramVec,
     pub task_duration: HistogramVec,
+    pub queue_tasks: IntGaugeVec,
+    pub queue_oldest_ready_age: prometheus::GaugeVec,
     pub leases_expired: IntCounter,
     pub stale_completions: IntCounter,
-    pub db_errors: IntCounter,
+    // ---- engine ----
     pub advance_batch_seconds: Histogram,
-    pub http_requests: IntCounterVec,
-    pub http_request_duration: HistogramVec,
-    pub pool_size: IntGauge,
-    pub pool_available: IntGauge,
-    pub pool_waiting: IntGauge,
-    pub queue_depth: IntGaugeVec,
-    pub members_alive: IntGauge,
+    // ---- cluster ----
+    /// Cluster-wide gauges are vectors without labels so that a process
+    /// not holding the maintenance duty can withdraw them (`reset`).
+    pub members_alive: IntGaugeVec,
     pub members_removed: IntCounter,
+    pub maintenance_duty: IntGauge,
+    pub slots: IntGaugeVec,
+    pub slots_unowned: IntGaugeVec,
     pub slots_owned: IntGaugeVec,
     pub slot_rebalances: IntCounter,
     pub heartbeat_failures: IntCounter,
     pub failover_seconds: Histogram,
+    // ---- database ----
+    pub pool_max: IntGauge,
+    pub pool_size: IntGauge,
+    pub pool_in_use: IntGauge,
+    pub pool_waiting: IntGauge,
+    pub db_errors: IntCounterVec,
+    // ---- HTTP API ----
+    pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
 }
 
+/// The label values of a vector without labels.
+const NO_LABELS: &[&str] = &[];
+
+/// Request and attempt latencies: 1 ms to 1 minute.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Whole instances and steps (which may sleep or wait for signals): 10 ms
+/// to a day.
+const DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+    21600.0, 86400.0,
 ];
 
 impl Metrics {
@@ -47,7 +142,20 @@ impl Metrics {
                 m
             }};
         }
-        Metrics {
+        fn histogram(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
+            HistogramOpts::new(name, help).buckets(buckets.to_vec())
+        }
+        let build_info = reg!(IntGaugeVec::new(
+            Opts::new(
+                "stead_build_info",
+                "Always 1; the version label says which stead runs."
+            ),
+            &["version"]
+        ));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let metrics = Metrics {
             instances_started: reg!(IntCounterVec::new(
                 Opts::new(
                     "stead_instances_started_total",
@@ -58,85 +166,123 @@ impl Metrics {
             instances_ended: reg!(IntCounterVec::new(
                 Opts::new(
                     "stead_instances_ended_total",
-                    "Instances that ended, by final status."
+                    "Instances that ended, by final status (completed, failed, cancelled)."
                 ),
                 &["workflow", "status"]
+            )),
+            instance_duration: reg!(HistogramVec::new(
+                histogram(
+                    "stead_instance_duration_seconds",
+                    "End-to-end duration of ended instances, from submission to end.",
+                    DURATION_BUCKETS
+                ),
+                &["workflow", "status"]
+            )),
+            step_attempts: reg!(IntCounterVec::new(
+                Opts::new(
+                    "stead_step_attempts_total",
+                    "Finished step attempts (tasks, http calls, child workflows) by outcome \
+                     (completed, failed, expired)."
+                ),
+                &["workflow", "kind", "queue", "outcome"]
+            )),
+            step_retries: reg!(IntCounterVec::new(
+                Opts::new(
+                    "stead_step_retries_total",
+                    "Step attempts scheduled after a failed attempt (attempt 2 and later)."
+                ),
+                &["workflow", "kind", "queue"]
+            )),
+            step_duration: reg!(HistogramVec::new(
+                histogram(
+                    "stead_step_duration_seconds",
+                    "Duration of ended steps, first attempt to end (retries, sleeps and waits \
+                     included), by final status (completed, failed).",
+                    DURATION_BUCKETS
+                ),
+                &["workflow", "kind", "queue", "status"]
             )),
             tasks_claimed: reg!(IntCounterVec::new(
                 Opts::new(
                     "stead_tasks_claimed_total",
-                    "Task attempts claimed by in-process workers."
+                    "Task attempts claimed, by in-process workers and over the API."
+                ),
+                &["queue"]
+            )),
+            queue_wait: reg!(HistogramVec::new(
+                histogram(
+                    "stead_queue_wait_seconds",
+                    "Schedule-to-start delay: from when a task became ready until it was claimed.",
+                    LATENCY_BUCKETS
                 ),
                 &["queue"]
             )),
             task_duration: reg!(HistogramVec::new(
-                HistogramOpts::new(
+                histogram(
                     "stead_task_duration_seconds",
-                    "Run time of in-process task attempts."
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
+                    "Run time of in-process task attempts (handlers and http calls).",
+                    LATENCY_BUCKETS
+                ),
                 &["queue", "outcome"]
+            )),
+            queue_tasks: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "stead_queue_tasks",
+                    "Tasks per queue and state (ready, leased, delayed); exported by the \
+                     maintenance-duty holder."
+                ),
+                &["queue", "state"]
+            )),
+            queue_oldest_ready_age: reg!(prometheus::GaugeVec::new(
+                Opts::new(
+                    "stead_queue_oldest_ready_age_seconds",
+                    "Age of the oldest ready task per queue (0 when none is ready); exported by \
+                     the maintenance-duty holder."
+                ),
+                &["queue"]
             )),
             leases_expired: reg!(IntCounter::new(
                 "stead_leases_expired_total",
-                "Task leases that expired and were handed back to the engine."
+                "Task leases that expired and were handed back to the engine as failed attempts."
             )),
             stale_completions: reg!(IntCounter::new(
                 "stead_stale_completions_total",
                 "Task results refused because the lease was no longer held."
             )),
-            db_errors: reg!(IntCounter::new(
-                "stead_db_errors_total",
-                "Database operations of background loops that failed."
-            )),
-            advance_batch_seconds: reg!(Histogram::with_opts(
-                HistogramOpts::new(
-                    "stead_advance_batch_seconds",
-                    "Time to advance one batch of instances."
-                )
-                .buckets(LATENCY_BUCKETS.to_vec())
-            )),
-            http_requests: reg!(IntCounterVec::new(
+            advance_batch_seconds: reg!(Histogram::with_opts(histogram(
+                "stead_advance_batch_seconds",
+                "Time to advance one batch of instances (lock, decide, write, commit).",
+                LATENCY_BUCKETS
+            ))),
+            members_alive: reg!(IntGaugeVec::new(
                 Opts::new(
-                    "stead_http_requests_total",
-                    "API requests by route and status."
+                    "stead_members_alive",
+                    "Live members of the cluster; exported by the maintenance-duty holder."
                 ),
-                &["method", "route", "status"]
-            )),
-            http_request_duration: reg!(HistogramVec::new(
-                HistogramOpts::new(
-                    "stead_http_request_duration_seconds",
-                    "API request latency by route."
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
-                &["method", "route"]
-            )),
-            pool_size: reg!(IntGauge::new(
-                "stead_db_pool_connections",
-                "Connections the database pool holds."
-            )),
-            pool_available: reg!(IntGauge::new(
-                "stead_db_pool_available_connections",
-                "Idle connections in the database pool."
-            )),
-            pool_waiting: reg!(IntGauge::new(
-                "stead_db_pool_waiters",
-                "Callers waiting for a database connection."
-            )),
-            queue_depth: reg!(IntGaugeVec::new(
-                Opts::new(
-                    "stead_queue_tasks",
-                    "Tasks per queue and state (ready, leased, delayed)."
-                ),
-                &["queue", "state"]
-            )),
-            members_alive: reg!(IntGauge::new(
-                "stead_members_alive",
-                "Live members as this process last saw them."
+                &[]
             )),
             members_removed: reg!(IntCounter::new(
                 "stead_members_removed_total",
                 "Dead members this process removed from the cluster."
+            )),
+            maintenance_duty: reg!(IntGauge::new(
+                "stead_maintenance_duty",
+                "1 if a member of this process holds the maintenance duty, else 0."
+            )),
+            slots: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "stead_slots",
+                    "Slots instances are spread over; exported by the maintenance-duty holder."
+                ),
+                &[]
+            )),
+            slots_unowned: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "stead_slots_unowned",
+                    "Slots no live member holds (their instances do not advance); exported by the \
+                     maintenance-duty holder."
+                ),
+                &[]
             )),
             slots_owned: reg!(IntGaugeVec::new(
                 Opts::new(
@@ -153,15 +299,113 @@ impl Metrics {
                 "stead_heartbeat_failures_total",
                 "Membership heartbeats or joins that failed."
             )),
-            failover_seconds: reg!(Histogram::with_opts(
-                HistogramOpts::new(
-                    "stead_failover_seconds",
-                    "From a dead member's last heartbeat until this process held the slots it took over."
-                )
-                .buckets(vec![0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0])
+            failover_seconds: reg!(Histogram::with_opts(histogram(
+                "stead_failover_seconds",
+                "From a dead member's last heartbeat until this process held the slots it took \
+                 over.",
+                &[0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0]
+            ))),
+            pool_max: reg!(IntGauge::new(
+                "stead_db_pool_max_connections",
+                "The most connections the database pool may hold."
+            )),
+            pool_size: reg!(IntGauge::new(
+                "stead_db_pool_connections",
+                "Connections the database pool holds."
+            )),
+            pool_in_use: reg!(IntGauge::new(
+                "stead_db_pool_in_use_connections",
+                "Pool connections currently lent out."
+            )),
+            pool_waiting: reg!(IntGauge::new(
+                "stead_db_pool_waiters",
+                "Callers waiting for a database connection."
+            )),
+            db_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    "stead_db_errors_total",
+                    "Database operations that failed, by the component that ran them."
+                ),
+                &["component"]
+            )),
+            http_requests: reg!(IntCounterVec::new(
+                Opts::new(
+                    "stead_http_requests_total",
+                    "API requests by method, route template and status."
+                ),
+                &["method", "route", "status"]
+            )),
+            http_request_duration: reg!(HistogramVec::new(
+                histogram(
+                    "stead_http_request_duration_seconds",
+                    "API request latency by method and route template.",
+                    LATENCY_BUCKETS
+                ),
+                &["method", "route"]
             )),
             registry,
+        };
+        // Every component's error counter exists from the start at 0.
+        for component in Component::ALL {
+            metrics.db_errors.with_label_values(&[component.as_str()]);
         }
+        metrics
+    }
+
+    /// Counts one failed database operation of `component`.
+    pub fn db_error(&self, component: Component) {
+        self.db_errors
+            .with_label_values(&[component.as_str()])
+            .inc();
+    }
+
+    /// Counts an instance that began, and creates its end counters at 0.
+    pub fn instance_started(&self, workflow: &str) {
+        self.instances_started.with_label_values(&[workflow]).inc();
+        for status in ENDED_STATUSES {
+            self.instances_ended.with_label_values(&[workflow, status]);
+        }
+    }
+
+    /// Sets the cluster-wide gauges (the maintenance-duty holder calls this).
+    pub fn set_cluster(&self, cluster: &ClusterGauges) {
+        self.maintenance_duty.set(1);
+        self.members_alive
+            .with_label_values(NO_LABELS)
+            .set(cluster.members_alive);
+        self.slots.with_label_values(NO_LABELS).set(cluster.slots);
+        self.slots_unowned
+            .with_label_values(NO_LABELS)
+            .set(cluster.slots_unowned);
+        // Queues that emptied out disappear rather than linger.
+        self.queue_tasks.reset();
+        self.queue_oldest_ready_age.reset();
+        for q in &cluster.queues {
+            let states = [
+                ("ready", q.ready),
+                ("leased", q.leased),
+                ("delayed", q.delayed),
+            ];
+            for (state, n) in states {
+                self.queue_tasks
+                    .with_label_values(&[&q.queue, state])
+                    .set(n);
+            }
+            self.queue_oldest_ready_age
+                .with_label_values(&[&q.queue])
+                .set(q.oldest_ready_age_seconds);
+        }
+    }
+
+    /// Withdraws the cluster-wide gauges when this process loses the duty,
+    /// so two processes never both export them.
+    pub fn clear_cluster(&self) {
+        self.maintenance_duty.set(0);
+        self.queue_tasks.reset();
+        self.queue_oldest_ready_age.reset();
+        self.members_alive.reset();
+        self.slots.reset();
+        self.slots_unowned.reset();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -177,5 +421,55 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_prefixed_and_documented() {
+        let metrics = Metrics::new();
+        metrics.instance_started("w");
+        for family in metrics.registry.gather() {
+            assert!(family.name().starts_with("stead_"), "{}", family.name());
+            assert!(!family.help().is_empty(), "{}", family.name());
+        }
+    }
+
+    #[test]
+    fn cluster_gauges_replace_old_queues_and_clear() {
+        let metrics = Metrics::new();
+        let queue = |name: &str| QueueGauges {
+            queue: name.into(),
+            ready: 2,
+            leased: 1,
+            delayed: 0,
+            oldest_ready_age_seconds: 1.5,
+        };
+        metrics.set_cluster(&ClusterGauges {
+            members_alive: 3,
+            slots: 256,
+            slots_unowned: 0,
+            queues: vec![queue("a")],
+        });
+        metrics.set_cluster(&ClusterGauges {
+            members_alive: 2,
+            slots: 256,
+            slots_unowned: 4,
+            queues: vec![queue("b")],
+        });
+        let text = metrics.render();
+        assert!(text.contains("stead_queue_tasks{queue=\"b\",state=\"ready\"} 2"));
+        assert!(!text.contains("queue=\"a\""));
+        assert!(text.contains("stead_slots_unowned 4"));
+        assert!(text.contains("stead_maintenance_duty 1"));
+        metrics.clear_cluster();
+        let text = metrics.render();
+        assert!(!text.contains("stead_queue_tasks{"));
+        assert!(text.contains("stead_maintenance_duty 0"));
+        assert!(!text.contains("stead_slots_unowned"));
+        assert!(!text.contains("stead_members_alive"));
     }
 }

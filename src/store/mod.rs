@@ -481,6 +481,7 @@ impl Store {
                 input: r.get(8),
                 lease_expires_at: r.get(9),
                 timeout_ms: r.get(10),
+                queue_wait_seconds: r.get(11),
             })
             .collect())
     }
@@ -553,19 +554,22 @@ impl Store {
         Ok(rows.len() as u64)
     }
 
+    /// Tasks per queue and state, with the oldest ready task's age.
     pub async fn queue_depth(&self) -> Result<Vec<QueueDepth>> {
         let conn = self.conn().await?;
         let rows = conn.query(sql::QUEUE_DEPTH, &[]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| QueueDepth {
-                queue: r.get(0),
-                ready: r.get(1),
-                leased: r.get(2),
-                delayed: r.get(3),
-                oldest_ready_age_seconds: r.get(4),
-            })
-            .collect())
+        Ok(rows.iter().map(queue_depth_row).collect())
+    }
+
+    /// Live members, slots and owned slots, in one statement.
+    pub async fn cluster_counts(&self) -> Result<ClusterCounts> {
+        let conn = self.conn().await?;
+        let row = conn.query_one(sql::CLUSTER_COUNTS, &[]).await?;
+        Ok(ClusterCounts {
+            members_alive: row.get(0),
+            slots: row.get(1),
+            slots_owned: row.get(2),
+        })
     }
 
     // ---- engine transitions ------------------------------------------------
@@ -716,6 +720,7 @@ impl AdvanceTx {
                     cancel_requested: r.get(13),
                     cancel_reason: r.get(14),
                     retry_requested: r.get(15),
+                    created_at: r.get(16),
                 }
             })
             .collect();
@@ -769,6 +774,7 @@ impl AdvanceTx {
                 leased_by: r.get(8),
                 item: r.get(9),
                 purpose: r.get(10),
+                queue: r.get(11),
             })
             .collect();
         let signals = signals
@@ -1121,6 +1127,8 @@ pub struct ClaimedTask {
     pub input: Value,
     pub lease_expires_at: DateTime<Utc>,
     pub timeout_ms: Option<i64>,
+    /// Schedule-to-start delay: from when the task became ready to its claim.
+    pub queue_wait_seconds: f64,
 }
 
 /// The result of one leased task: `Ok(output)` or `Err(error object)`.
@@ -1129,6 +1137,23 @@ pub struct TaskOutcome {
     pub task_id: i64,
     pub lease_token: Uuid,
     pub result: std::result::Result<Value, Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterCounts {
+    pub members_alive: i64,
+    pub slots: i64,
+    pub slots_owned: i64,
+}
+
+fn queue_depth_row(r: &tokio_postgres::Row) -> QueueDepth {
+    QueueDepth {
+        queue: r.get(0),
+        ready: r.get(1),
+        leased: r.get(2),
+        delayed: r.get(3),
+        oldest_ready_age_seconds: r.get(4),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -1157,6 +1182,7 @@ pub struct DueInstance {
     pub cancel_requested: bool,
     pub cancel_reason: String,
     pub retry_requested: bool,
+    pub created_at: DateTime<Utc>,
 }
 
 /// What `AdvanceTx::load` returns for a batch.
@@ -1221,6 +1247,7 @@ pub struct FinishedTask {
     pub leased_by: Option<String>,
     pub item: Option<i32>,
     pub purpose: String,
+    pub queue: String,
 }
 
 #[derive(Debug, Clone)]

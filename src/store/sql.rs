@@ -94,7 +94,8 @@ pub const CLAIM_TASKS: &str = "
     FROM picked
     WHERE t.id = picked.id
     RETURNING t.id, t.queue, t.kind, t.lease_token, t.instance_id, t.step_id, t.attempt,
-              t.idempotency_key, t.input, t.lease_expires_at, t.timeout_ms";
+              t.idempotency_key, t.input, t.lease_expires_at, t.timeout_ms,
+              greatest(extract(epoch FROM t.leased_at - t.run_at), 0)::float8";
 
 pub const HEARTBEAT_TASK: &str = "
     UPDATE tasks
@@ -135,7 +136,7 @@ pub const REAP_EXPIRED_LEASES: &str = "
                                 THEN 'attempt timed out after ' || t.timeout_ms || 'ms'
                                 ELSE 'lease expired (worker ' || coalesce(t.leased_by, '?')
                                      || ' did not complete or heartbeat in time)' END,
-                'retryable', true)
+                'retryable', true, 'expired', true)
         FROM expired
         WHERE t.id = expired.id
         RETURNING t.id
@@ -144,6 +145,12 @@ pub const REAP_EXPIRED_LEASES: &str = "
 
 pub const QUEUE_DEPTH: &str =
     "SELECT queue, ready, leased, delayed, extract(epoch FROM oldest_ready_age)::float8 FROM queue_depth";
+/// Live members, slots, and slots some member's session holds (from
+/// `pg_locks`): the cluster gauges the maintenance-duty holder exports.
+pub const CLUSTER_COUNTS: &str = "
+    SELECT (SELECT count(*) FROM members_overview WHERE alive),
+           (SELECT slot_count FROM cluster)::bigint,
+           (SELECT count(DISTINCT slot) FROM slot_owners WHERE owner IS NOT NULL)";
 
 // ---- engine transitions ----------------------------------------------------
 
@@ -162,7 +169,7 @@ pub const LOCK_DUE_INSTANCES: &str = "
     SELECT i.id, i.workflow_name, i.workflow_version, i.slot, i.status, i.input, i.output,
            i.error, i.state_version, i.event_seq, statement_timestamp(), i.ending, i.deadline_at,
            i.cancel_requested_at IS NOT NULL, coalesce(i.cancel_reason, 'cancelled'),
-           i.retry_requested_at IS NOT NULL
+           i.retry_requested_at IS NOT NULL, i.created_at
     FROM instances i
     WHERE i.id IN (SELECT id FROM due)
     LIMIT $1
@@ -180,7 +187,7 @@ pub const LOAD_SIGNALS: &str = "
 
 pub const LOAD_FINISHED_TASKS: &str = "
     SELECT id, instance_id, step_id, attempt, status, output, error, leased_at, leased_by,
-           item, purpose
+           item, purpose, queue
     FROM tasks
     WHERE instance_id = ANY($1) AND status IN ('completed', 'failed')
     ORDER BY finished_at, id";

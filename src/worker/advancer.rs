@@ -9,12 +9,13 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{drain, jittered, DefinitionCache, Wakeups};
+use crate::definition::{Definition, StepKind};
 use crate::engine::{
     self, Command, CompensationState, Context, Ending, Event, InstanceState, InstanceStatus,
     ItemState, PendingSignal, StepState, StepStatus, TaskPurpose, TaskResult,
 };
 use crate::membership::Ownership;
-use crate::metrics::Metrics;
+use crate::metrics::{Component, Metrics};
 use crate::store::{
     AdvanceWrites, DueInstance, FinishedTask, InstanceUpdate, NewChild, NewEvent, NewTask,
     SignalRow, StepRow, Store, StoreError,
@@ -59,7 +60,7 @@ impl Advancer {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "advancing instances failed");
-                    self.metrics.db_errors.inc();
+                    self.metrics.db_error(Component::Advancer);
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(jittered(self.config.error_backoff_ms)) => {}
@@ -111,6 +112,7 @@ impl Advancer {
             now,
             ..AdvanceWrites::default()
         };
+        let mut observed = Observations::default();
         // StdRng rather than thread_rng: the future must stay Send.
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
         let mut random = || rand::Rng::gen::<f64>(&mut rng);
@@ -139,43 +141,30 @@ impl Advancer {
                 results: &results,
                 signals: &signals,
             };
-            self.decide_one(&def, instance, inputs, &mut ctx, &mut writes);
+            self.decide_one(&def, instance, inputs, &mut ctx, &mut writes, &mut observed);
         }
         writes.notify_queues.sort();
         writes.notify_queues.dedup();
         let n = due.len();
-        let ended: Vec<(String, &'static str)> = writes
-            .instances
-            .iter()
-            .filter(|u| u.status != "running" && u.status != "pending")
-            .map(|u| (u.id.clone(), u.status))
-            .collect();
         tx.commit(&writes).await?;
         self.metrics
             .advance_batch_seconds
             .observe(started.elapsed().as_secs_f64());
-        for (id, status) in ended {
-            let workflow = due
-                .iter()
-                .find(|d| d.id == id)
-                .map(|d| d.workflow_name.as_str())
-                .unwrap_or("");
-            self.metrics
-                .instances_ended
-                .with_label_values(&[workflow, status])
-                .inc();
-        }
+        // Counted only now: a batch that did not commit changed nothing.
+        observed.apply(&self.metrics);
         Ok(n)
     }
 
     fn decide_one(
         &self,
-        def: &crate::definition::Definition,
+        def: &Definition,
         instance: &DueInstance,
         inputs: Inputs<'_>,
         ctx: &mut Context<'_>,
         writes: &mut AdvanceWrites,
+        observed: &mut Observations,
     ) {
+        let workflow = instance.workflow_name.as_str();
         let mut state = InstanceState::new(&instance.id, instance.input.clone(), def.steps.len());
         state.status = InstanceStatus::parse(&instance.status).unwrap_or(InstanceStatus::Failed);
         state.output = instance.output.clone();
@@ -198,6 +187,19 @@ impl Advancer {
             let Some(step) = def.step_index(&r.step_id) else {
                 continue;
             };
+            let kind = if r.purpose == "compensate" {
+                "compensation"
+            } else {
+                def.steps[step].kind.name()
+            };
+            let outcome = match (r.status.as_str(), &r.error) {
+                ("completed", _) => "completed",
+                (_, Some(e)) if e.get("expired") == Some(&Value::Bool(true)) => "expired",
+                _ => "failed",
+            };
+            observed
+                .attempts
+                .push((workflow.to_string(), kind, r.queue.clone(), outcome));
             events.push(Event::TaskFinished {
                 step,
                 item: r.item.and_then(|k| u32::try_from(k).ok()),
@@ -225,10 +227,27 @@ impl Advancer {
         }
 
         let before = state.status;
+        let steps_before: Vec<StepStatus> = state.steps.iter().map(|s| s.status).collect();
         let decision = engine::decide(def, &mut state, &events, ctx);
 
         for &i in &decision.changed_steps {
             let s = &state.steps[i];
+            let ended = matches!(s.status, StepStatus::Completed | StepStatus::Failed);
+            if ended && steps_before[i] != s.status {
+                let began = s.scheduled_at.or(s.started_at);
+                let seconds = match (began, s.ended_at) {
+                    (Some(b), Some(e)) => (e - b).num_milliseconds().max(0) as f64 / 1000.0,
+                    _ => 0.0,
+                };
+                let kind = &def.steps[i].kind;
+                observed.steps_ended.push((
+                    workflow.to_string(),
+                    kind.name(),
+                    step_queue(kind).to_string(),
+                    s.status.as_str(),
+                    seconds,
+                ));
+            }
             writes.steps.push(StepRow {
                 instance_id: instance.id.clone(),
                 step_id: def.steps[i].id.clone(),
@@ -268,6 +287,15 @@ impl Advancer {
                     timeout_ms,
                     idempotency_key,
                 } => {
+                    if attempt > 1 {
+                        let kind = match purpose {
+                            TaskPurpose::Compensate => "compensation",
+                            TaskPurpose::Run => def.steps[step].kind.name(),
+                        };
+                        observed
+                            .retries
+                            .push((workflow.to_string(), kind, queue.clone()));
+                    }
                     writes.notify_queues.push(queue.clone());
                     writes.tasks.push(NewTask {
                         queue,
@@ -322,12 +350,15 @@ impl Advancer {
         }
         if state.status.is_terminal() && !before.is_terminal() {
             writes.ended_instances.push(instance.id.clone());
+            let seconds = (ctx.now - instance.created_at).num_milliseconds().max(0) as f64;
+            observed.ended.push((
+                workflow.to_string(),
+                state.status.as_str(),
+                seconds / 1000.0,
+            ));
         }
         if before == InstanceStatus::Pending && state.status != InstanceStatus::Pending {
-            self.metrics
-                .instances_started
-                .with_label_values(&[&instance.workflow_name])
-                .inc();
+            observed.started.push(workflow.to_string());
         }
         writes.instances.push(InstanceUpdate {
             id: instance.id.clone(),
@@ -340,6 +371,63 @@ impl Advancer {
             ending: state.ending.map(Ending::as_str),
             deadline_at: state.deadline_at,
         });
+    }
+}
+
+/// The queue label of a step kind: where its attempts run, or `none` for
+/// steps that run no task (sleep, signal, value).
+fn step_queue(kind: &StepKind) -> &str {
+    match kind {
+        StepKind::Task { queue, .. } => queue,
+        StepKind::Http(_) => engine::HTTP_QUEUE,
+        StepKind::Workflow { .. } => "stead.workflow",
+        StepKind::Sleep(_) | StepKind::Signal { .. } | StepKind::Value(_) => "none",
+    }
+}
+
+/// What a batch did, for the metrics; counted only once the batch commits.
+#[derive(Default)]
+struct Observations {
+    /// Workflow of each instance that began.
+    started: Vec<String>,
+    /// Workflow, final status and seconds since submission of each ended instance.
+    ended: Vec<(String, &'static str, f64)>,
+    /// Workflow, kind, queue and outcome of each finished attempt.
+    attempts: Vec<(String, &'static str, String, &'static str)>,
+    /// Workflow, kind and queue of each retry scheduled.
+    retries: Vec<(String, &'static str, String)>,
+    /// Workflow, kind, queue, final status and seconds of each ended step.
+    steps_ended: Vec<(String, &'static str, String, &'static str, f64)>,
+}
+
+impl Observations {
+    fn apply(self, m: &Metrics) {
+        for workflow in &self.started {
+            m.instance_started(workflow);
+        }
+        for (workflow, status, seconds) in &self.ended {
+            m.instances_ended
+                .with_label_values(&[workflow.as_str(), status])
+                .inc();
+            m.instance_duration
+                .with_label_values(&[workflow.as_str(), status])
+                .observe(*seconds);
+        }
+        for (workflow, kind, queue, outcome) in &self.attempts {
+            m.step_attempts
+                .with_label_values(&[workflow.as_str(), kind, queue, outcome])
+                .inc();
+        }
+        for (workflow, kind, queue) in &self.retries {
+            m.step_retries
+                .with_label_values(&[workflow.as_str(), kind, queue])
+                .inc();
+        }
+        for (workflow, kind, queue, status, seconds) in &self.steps_ended {
+            m.step_duration
+                .with_label_values(&[workflow.as_str(), kind, queue, status])
+                .observe(*seconds);
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::notifier::AdvanceNotifier;
 use super::{drain, jittered, Wakeups};
 use crate::handlers::{Handlers, TaskContext, TaskError};
-use crate::metrics::Metrics;
+use crate::metrics::{Component, Metrics};
 use crate::store::{ClaimedTask, Store, StoreError, TaskOutcome};
 
 #[derive(Debug, Clone)]
@@ -79,7 +79,7 @@ impl Executor {
                 Ok(c) => c,
                 Err(e) => {
                     drop(first);
-                    this.metrics.db_errors.inc();
+                    this.metrics.db_error(Component::Executor);
                     tracing::warn!(error = %e, "claiming tasks failed");
                     tokio::select! {
                         _ = cancel.cancelled() => break,
@@ -103,6 +103,10 @@ impl Executor {
                     .tasks_claimed
                     .with_label_values(&[&task.queue])
                     .inc();
+                this.metrics
+                    .queue_wait
+                    .with_label_values(&[&task.queue])
+                    .observe(task.queue_wait_seconds);
                 let permit = match first.take() {
                     Some(p) => p,
                     None => semaphore
@@ -165,10 +169,21 @@ impl Executor {
                     match self.store.heartbeat_task(task.task_id, task.lease_token, self.config.lease_ms).await {
                         Ok(Some(_)) => {}
                         Ok(None) => {
-                            tracing::warn!(task_id = task.task_id, "lease lost while running; abandoning attempt");
+                            tracing::warn!(
+                                task_id = task.task_id,
+                                instance = %task.instance_id,
+                                step = %task.step_id,
+                                attempt = task.attempt,
+                                "lease lost while running; abandoning attempt"
+                            );
                             return None;
                         }
-                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                        Err(e) => tracing::warn!(
+                            instance = %task.instance_id,
+                            step = %task.step_id,
+                            error = %e,
+                            "task heartbeat failed"
+                        ),
                     }
                 }
             }
@@ -187,6 +202,15 @@ impl Executor {
         } else {
             "failed"
         };
+        tracing::debug!(
+            instance = %task.instance_id,
+            step = %task.step_id,
+            attempt = task.attempt,
+            queue = %task.queue,
+            outcome,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "task attempt finished"
+        );
         self.metrics
             .task_duration
             .with_label_values(&[&task.queue, outcome])
@@ -237,7 +261,7 @@ async fn complete_loop(
                     backoff_ms *= 2;
                 }
                 Err(e) => {
-                    metrics.db_errors.inc();
+                    metrics.db_error(Component::Executor);
                     tracing::error!(error = %e, count = batch.len(), "dropping task results; their leases will expire and the attempts retry");
                     break;
                 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::{jittered, Wakeups};
+use crate::metrics::{Component, Metrics};
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -19,6 +20,7 @@ pub struct Listener {
     pub config: ListenerConfig,
     pub store: Store,
     pub wakeups: Wakeups,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Listener {
@@ -32,6 +34,7 @@ impl Listener {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "notification listener lost its connection; reconnecting");
+                    self.metrics.db_error(Component::Listener);
                 }
             }
             tokio::select! {

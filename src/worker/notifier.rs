@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Wakeups;
+use crate::metrics::{Component, Metrics};
 use crate::store::Store;
 
 #[derive(Debug, Clone)]
@@ -45,6 +46,7 @@ pub struct Notifier {
     pub config: NotifierConfig,
     pub store: Store,
     pub handle: AdvanceNotifier,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Notifier {
@@ -67,6 +69,7 @@ impl Notifier {
         if let Err(e) = self.store.notify("advance").await {
             // Only a latency hint: the advancers poll as well.
             tracing::debug!(error = %e, "sending the advance notification failed");
+            self.metrics.db_error(Component::Notifier);
         }
     }
 }

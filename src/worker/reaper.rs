@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::jittered;
 use crate::membership::Ownership;
-use crate::metrics::Metrics;
+use crate::metrics::{Component, Metrics};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Clone)]
@@ -30,7 +30,7 @@ impl Reaper {
                 Ok(n) if n >= self.config.batch_size as u64 => continue,
                 Ok(_) => {}
                 Err(e) => {
-                    self.metrics.db_errors.inc();
+                    self.metrics.db_error(Component::Reaper);
                     tracing::warn!(error = %e, "reaping expired leases failed");
                 }
             }

@@ -14,6 +14,7 @@ mod fault_harness;
 mod harness;
 mod http_steps;
 mod membership;
+mod metrics;
 mod node;
 mod queue;
 mod retries;

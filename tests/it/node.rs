@@ -24,6 +24,7 @@ impl TestNode {
         config.tuning.reap_interval_ms = 100;
         config.tuning.heartbeat_ms = 200;
         config.tuning.member_ttl_ms = 2_000;
+        config.tuning.gauge_refresh_ms = 200;
         config.tuning.pool_size = 8;
         config.tuning.shutdown_timeout_ms = 5_000;
         config

@@ -231,3 +231,45 @@ pub async fn check_histories(probe: &Probe, steps: i64) {
     let left = q("SELECT count(*) FROM stead.tasks").await;
     assert_eq!(left[0].get::<_, i64>(0), 0, "task rows left behind");
 }
+
+/// The samples of a Prometheus text exposition, keyed by
+/// `metric_key` of the sample (`name{label="value",...}`, labels sorted).
+pub fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((metric_key(key), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A sample's name with its labels sorted by name, so a key written in any
+/// label order finds it. (Label values here never contain `",`.)
+pub fn metric_key(sample: &str) -> String {
+    let Some((name, labels)) = sample.split_once('{') else {
+        return sample.to_string();
+    };
+    let labels = labels.strip_suffix('}').unwrap_or(labels);
+    let mut pairs: Vec<String> = labels
+        .split("\",")
+        .filter(|p| !p.is_empty())
+        .map(|p| format!("{}\"", p.trim_end_matches('"')))
+        .collect();
+    pairs.sort();
+    format!("{name}{{{}}}", pairs.join(","))
+}
+
+/// GET /metrics of `node`, parsed.
+pub async fn scrape(node: &TestNode) -> std::collections::BTreeMap<String, f64> {
+    let text = node
+        .http
+        .get(format!("{}/metrics", node.url))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    parse_metrics(&text)
+}
