@@ -197,6 +197,16 @@ impl Advancer {
                 (_, Some(e)) if e.get("expired") == Some(&Value::Bool(true)) => "expired",
                 _ => "failed",
             };
+            if outcome != "completed" {
+                tracing::debug!(
+                    instance = %instance.id,
+                    step = %r.step_id,
+                    attempt = r.attempt,
+                    outcome,
+                    error = %r.error.as_ref().unwrap_or(&serde_json::Value::Null),
+                    "step attempt failed"
+                );
+            }
             observed
                 .attempts
                 .push((workflow.to_string(), kind, r.queue.clone(), outcome));
@@ -352,6 +362,7 @@ impl Advancer {
             writes.ended_instances.push(instance.id.clone());
             let seconds = (ctx.now - instance.created_at).num_milliseconds().max(0) as f64;
             observed.ended.push((
+                instance.id.clone(),
                 workflow.to_string(),
                 state.status.as_str(),
                 seconds / 1000.0,
@@ -390,8 +401,9 @@ fn step_queue(kind: &StepKind) -> &str {
 struct Observations {
     /// Workflow of each instance that began.
     started: Vec<String>,
-    /// Workflow, final status and seconds since submission of each ended instance.
-    ended: Vec<(String, &'static str, f64)>,
+    /// Id, workflow, final status and seconds since submission of each
+    /// ended instance.
+    ended: Vec<(String, String, &'static str, f64)>,
     /// Workflow, kind, queue and outcome of each finished attempt.
     attempts: Vec<(String, &'static str, String, &'static str)>,
     /// Workflow, kind and queue of each retry scheduled.
@@ -405,7 +417,8 @@ impl Observations {
         for workflow in &self.started {
             m.instance_started(workflow);
         }
-        for (workflow, status, seconds) in &self.ended {
+        for (id, workflow, status, seconds) in &self.ended {
+            tracing::debug!(instance = %id, workflow = %workflow, status, seconds, "instance ended");
             m.instances_ended
                 .with_label_values(&[workflow.as_str(), status])
                 .inc();
