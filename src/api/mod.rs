@@ -122,7 +122,17 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = request.method().as_str().to_string();
+    // Extension methods are free text: fold them so labels stay bounded.
+    let method: &'static str = match request.method().as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "OTHER",
+    };
     let started = Instant::now();
     let response = next.run(request).await;
     let m = &state.inner.metrics;
@@ -130,10 +140,10 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
         m.db_error(Component::Api);
     }
     m.http_requests
-        .with_label_values(&[&method, &route, response.status().as_str()])
+        .with_label_values(&[method, &route, response.status().as_str()])
         .inc();
     m.http_request_duration
-        .with_label_values(&[&method, &route])
+        .with_label_values(&[method, &route])
         .observe(started.elapsed().as_secs_f64());
     response
 }

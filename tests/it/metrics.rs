@@ -179,6 +179,10 @@ async fn counters_match_a_known_workload_exactly() {
         node.wait_ended(id).await;
     }
 
+    // A made-up HTTP method is counted, under a bounded label.
+    let (status, _) = node.call("BREW", "/v1/workflows", None).await;
+    assert_eq!(status, 405);
+
     let m = scrape(&node).await;
     let expect = |key: &str, value: f64| {
         assert_eq!(sample(&m, key), value, "{key}\n{}", metrics_dump(&m));
@@ -267,6 +271,14 @@ async fn counters_match_a_known_workload_exactly() {
     expect(
         "stead_http_requests_total{method=\"POST\",route=\"/v1/workflows/{name}/instances\",status=\"201\"}",
         37.0,
+    );
+    expect(
+        "stead_http_requests_total{method=\"OTHER\",route=\"/v1/workflows\",status=\"405\"}",
+        1.0,
+    );
+    assert!(
+        !m.keys().any(|k| k.contains("BREW")),
+        "raw method in labels"
     );
     expect("stead_db_errors_total{component=\"api\"}", 0.0);
     expect("stead_db_errors_total{component=\"advancer\"}", 0.0);
