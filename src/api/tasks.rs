@@ -65,11 +65,10 @@ pub async fn claim(
             .claim_tasks(&queues, &req.worker, req.max, lease_ms)
             .await?;
         for t in &tasks {
-            let m = &state.inner.metrics;
-            m.tasks_claimed.with_label_values(&[&t.queue]).inc();
-            m.queue_wait
-                .with_label_values(&[&t.queue])
-                .observe(t.queue_wait_seconds);
+            state
+                .inner
+                .metrics
+                .task_claimed(&t.queue, t.queue_wait_seconds);
         }
         if !tasks.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(json!({

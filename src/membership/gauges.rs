@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::ProcessDuty;
-use crate::metrics::{ClusterGauges, Component, Metrics, QueueGauges};
+use crate::metrics::{Component, Metrics};
 use crate::store::{Store, StoreError};
 use crate::worker::jittered;
 
@@ -51,21 +51,7 @@ impl ClusterGaugesLoop {
         }
         let (counts, depths) =
             futures::try_join!(self.store.cluster_counts(), self.store.queue_depth())?;
-        self.metrics.set_cluster(&ClusterGauges {
-            members_alive: counts.members_alive,
-            slots: counts.slots,
-            slots_unowned: (counts.slots - counts.slots_owned).max(0),
-            queues: depths
-                .into_iter()
-                .map(|d| QueueGauges {
-                    queue: d.queue,
-                    ready: d.ready,
-                    leased: d.leased,
-                    delayed: d.delayed,
-                    oldest_ready_age_seconds: d.oldest_ready_age_seconds,
-                })
-                .collect(),
-        });
+        self.metrics.set_cluster(&counts, &depths);
         Ok(true)
     }
 }

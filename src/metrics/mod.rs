@@ -8,6 +8,7 @@
 //! slots) are set only in the process whose member holds the maintenance
 //! duty, so summing or taking the max over the cluster counts them once.
 
+use crate::store::{ClusterCounts, QueueDepth};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -52,25 +53,6 @@ impl Component {
 /// The final statuses of an instance, pre-created per workflow so a rate()
 /// over them has a starting point before the first increment.
 pub const ENDED_STATUSES: [&str; 3] = ["completed", "failed", "cancelled"];
-
-/// One queue's numbers, as the maintenance-duty holder reads them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QueueGauges {
-    pub queue: String,
-    pub ready: i64,
-    pub leased: i64,
-    pub delayed: i64,
-    pub oldest_ready_age_seconds: f64,
-}
-
-/// The cluster-wide numbers only the maintenance-duty holder exports.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ClusterGauges {
-    pub members_alive: i64,
-    pub slots: i64,
-    pub slots_unowned: i64,
-    pub queues: Vec<QueueGauges>,
-}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -368,19 +350,19 @@ impl Metrics {
     }
 
     /// Sets the cluster-wide gauges (the maintenance-duty holder calls this).
-    pub fn set_cluster(&self, cluster: &ClusterGauges) {
+    pub fn set_cluster(&self, counts: &ClusterCounts, queues: &[QueueDepth]) {
         self.maintenance_duty.set(1);
         self.members_alive
             .with_label_values(NO_LABELS)
-            .set(cluster.members_alive);
-        self.slots.with_label_values(NO_LABELS).set(cluster.slots);
+            .set(counts.members_alive);
+        self.slots.with_label_values(NO_LABELS).set(counts.slots);
         self.slots_unowned
             .with_label_values(NO_LABELS)
-            .set(cluster.slots_unowned);
+            .set((counts.slots - counts.slots_owned).max(0));
         // Queues that emptied out disappear rather than linger.
         self.queue_tasks.reset();
         self.queue_oldest_ready_age.reset();
-        for q in &cluster.queues {
+        for q in queues {
             let states = [
                 ("ready", q.ready),
                 ("leased", q.leased),
@@ -395,6 +377,14 @@ impl Metrics {
                 .with_label_values(&[&q.queue])
                 .set(q.oldest_ready_age_seconds);
         }
+    }
+
+    /// Counts a claimed attempt and how long it waited to be claimed.
+    pub fn task_claimed(&self, queue: &str, queue_wait_seconds: f64) {
+        self.tasks_claimed.with_label_values(&[queue]).inc();
+        self.queue_wait
+            .with_label_values(&[queue])
+            .observe(queue_wait_seconds);
     }
 
     /// Withdraws the cluster-wide gauges when this process loses the duty,
@@ -441,25 +431,20 @@ mod tests {
     #[test]
     fn cluster_gauges_replace_old_queues_and_clear() {
         let metrics = Metrics::new();
-        let queue = |name: &str| QueueGauges {
+        let queue = |name: &str| QueueDepth {
             queue: name.into(),
             ready: 2,
             leased: 1,
             delayed: 0,
             oldest_ready_age_seconds: 1.5,
         };
-        metrics.set_cluster(&ClusterGauges {
-            members_alive: 3,
+        let counts = |members_alive, slots_owned| ClusterCounts {
+            members_alive,
             slots: 256,
-            slots_unowned: 0,
-            queues: vec![queue("a")],
-        });
-        metrics.set_cluster(&ClusterGauges {
-            members_alive: 2,
-            slots: 256,
-            slots_unowned: 4,
-            queues: vec![queue("b")],
-        });
+            slots_owned,
+        };
+        metrics.set_cluster(&counts(3, 256), &[queue("a")]);
+        metrics.set_cluster(&counts(2, 252), &[queue("b")]);
         let text = metrics.render();
         assert!(text.contains("stead_queue_tasks{queue=\"b\",state=\"ready\"} 2"));
         assert!(!text.contains("queue=\"a\""));

@@ -187,11 +187,8 @@ impl Advancer {
             let Some(step) = def.step_index(&r.step_id) else {
                 continue;
             };
-            let kind = if r.purpose == "compensate" {
-                "compensation"
-            } else {
-                def.steps[step].kind.name()
-            };
+            let purpose = TaskPurpose::parse(&r.purpose).unwrap_or(TaskPurpose::Run);
+            let kind = attempt_kind(def, step, purpose);
             let outcome = match (r.status.as_str(), &r.error) {
                 ("completed", _) => "completed",
                 (_, Some(e)) if e.get("expired") == Some(&Value::Bool(true)) => "expired",
@@ -213,7 +210,7 @@ impl Advancer {
             events.push(Event::TaskFinished {
                 step,
                 item: r.item.and_then(|k| u32::try_from(k).ok()),
-                purpose: TaskPurpose::parse(&r.purpose).unwrap_or(TaskPurpose::Run),
+                purpose,
                 attempt: r.attempt.max(0) as u32,
                 result: task_result(r),
                 started_at: r.leased_at,
@@ -298,10 +295,7 @@ impl Advancer {
                     idempotency_key,
                 } => {
                     if attempt > 1 {
-                        let kind = match purpose {
-                            TaskPurpose::Compensate => "compensation",
-                            TaskPurpose::Run => def.steps[step].kind.name(),
-                        };
+                        let kind = attempt_kind(def, step, purpose);
                         observed
                             .retries
                             .push((workflow.to_string(), kind, queue.clone()));
@@ -382,6 +376,14 @@ impl Advancer {
             ending: state.ending.map(Ending::as_str),
             deadline_at: state.deadline_at,
         });
+    }
+}
+
+/// The `kind` label of an attempt: the step's kind, or `compensation`.
+fn attempt_kind(def: &Definition, step: usize, purpose: TaskPurpose) -> &'static str {
+    match purpose {
+        TaskPurpose::Compensate => "compensation",
+        TaskPurpose::Run => def.steps[step].kind.name(),
     }
 }
 

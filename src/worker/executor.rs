@@ -100,13 +100,7 @@ impl Executor {
             let mut first = Some(first);
             for task in claimed {
                 this.metrics
-                    .tasks_claimed
-                    .with_label_values(&[&task.queue])
-                    .inc();
-                this.metrics
-                    .queue_wait
-                    .with_label_values(&[&task.queue])
-                    .observe(task.queue_wait_seconds);
+                    .task_claimed(&task.queue, task.queue_wait_seconds);
                 let permit = match first.take() {
                     Some(p) => p,
                     None => semaphore

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{metric_key, scrape};
+use crate::support::{claim, metric_key, scrape, task_call};
 use crate::{pretty, wait_until, TestDb, TestNode};
 
 const QUEUE: &str = "obs.q";
@@ -16,26 +16,15 @@ fn sample(m: &BTreeMap<String, f64>, key: &str) -> f64 {
     m.get(&metric_key(key)).copied().unwrap_or(0.0)
 }
 
-async fn claim(node: &TestNode, lease: &str) -> Vec<Value> {
-    let (status, body) = node
-        .call(
-            "POST",
-            &format!("/v1/queues/{QUEUE}/claim"),
-            Some(json!({"worker": "obs-worker", "max": 50, "lease": lease, "wait": "2s"})),
-        )
-        .await;
-    assert_eq!(status, 200, "claim: {}", pretty(&body));
-    body["tasks"].as_array().unwrap().clone()
+/// Claims up to 50 tasks of the test queue, long-polling up to 2 s.
+async fn claim_obs(node: &TestNode, lease: &str) -> Vec<Value> {
+    let body = json!({"worker": "obs-worker", "max": 50, "lease": lease, "wait": "2s"});
+    claim(node, QUEUE, body).await
 }
 
+/// Completes or fails a task; 200, or 409 for a lost lease.
 async fn finish(node: &TestNode, task: &Value, action: &str, body: Value) -> u16 {
-    let (status, resp) = node
-        .call(
-            "POST",
-            &format!("/v1/tasks/{}/{action}", task["task_id"]),
-            Some(body),
-        )
-        .await;
+    let (status, resp) = task_call(node, task, action, body).await;
     assert!(
         status == 200 || status == 409,
         "{action}: {status} {}",
@@ -120,7 +109,7 @@ async fn counters_match_a_known_workload_exactly() {
             Instant::now() < deadline,
             "instances still running: {unfinished:?}"
         );
-        for task in claim(&node, "30s").await {
+        for task in claim_obs(&node, "30s").await {
             let plan = task["input"]["plan"].as_str().unwrap().to_string();
             let attempt = task["attempt"].as_i64().unwrap();
             let token = task["lease_token"].clone();
@@ -160,13 +149,13 @@ async fn counters_match_a_known_workload_exactly() {
     let first = wait_until(
         "the expire task to be claimed",
         Duration::from_secs(20),
-        || async { claim(&node, "300ms").await.pop() },
+        || async { claim_obs(&node, "300ms").await.pop() },
     )
     .await;
     let second = wait_until(
         "the expired task to come back",
         Duration::from_secs(20),
-        || async { claim(&node, "30s").await.pop() },
+        || async { claim_obs(&node, "30s").await.pop() },
     )
     .await;
     assert_eq!(second["attempt"], 2, "{}", pretty(&second));

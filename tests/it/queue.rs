@@ -7,20 +7,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde_json::{json, Value};
 
-use crate::support::{events, show, step, time};
+use crate::support::{claim, events, show, step, task_call, time};
 use crate::{pretty, wait_until, TestDb, TestNode};
-
-/// POST /v1/queues/{queue}/claim; asserts 200 and returns the tasks.
-async fn claim(node: &TestNode, queue: &str, body: Value) -> Vec<Value> {
-    let (status, resp) = node
-        .call("POST", &format!("/v1/queues/{queue}/claim"), Some(body))
-        .await;
-    assert_eq!(status, 200, "claim on {queue}: {}", pretty(&resp));
-    resp["tasks"]
-        .as_array()
-        .unwrap_or_else(|| panic!("claim answer without tasks: {}", pretty(&resp)))
-        .clone()
-}
 
 /// Claims exactly one task, long-polling up to `wait`.
 async fn claim_one(node: &TestNode, queue: &str, worker: &str, lease: &str, wait: &str) -> Value {
@@ -37,15 +25,6 @@ async fn claim_one(node: &TestNode, queue: &str, worker: &str, lease: &str, wait
         pretty(&json!(tasks))
     );
     tasks[0].clone()
-}
-
-async fn task_call(node: &TestNode, task: &Value, action: &str, body: Value) -> (u16, Value) {
-    node.call(
-        "POST",
-        &format!("/v1/tasks/{}/{action}", task["task_id"]),
-        Some(body),
-    )
-    .await
 }
 
 /// A one-task workflow on `queue` whose output is the task's output.

@@ -273,3 +273,25 @@ pub async fn scrape(node: &TestNode) -> std::collections::BTreeMap<String, f64> 
         .expect("metrics text");
     parse_metrics(&text)
 }
+
+/// POST /v1/queues/{queue}/claim; asserts 200 and returns the tasks.
+pub async fn claim(node: &TestNode, queue: &str, body: Value) -> Vec<Value> {
+    let (status, resp) = node
+        .call("POST", &format!("/v1/queues/{queue}/claim"), Some(body))
+        .await;
+    assert_eq!(status, 200, "claim on {queue}: {}", pretty(&resp));
+    resp["tasks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("claim answer without tasks: {}", pretty(&resp)))
+        .clone()
+}
+
+/// POST /v1/tasks/{id}/{action} for a claimed task (heartbeat, complete, fail).
+pub async fn task_call(node: &TestNode, task: &Value, action: &str, body: Value) -> (u16, Value) {
+    node.call(
+        "POST",
+        &format!("/v1/tasks/{}/{action}", task["task_id"]),
+        Some(body),
+    )
+    .await
+}
