@@ -1,5 +1,5 @@
-//! Node configuration. The CLI (`cli.rs`) fills it from flags and `STEAD_*`
-//! environment variables; tests build it directly.
+//! Node configuration. The `stead` binary fills it from flags and `STEAD_*`
+//! environment variables; embedders and tests build it directly.
 
 use crate::handlers::Handlers;
 
@@ -82,9 +82,26 @@ pub struct Tuning {
     /// removed by the others and its session terminated.
     pub member_ttl_ms: u64,
     /// How often the maintenance-duty holder refreshes the cluster gauges
-    /// (queue depth, members alive, unowned slots), which need queries.
+    /// (queue depth, members alive, unowned slots), which need queries
+    /// (at least `MIN_GAUGE_REFRESH_MS`).
     pub gauge_refresh_ms: u64,
+    /// After a failed run, the advancer, executor, reaper, notifier and
+    /// gauge refresh wait this long before they try again.
+    pub error_backoff_ms: u64,
+    /// The dedicated sessions (membership, LISTEN) reconnect after a failure
+    /// with a backoff that doubles from `reconnect_min_ms` to
+    /// `reconnect_max_ms`.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Most expired leases one reaper run hands back.
+    pub reap_batch_size: usize,
+    /// Wake-ups of other processes' advancers (API starts, task results)
+    /// are folded into at most one NOTIFY per this window.
+    pub notify_coalesce_ms: u64,
 }
+
+/// The fastest the cluster gauges are refreshed, whatever is asked.
+pub const MIN_GAUGE_REFRESH_MS: u64 = 100;
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -106,6 +123,11 @@ impl Default for Tuning {
             heartbeat_ms: 1_000,
             member_ttl_ms: 10_000,
             gauge_refresh_ms: 5_000,
+            error_backoff_ms: 500,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5_000,
+            reap_batch_size: 1_000,
+            notify_coalesce_ms: 5,
         }
     }
 }
@@ -126,6 +148,26 @@ impl Config {
             tuning: Tuning::default(),
             handlers: Handlers::default(),
         }
+    }
+}
+
+impl Config {
+    /// Refuses settings that cannot work together; the message names them.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        let t = &self.tuning;
+        if t.member_ttl_ms < 2 * t.heartbeat_ms.max(1) {
+            return Err(crate::Error::Config(format!(
+                "--member-ttl-ms ({}) must be at least twice --heartbeat-ms ({})",
+                t.member_ttl_ms, t.heartbeat_ms
+            )));
+        }
+        if t.reconnect_min_ms > t.reconnect_max_ms {
+            return Err(crate::Error::Config(format!(
+                "reconnect_min_ms ({}) must not exceed reconnect_max_ms ({})",
+                t.reconnect_min_ms, t.reconnect_max_ms
+            )));
+        }
+        crate::store::validate_schema_name(&self.schema).map_err(crate::Error::Config)
     }
 }
 

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use serde_json::Value;
 
+use crate::model::TaskFailure;
+
 /// What a handler gets for one attempt of a task.
 #[derive(Debug, Clone)]
 pub struct TaskContext {
@@ -62,20 +64,16 @@ impl TaskError {
         }
     }
 
-    /// The error object stored with the attempt.
-    pub fn to_json(&self) -> Value {
-        let (message, retryable, details) = match self {
-            TaskError::Retryable { message, details } => (message, true, details),
-            TaskError::Permanent { message, details } => (message, false, details),
-        };
-        let mut v = serde_json::json!({ "message": message, "retryable": retryable });
-        if let Some(d) = details {
-            v["details"] = d.clone();
+    /// The failure recorded for the attempt.
+    pub(crate) fn into_failure(self) -> TaskFailure {
+        match self {
+            TaskError::Retryable { message, details } => TaskFailure::new(message, true, details),
+            TaskError::Permanent { message, details } => TaskFailure::new(message, false, details),
         }
-        v
     }
 }
 
+/// A registered handler: called once per attempt.
 pub type HandlerFn =
     Arc<dyn Fn(TaskContext) -> BoxFuture<'static, Result<Value, TaskError>> + Send + Sync>;
 

@@ -1,5 +1,10 @@
+//! The `stead` binary: every role and client command, over the library's
+//! public API (see `cli/`).
+
+mod cli;
+
 use clap::Parser;
-use stead::cli::{Cli, LogFormat};
+use cli::{Cli, LogFormat};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -13,10 +18,10 @@ async fn main() -> std::process::ExitCode {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    match stead::cli::execute(cli).await {
+    match cli::execute(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("stead: {e:#}");
+            eprintln!("stead: {}", stead::Chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -6,30 +6,28 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::membership::{
-    ClusterGaugesConfig, ClusterGaugesLoop, Membership, MembershipConfig, Ownership, ProcessDuty,
-};
-use crate::metrics::Metrics;
+use crate::config::{Config, Tuning, MIN_GAUGE_REFRESH_MS};
+use crate::error::Error;
+use crate::membership::{Membership, MembershipConfig, Ownership};
+use crate::metrics::{ClusterGauges, Metrics, ProcessDuty};
+use crate::service::{self, Never, Pacing, Service, Wake};
 use crate::store::{Store, StoreConfig};
+use crate::wakeups::Wakeups;
 use crate::worker::advancer::{Advancer, AdvancerConfig};
 use crate::worker::executor::{Executor, ExecutorConfig};
-use crate::worker::listener::{Listener, ListenerConfig};
-use crate::worker::notifier::{AdvanceNotifier, Notifier, NotifierConfig};
+use crate::worker::listener::Listener;
+use crate::worker::notifier::{AdvanceNotifier, Notifier};
 use crate::worker::reaper::{Reaper, ReaperConfig};
-use crate::worker::{builtin, DefinitionCache, Wakeups};
+use crate::worker::{builtin, DefinitionCache};
 
-/// A running node.
+/// A running node: the API and/or worker members, until `shutdown`.
 pub struct Node {
     api_addr: Option<SocketAddr>,
-    cancel: CancellationToken,
-    tasks: JoinSet<()>,
+    supervisor: Supervisor,
     shutdown_timeout: Duration,
-    store: Store,
 }
 
 impl Node {
@@ -38,19 +36,294 @@ impl Node {
         self.api_addr
     }
 
+    /// `http://HOST:PORT` of the API (if this node serves the API).
     pub fn api_url(&self) -> Option<String> {
         self.api_addr.map(|a| format!("http://{a}"))
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     /// Stops every task: cancels them, waits up to the shutdown timeout for
     /// them to drain, then aborts what is left.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.supervisor.shutdown(self.shutdown_timeout).await;
+    }
+}
+
+/// Runs a node until `shutdown` resolves, then stops it cleanly.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let node = start(config).await?;
+    shutdown.await;
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Starts a node: migrates (unless told not to), binds the API and spawns the
+/// workers. Returns once the API accepts connections.
+pub async fn start(config: Config) -> Result<Node, Error> {
+    config.validate()?;
+    let tuning = &config.tuning;
+    let store = Store::new(store_config(&config))?;
+    if config.migrate {
+        store
+            .migrate(config.slot_count)
+            .await
+            .map_err(|e| Error::Migrate(Box::new(e)))?;
+    }
+    let parts = Parts::new(store, tuning);
+    let mut supervisor = Supervisor::default();
+    spawn_wakeups(&mut supervisor, &parts, tuning);
+    // The API is bound first so members can advertise its URL; it starts
+    // serving at once.
+    let api_addr = match config.api {
+        true => Some(serve_api(&mut supervisor, &parts, &config).await?),
+        false => None,
+    };
+    if config.workers > 0 {
+        let api_url = api_addr.map(|a| format!("http://{a}"));
+        spawn_workers(&mut supervisor, &parts, &config, api_url);
+    }
+    if let Some(addr) = api_addr {
+        println!("stead listening on http://{addr}");
+    }
+    Ok(Node {
+        api_addr,
+        supervisor,
+        shutdown_timeout: Duration::from_millis(tuning.shutdown_timeout_ms),
+    })
+}
+
+fn store_config(config: &Config) -> StoreConfig {
+    let tuning = &config.tuning;
+    StoreConfig {
+        database_url: config.database_url.clone(),
+        schema: config.schema.clone(),
+        pool_size: tuning.pool_size,
+        pool_wait_timeout_ms: tuning.pool_wait_timeout_ms,
+        statement_timeout_ms: tuning.statement_timeout_ms,
+        idle_in_transaction_timeout_ms: tuning.idle_in_transaction_timeout_ms,
+        application_name: format!("stead {}", config.name),
+    }
+}
+
+/// What every part of a node shares.
+struct Parts {
+    store: Store,
+    metrics: Arc<Metrics>,
+    wakeups: Wakeups,
+    definitions: DefinitionCache,
+    notifier: AdvanceNotifier,
+}
+
+impl Parts {
+    fn new(store: Store, tuning: &Tuning) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        metrics.pool_max.set(tuning.pool_size.max(1) as i64);
+        let wakeups = Wakeups::default();
+        Parts {
+            store,
+            metrics,
+            notifier: AdvanceNotifier::new(wakeups.clone()),
+            wakeups,
+            definitions: DefinitionCache::default(),
+        }
+    }
+}
+
+/// The LISTEN session, and the notifier that coalesces this process's
+/// wake-ups for the others.
+fn spawn_wakeups(sup: &mut Supervisor, parts: &Parts, tuning: &Tuning) {
+    let reconnect = Pacing {
+        interval_ms: None,
+        settle_ms: 0,
+        backoff_min_ms: tuning.reconnect_min_ms,
+        backoff_max_ms: tuning.reconnect_max_ms,
+    };
+    let listener = Listener {
+        store: parts.store.clone(),
+        wakeups: parts.wakeups.clone(),
+        metrics: parts.metrics.clone(),
+        cancel: sup.token(),
+    };
+    sup.service(listener, reconnect, Never);
+    let coalesce = Pacing {
+        interval_ms: None,
+        settle_ms: tuning.notify_coalesce_ms,
+        backoff_min_ms: tuning.error_backoff_ms,
+        backoff_max_ms: tuning.error_backoff_ms,
+    };
+    let notifier = Notifier {
+        store: parts.store.clone(),
+        metrics: parts.metrics.clone(),
+    };
+    sup.service(notifier, coalesce, parts.notifier.requests());
+}
+
+async fn serve_api(
+    sup: &mut Supervisor,
+    parts: &Parts,
+    config: &Config,
+) -> Result<SocketAddr, Error> {
+    let bind_error = |source| Error::Bind {
+        addr: config.listen.clone(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    let state = crate::api::AppState::new(
+        parts.store.clone(),
+        parts.definitions.clone(),
+        parts.wakeups.clone(),
+        parts.notifier.clone(),
+        parts.metrics.clone(),
+        config.limits.clone(),
+        config.tuning.clone(),
+    );
+    let router = crate::api::router(state);
+    let cancel = sup.token();
+    sup.spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "API server failed");
+        }
+    });
+    Ok(addr)
+}
+
+/// The cluster gauges (for the process), and per worker member its
+/// membership, advancer, reaper and executor.
+fn spawn_workers(sup: &mut Supervisor, parts: &Parts, config: &Config, api_url: Option<String>) {
+    let tuning = &config.tuning;
+    let process_duty = ProcessDuty::default();
+    let gauges = ClusterGauges {
+        store: parts.store.clone(),
+        process_duty: process_duty.clone(),
+        metrics: parts.metrics.clone(),
+    };
+    let refresh_ms = tuning.gauge_refresh_ms.max(MIN_GAUGE_REFRESH_MS);
+    sup.service(
+        gauges,
+        Pacing::every(refresh_ms, tuning.error_backoff_ms),
+        Never,
+    );
+    let mut handlers = config.handlers.clone();
+    builtin::install(&mut handlers, tuning.http_step_timeout_ms);
+    for n in 0..config.workers {
+        let name = if config.workers == 1 {
+            config.name.clone()
+        } else {
+            format!("{}-{}", config.name, n + 1)
+        };
+        let ownership = Ownership::default();
+        let membership = Membership::new(
+            MembershipConfig {
+                name: name.clone(),
+                ttl_ms: tuning.member_ttl_ms,
+                api_url: api_url.clone(),
+            },
+            parts.store.clone(),
+            ownership.clone(),
+            parts.wakeups.clone(),
+            parts.metrics.clone(),
+            process_duty.clone(),
+        );
+        let heartbeats = Pacing {
+            interval_ms: Some(tuning.heartbeat_ms),
+            settle_ms: 0,
+            backoff_min_ms: tuning.reconnect_min_ms,
+            backoff_max_ms: tuning.reconnect_max_ms,
+        };
+        sup.service(membership, heartbeats, Never);
+        spawn_engine(sup, parts, tuning, ownership);
+        spawn_executor(sup, parts, tuning, name, handlers.clone());
+    }
+}
+
+/// A member's advancer and reaper, working the slots it owns.
+fn spawn_engine(sup: &mut Supervisor, parts: &Parts, tuning: &Tuning, ownership: Ownership) {
+    let advancer = Advancer {
+        config: AdvancerConfig {
+            batch_size: tuning.advance_batch_size,
+        },
+        store: parts.store.clone(),
+        definitions: parts.definitions.clone(),
+        ownership: ownership.clone(),
+        metrics: parts.metrics.clone(),
+    };
+    let polling = Pacing::every(tuning.poll_interval_ms, tuning.error_backoff_ms);
+    sup.service(advancer, polling, parts.wakeups.advance.subscribe());
+    let reaper = Reaper {
+        config: ReaperConfig {
+            batch_size: tuning.reap_batch_size,
+        },
+        store: parts.store.clone(),
+        ownership,
+        metrics: parts.metrics.clone(),
+    };
+    let reaping = Pacing::every(tuning.reap_interval_ms, tuning.error_backoff_ms);
+    sup.service(reaper, reaping, Never);
+}
+
+fn spawn_executor(
+    sup: &mut Supervisor,
+    parts: &Parts,
+    tuning: &Tuning,
+    worker_name: String,
+    handlers: crate::Handlers,
+) {
+    if handlers.is_empty() {
+        return;
+    }
+    let config = ExecutorConfig {
+        worker_name,
+        claim_batch_size: tuning.claim_batch_size,
+        concurrency: tuning.worker_concurrency,
+        lease_ms: tuning.lease_ms,
+        completion_batch_size: tuning.completion_batch_size,
+        shutdown_timeout_ms: tuning.shutdown_timeout_ms,
+    };
+    let executor = Executor::new(
+        config,
+        parts.store.clone(),
+        handlers,
+        parts.notifier.clone(),
+        parts.metrics.clone(),
+        sup.token(),
+    );
+    let polling = Pacing::every(tuning.poll_interval_ms, tuning.error_backoff_ms);
+    sup.service(executor, polling, parts.wakeups.tasks.subscribe());
+}
+
+/// Owns every background task of a node; cancels and drains them together.
+#[derive(Default)]
+struct Supervisor {
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Supervisor {
+    /// A token cancelled when the node stops.
+    fn token(&self) -> CancellationToken {
+        self.cancel.child_token()
+    }
+
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
+    fn service<S: Service>(&mut self, service: S, pacing: Pacing, wake: impl Wake + 'static) {
+        let cancel = self.token();
+        self.tasks
+            .spawn(service::run(service, pacing, wake, cancel));
+    }
+
+    /// Cancels every task, waits up to `timeout` for them to drain, then
+    /// aborts what is left.
+    async fn shutdown(mut self, timeout: Duration) {
         self.cancel.cancel();
-        let drained = tokio::time::timeout(self.shutdown_timeout, async {
+        let drained = tokio::time::timeout(timeout, async {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;
@@ -60,204 +333,4 @@ impl Node {
             while self.tasks.join_next().await.is_some() {}
         }
     }
-}
-
-/// Runs a node until `shutdown` resolves, then stops it cleanly.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let node = start(config).await?;
-    shutdown.await;
-    node.shutdown().await;
-    Ok(())
-}
-
-/// Starts a node: migrates (unless told not to), binds the API and spawns the
-/// workers. Returns once the API accepts connections.
-pub async fn start(config: Config) -> anyhow::Result<Node> {
-    let tuning = &config.tuning;
-    if tuning.member_ttl_ms < 2 * tuning.heartbeat_ms.max(1) {
-        anyhow::bail!(
-            "--member-ttl-ms ({}) must be at least twice --heartbeat-ms ({})",
-            tuning.member_ttl_ms,
-            tuning.heartbeat_ms
-        );
-    }
-    let store = Store::new(StoreConfig {
-        database_url: config.database_url.clone(),
-        schema: config.schema.clone(),
-        pool_size: tuning.pool_size,
-        pool_wait_timeout_ms: tuning.pool_wait_timeout_ms,
-        statement_timeout_ms: tuning.statement_timeout_ms,
-        idle_in_transaction_timeout_ms: tuning.idle_in_transaction_timeout_ms,
-        application_name: format!("stead {}", config.name),
-    })?;
-    if config.migrate {
-        store
-            .migrate(config.slot_count)
-            .await
-            .context("applying migrations")?;
-    }
-
-    let metrics = Arc::new(Metrics::new());
-    metrics.pool_max.set(tuning.pool_size.max(1) as i64);
-    let wakeups = Wakeups::default();
-    let definitions = DefinitionCache::default();
-    let cancel = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-
-    tasks.spawn(
-        Listener {
-            config: ListenerConfig {
-                reconnect_min_ms: 100,
-                reconnect_max_ms: 5_000,
-            },
-            store: store.clone(),
-            wakeups: wakeups.clone(),
-            metrics: metrics.clone(),
-        }
-        .run(cancel.child_token()),
-    );
-
-    let notifier = AdvanceNotifier::new(wakeups.clone());
-    tasks.spawn(
-        Notifier {
-            config: NotifierConfig { coalesce_ms: 5 },
-            store: store.clone(),
-            handle: notifier.clone(),
-            metrics: metrics.clone(),
-        }
-        .run(cancel.child_token()),
-    );
-
-    // The API is bound first so members can advertise its URL; it starts
-    // serving at once.
-    let mut api_addr = None;
-    if config.api {
-        let listener = tokio::net::TcpListener::bind(&config.listen)
-            .await
-            .with_context(|| format!("binding the API to {}", config.listen))?;
-        let addr = listener.local_addr()?;
-        api_addr = Some(addr);
-        let state = crate::api::AppState::new(
-            store.clone(),
-            definitions.clone(),
-            wakeups.clone(),
-            notifier.clone(),
-            metrics.clone(),
-            config.limits.clone(),
-            config.tuning.clone(),
-        );
-        let router = crate::api::router(state);
-        let api_cancel = cancel.child_token();
-        tasks.spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { api_cancel.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "API server failed");
-            }
-        });
-    }
-
-    let mut handlers = config.handlers.clone();
-    builtin::install(&mut handlers, tuning.http_step_timeout_ms);
-    let api_url = api_addr.map(|a| format!("http://{a}"));
-    let process_duty = ProcessDuty::default();
-    if config.workers > 0 {
-        tasks.spawn(
-            ClusterGaugesLoop {
-                config: ClusterGaugesConfig {
-                    interval_ms: tuning.gauge_refresh_ms.max(100),
-                },
-                store: store.clone(),
-                process_duty: process_duty.clone(),
-                metrics: metrics.clone(),
-            }
-            .run(cancel.child_token()),
-        );
-    }
-    for n in 0..config.workers {
-        let worker_name = if config.workers == 1 {
-            config.name.clone()
-        } else {
-            format!("{}-{}", config.name, n + 1)
-        };
-        let ownership = Ownership::default();
-        tasks.spawn(
-            Membership {
-                config: MembershipConfig {
-                    name: worker_name.clone(),
-                    heartbeat_ms: tuning.heartbeat_ms,
-                    ttl_ms: tuning.member_ttl_ms,
-                    api_url: api_url.clone(),
-                    reconnect_max_ms: 5_000,
-                },
-                store: store.clone(),
-                ownership: ownership.clone(),
-                wakeups: wakeups.clone(),
-                metrics: metrics.clone(),
-                failover_since: Default::default(),
-                holds_maintenance: Default::default(),
-                process_duty: process_duty.clone(),
-            }
-            .run(cancel.child_token()),
-        );
-        tasks.spawn(
-            Advancer {
-                config: AdvancerConfig {
-                    batch_size: tuning.advance_batch_size,
-                    poll_interval_ms: tuning.poll_interval_ms,
-                    error_backoff_ms: 500,
-                },
-                store: store.clone(),
-                definitions: definitions.clone(),
-                wakeups: wakeups.clone(),
-                ownership: ownership.clone(),
-                metrics: metrics.clone(),
-            }
-            .run(cancel.child_token()),
-        );
-        tasks.spawn(
-            Reaper {
-                config: ReaperConfig {
-                    interval_ms: tuning.reap_interval_ms,
-                    batch_size: 1000,
-                },
-                store: store.clone(),
-                ownership,
-                metrics: metrics.clone(),
-            }
-            .run(cancel.child_token()),
-        );
-        tasks.spawn(
-            Executor {
-                config: ExecutorConfig {
-                    worker_name,
-                    claim_batch_size: tuning.claim_batch_size,
-                    concurrency: tuning.worker_concurrency,
-                    lease_ms: tuning.lease_ms,
-                    poll_interval_ms: tuning.poll_interval_ms,
-                    completion_batch_size: tuning.completion_batch_size,
-                    error_backoff_ms: 500,
-                    shutdown_timeout_ms: tuning.shutdown_timeout_ms,
-                },
-                store: store.clone(),
-                handlers: handlers.clone(),
-                wakeups: wakeups.clone(),
-                notifier: notifier.clone(),
-                metrics: metrics.clone(),
-            }
-            .run(cancel.child_token()),
-        );
-    }
-    if let Some(addr) = api_addr {
-        println!("stead listening on http://{addr}");
-    }
-
-    Ok(Node {
-        api_addr,
-        cancel,
-        tasks,
-        shutdown_timeout: Duration::from_millis(tuning.shutdown_timeout_ms),
-        store,
-    })
 }

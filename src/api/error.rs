@@ -6,31 +6,32 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::error::Chain;
 use crate::store::StoreError;
 
 /// One problem with one field of the request.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct FieldProblem {
+pub(crate) struct FieldProblem {
     /// JSON path (`$.steps[0].id`) or parameter name (`query.limit`).
-    pub path: String,
-    pub message: String,
+    pub(crate) path: String,
+    pub(crate) message: String,
 }
 
 #[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub kind: &'static str,
-    pub title: &'static str,
-    pub detail: String,
-    pub errors: Vec<FieldProblem>,
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) kind: &'static str,
+    pub(crate) title: &'static str,
+    pub(crate) detail: String,
+    pub(crate) errors: Vec<FieldProblem>,
     /// The database failed (not the client): counted in
     /// `stead_db_errors_total{component="api"}` by the metrics layer.
-    pub db_fault: bool,
+    pub(crate) db_fault: bool,
 }
 
 /// Marks a response caused by a database fault, for the metrics layer.
 #[derive(Debug, Clone, Copy)]
-pub struct DbFault;
+pub(crate) struct DbFault;
 
 #[derive(Serialize)]
 struct ProblemDocument<'a> {
@@ -44,7 +45,7 @@ struct ProblemDocument<'a> {
 }
 
 impl ApiError {
-    pub fn new(
+    pub(crate) fn new(
         status: StatusCode,
         kind: &'static str,
         title: &'static str,
@@ -61,7 +62,7 @@ impl ApiError {
     }
 
     /// 400 with one named field.
-    pub fn bad_field(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn bad_field(path: impl Into<String>, message: impl Into<String>) -> Self {
         let path = path.into();
         let message = message.into();
         ApiError {
@@ -75,21 +76,21 @@ impl ApiError {
     }
 
     /// 422 with one named field.
-    pub fn unprocessable_field(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn unprocessable_field(path: impl Into<String>, message: impl Into<String>) -> Self {
         let mut e = Self::bad_field(path, message);
         e.status = StatusCode::UNPROCESSABLE_ENTITY;
         e
     }
 
-    pub fn not_found(detail: impl Into<String>) -> Self {
+    pub(crate) fn not_found(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
     }
 
-    pub fn conflict(detail: impl Into<String>) -> Self {
+    pub(crate) fn conflict(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", "Conflict", detail)
     }
 
-    pub fn internal() -> Self {
+    pub(crate) fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -102,16 +103,16 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::NotFound(m) => ApiError::not_found(m),
-            StoreError::Conflict(m) => ApiError::conflict(m),
-            StoreError::Invalid(m) => ApiError::new(
+            StoreError::NotFound { message, .. } => ApiError::not_found(message),
+            StoreError::Conflict { message, .. } => ApiError::conflict(message),
+            StoreError::Invalid { message, .. } => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid-request",
                 "Invalid request",
-                m,
+                message,
             ),
-            StoreError::Transient(m) => {
-                tracing::warn!(error = %m, "request failed on a transient database error");
+            StoreError::Transient(_) => {
+                tracing::warn!(error = %Chain(&e), "request failed on a transient database error");
                 let mut e = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
@@ -121,8 +122,8 @@ impl From<StoreError> for ApiError {
                 e.db_fault = true;
                 e
             }
-            StoreError::Permanent(m) | StoreError::Fenced(m) => {
-                tracing::error!(error = %m, "request failed on a database error");
+            StoreError::Permanent(_) | StoreError::Fenced { .. } => {
+                tracing::error!(error = %Chain(&e), "request failed on a database error");
                 let mut e = ApiError::internal();
                 e.db_fault = true;
                 e
@@ -158,4 +159,4 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;

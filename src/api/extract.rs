@@ -10,7 +10,7 @@ use super::error::ApiError;
 
 /// A JSON body. Malformed JSON is a 400; a value of the wrong shape is a
 /// 422 naming the JSON path; a body over the limit is a 413.
-pub struct ApiJson<T>(pub T);
+pub(crate) struct ApiJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
@@ -26,7 +26,7 @@ where
 }
 
 /// A raw body, with the size limit's rejection as a problem document.
-pub struct ApiBytes(pub Bytes);
+pub(crate) struct ApiBytes(pub Bytes);
 
 impl<S> FromRequest<S> for ApiBytes
 where
@@ -58,7 +58,7 @@ where
 }
 
 /// Parses `bytes` as `T` with problem documents for the failures.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_field(
             "$",
@@ -117,7 +117,7 @@ fn find_nul(value: &serde_json::Value, path: &str) -> Option<String> {
 }
 
 /// Checks one id-like value (`[A-Za-z0-9._:@-]{1,200}`), naming it on failure.
-pub fn check_id(what: &str, value: &str) -> Result<(), ApiError> {
+pub(crate) fn check_id(what: &str, value: &str) -> Result<(), ApiError> {
     const RULE: &str = "must be 1-200 characters of letters, digits and . _ : @ -";
     if is_valid_id(value) {
         Ok(())
@@ -129,7 +129,7 @@ pub fn check_id(what: &str, value: &str) -> Result<(), ApiError> {
     }
 }
 
-pub fn is_valid_id(value: &str) -> bool {
+pub(crate) fn is_valid_id(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= 200
         && value
@@ -138,7 +138,7 @@ pub fn is_valid_id(value: &str) -> bool {
 }
 
 /// Raw query parameters; the handlers validate and name each one.
-pub struct QueryParams(pub Vec<(String, String)>);
+pub(crate) struct QueryParams(pub Vec<(String, String)>);
 
 impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
     type Rejection = ApiError;
@@ -152,7 +152,7 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
 }
 
 impl QueryParams {
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == name)
@@ -160,7 +160,7 @@ impl QueryParams {
     }
 
     /// Rejects parameters the endpoint does not know.
-    pub fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
+    pub(crate) fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
         for (k, _) in &self.0 {
             if !allowed.contains(&k.as_str()) {
                 return Err(ApiError::bad_field(
@@ -174,7 +174,7 @@ impl QueryParams {
 }
 
 /// Path parameters; a rejection is a problem document.
-pub struct ApiPath<T>(pub T);
+pub(crate) struct ApiPath<T>(pub T);
 
 impl<S, T> FromRequestParts<S> for ApiPath<T>
 where

@@ -13,7 +13,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{check_id, parse_json, ApiBytes, ApiJson, ApiPath, QueryParams};
 use super::AppState;
 use crate::definition::duration::parse_duration_ms;
-use crate::engine::InstanceStatus;
+use crate::model::{InstanceStatus, StepStatus, Vocabulary};
 use crate::store::{InstanceFilter, InstanceRecord, StepRecord};
 
 /// Default page size of the instance list.
@@ -23,14 +23,14 @@ const WAIT_POLL_MS: u64 = 1_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StartRequest {
+pub(crate) struct StartRequest {
     #[serde(default)]
     input: Value,
     id: Option<String>,
     version: Option<i32>,
 }
 
-pub async fn start(
+pub(crate) async fn start(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<StartRequest>,
@@ -68,7 +68,7 @@ pub async fn start(
     Ok((status, Json(body)).into_response())
 }
 
-pub fn instance_json(r: &InstanceRecord) -> Value {
+pub(crate) fn instance_json(r: &InstanceRecord) -> Value {
     let mut v = json!({
         "id": r.id,
         "workflow": r.workflow_name,
@@ -94,10 +94,10 @@ fn step_json(id: &str, kind: &str, s: Option<&StepRecord>) -> Value {
         Some(s) => {
             // The steps table says 'scheduled' until the result is recorded;
             // a held lease means a worker is on it right now.
-            let status = if s.leased && s.status == "scheduled" {
-                "running"
+            let status = if s.leased && s.status == StepStatus::Scheduled {
+                StepStatus::Running
             } else {
-                s.status.as_str()
+                s.status
             };
             let mut v = json!({
                 "id": id,
@@ -125,7 +125,7 @@ fn step_json(id: &str, kind: &str, s: Option<&StepRecord>) -> Value {
     }
 }
 
-pub async fn get(
+pub(crate) async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
     query: QueryParams,
@@ -179,8 +179,7 @@ async fn wait_for_end(state: &AppState, id: &str, wait_ms: u64) -> ApiResult<Ins
             .get_instance(id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("instance {id:?} does not exist")))?;
-        let terminal = InstanceStatus::parse(&record.status).is_some_and(|s| s.is_terminal());
-        if terminal || tokio::time::Instant::now() >= deadline {
+        if record.status.is_terminal() || tokio::time::Instant::now() >= deadline {
             return Ok(record);
         }
         let poll = tokio::time::Instant::now() + std::time::Duration::from_millis(WAIT_POLL_MS);
@@ -199,7 +198,10 @@ async fn wait_for_end(state: &AppState, id: &str, wait_ms: u64) -> ApiResult<Ins
     }
 }
 
-pub async fn list(State(state): State<AppState>, query: QueryParams) -> ApiResult<Json<Value>> {
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    query: QueryParams,
+) -> ApiResult<Json<Value>> {
     query.only(&["workflow", "status", "limit", "cursor"])?;
     let mut filter = InstanceFilter {
         limit: DEFAULT_PAGE,
@@ -210,13 +212,12 @@ pub async fn list(State(state): State<AppState>, query: QueryParams) -> ApiResul
         filter.workflow = Some(w.to_string());
     }
     if let Some(s) = query.get("status") {
-        if InstanceStatus::parse(s).is_none() {
-            return Err(ApiError::bad_field(
+        filter.status = Some(InstanceStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_field(
                 "query.status",
                 "must be one of pending, running, completed, failed, cancelled",
-            ));
-        }
-        filter.status = Some(s.to_string());
+            )
+        })?);
     }
     if let Some(l) = query.get("limit") {
         let max = state.inner.limits.max_page as i64;
@@ -272,7 +273,7 @@ fn decode_cursor(cursor: &str) -> Option<(DateTime<Utc>, String)> {
     Some((time, id.to_string()))
 }
 
-pub async fn history(
+pub(crate) async fn history(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
@@ -299,7 +300,7 @@ pub async fn history(
 
 /// `POST /v1/instances/{id}/signals/{name}`: the body is the payload (an
 /// empty body is null). Buffered until a step waits for it.
-pub async fn signal(
+pub(crate) async fn signal(
     State(state): State<AppState>,
     ApiPath((id, name)): ApiPath<(String, String)>,
     ApiBytes(body): ApiBytes,
@@ -322,12 +323,12 @@ pub async fn signal(
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct CancelRequest {
+pub(crate) struct CancelRequest {
     reason: Option<String>,
 }
 
 /// `POST /v1/instances/{id}/cancel` with an optional `{reason}`.
-pub async fn cancel(
+pub(crate) async fn cancel(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
     ApiBytes(body): ApiBytes,
@@ -359,7 +360,7 @@ pub async fn cancel(
 
 /// `POST /v1/instances/{id}/retry`: a failed instance runs again from its
 /// failed steps.
-pub async fn retry(
+pub(crate) async fn retry(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {

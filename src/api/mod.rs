@@ -21,15 +21,15 @@ use serde_json::json;
 
 use crate::config::{Limits, Tuning};
 use crate::metrics::{Component, Metrics};
-use crate::store::Store;
+use crate::store::{latest_migration_version, Store};
+use crate::wakeups::Wakeups;
 use crate::worker::notifier::AdvanceNotifier;
-use crate::worker::{DefinitionCache, Wakeups};
+use crate::worker::DefinitionCache;
 
-pub use error::{ApiError, ApiResult, FieldProblem};
-pub use extract::is_valid_id;
+use error::{ApiError, ApiResult};
 
 #[derive(Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     inner: Arc<Inner>,
 }
 
@@ -44,7 +44,7 @@ struct Inner {
 }
 
 impl AppState {
-    pub fn new(
+    pub(crate) fn new(
         store: Store,
         definitions: DefinitionCache,
         wakeups: Wakeups,
@@ -67,7 +67,7 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     let body_limit = state.inner.limits.body_limit_bytes;
     Router::new()
         .route("/v1/workflows", get(workflows::list))
@@ -208,7 +208,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// Ready when the database answers and its schema is the one this binary
 /// expects.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let expected = Store::latest_migration_version();
+    let expected = latest_migration_version();
     match state.inner.store.schema_version().await {
         Ok(v) if v == expected => Json(json!({ "status": "ready", "schema_version": v })).into_response(),
         Ok(v) => ApiError::new(
@@ -219,7 +219,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         )
         .into_response(),
         Err(e) => {
-            tracing::warn!(error = %e, "readiness check failed");
+            tracing::warn!(error = %crate::error::Chain(&e), "readiness check failed");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not-ready",

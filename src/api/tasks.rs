@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::error::{ApiError, ApiResult};
 use super::extract::{check_id, ApiJson, ApiPath};
 use super::{duration_param, AppState};
+use crate::model::{TaskFailure, TaskResult};
 use crate::store::TaskOutcome;
 
 /// Claims recheck the queue this often even without a notification (delayed
@@ -19,7 +20,7 @@ const CLAIM_POLL_MS: u64 = 250;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ClaimRequest {
+pub(crate) struct ClaimRequest {
     worker: String,
     #[serde(default = "one")]
     max: i64,
@@ -31,7 +32,7 @@ fn one() -> i64 {
     1
 }
 
-pub async fn claim(
+pub(crate) async fn claim(
     State(state): State<AppState>,
     ApiPath(queue): ApiPath<String>,
     ApiJson(req): ApiJson<ClaimRequest>,
@@ -130,12 +131,12 @@ fn lease_lost(task_id: i64) -> ApiError {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HeartbeatRequest {
+pub(crate) struct HeartbeatRequest {
     lease_token: Uuid,
     lease: Option<Value>,
 }
 
-pub async fn heartbeat(
+pub(crate) async fn heartbeat(
     State(state): State<AppState>,
     ApiPath(task_id): ApiPath<String>,
     ApiJson(req): ApiJson<HeartbeatRequest>,
@@ -157,31 +158,37 @@ pub async fn heartbeat(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CompleteRequest {
+pub(crate) struct CompleteRequest {
     lease_token: Uuid,
     #[serde(default)]
     output: Value,
 }
 
-pub async fn complete(
+pub(crate) async fn complete(
     State(state): State<AppState>,
     ApiPath(task_id): ApiPath<String>,
     ApiJson(req): ApiJson<CompleteRequest>,
 ) -> ApiResult<Json<Value>> {
     let task_id = task_id_param(&task_id)?;
-    finish(&state, task_id, req.lease_token, Ok(req.output)).await
+    finish(
+        &state,
+        task_id,
+        req.lease_token,
+        TaskResult::Completed(req.output),
+    )
+    .await
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FailRequest {
+pub(crate) struct FailRequest {
     lease_token: Uuid,
     error: FailError,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FailError {
+pub(crate) struct FailError {
     message: String,
     #[serde(default = "yes")]
     retryable: bool,
@@ -192,24 +199,29 @@ fn yes() -> bool {
     true
 }
 
-pub async fn fail(
+pub(crate) async fn fail(
     State(state): State<AppState>,
     ApiPath(task_id): ApiPath<String>,
     ApiJson(req): ApiJson<FailRequest>,
 ) -> ApiResult<Json<Value>> {
     let task_id = task_id_param(&task_id)?;
-    let mut error = json!({ "message": req.error.message, "retryable": req.error.retryable });
-    if let Some(d) = req.error.details {
-        error["details"] = d;
-    }
-    finish(&state, task_id, req.lease_token, Err(error)).await
+    // `expired` is not a field a worker may send: only the reaper sets it.
+    let e = req.error;
+    let failure = TaskFailure::new(e.message, e.retryable, e.details);
+    finish(
+        &state,
+        task_id,
+        req.lease_token,
+        TaskResult::Failed(failure),
+    )
+    .await
 }
 
 async fn finish(
     state: &AppState,
     task_id: i64,
     lease_token: Uuid,
-    result: Result<Value, Value>,
+    result: TaskResult,
 ) -> ApiResult<Json<Value>> {
     let recorded = state
         .inner

@@ -18,7 +18,7 @@ use crate::store::WorkflowRecord;
 /// Most workflows one list returns.
 const MAX_WORKFLOWS_LISTED: i64 = 10_000;
 
-pub async fn put(
+pub(crate) async fn put(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(mut doc): ApiJson<Value>,
@@ -73,7 +73,7 @@ pub async fn put(
 
 /// SHA-256 of the document's canonical JSON (object keys sorted, which is
 /// how serde_json's map serialises).
-pub fn content_hash(doc: &Value) -> String {
+pub(crate) fn content_hash(doc: &Value) -> String {
     let canonical = serde_json::to_vec(doc).expect("JSON values serialise");
     Sha256::digest(&canonical)
         .iter()
@@ -99,7 +99,7 @@ fn full(r: &WorkflowRecord) -> Value {
     })
 }
 
-pub async fn list(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+pub(crate) async fn list(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     let records = state
         .inner
         .store
@@ -110,7 +110,7 @@ pub async fn list(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     })))
 }
 
-pub async fn get_latest(
+pub(crate) async fn get_latest(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<Value>> {
@@ -129,7 +129,7 @@ pub async fn get_latest(
     Ok(Json(body))
 }
 
-pub async fn get_version(
+pub(crate) async fn get_version(
     State(state): State<AppState>,
     ApiPath((name, version)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {

@@ -4,7 +4,7 @@
 /// Largest duration accepted anywhere in a definition: 36500 days (about 100
 /// years). Keeps every later computation (timestamps, Postgres intervals) far
 /// away from overflow.
-pub const MAX_DURATION_MS: u64 = 36_500 * DAY_MS;
+pub(crate) const MAX_DURATION_MS: u64 = 36_500 * DAY_MS;
 
 const SECOND_MS: u64 = 1_000;
 const MINUTE_MS: u64 = 60 * SECOND_MS;
@@ -20,7 +20,7 @@ const EXPECTED: &str = "expected one or more <integer><unit> parts with unit ms,
 /// units are `ms`, `s`, `m`, `h` and `d`. Empty strings, bare numbers,
 /// negative or fractional numbers, unknown units and totals above
 /// [`MAX_DURATION_MS`] are rejected with a message saying what is expected.
-pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_duration_ms(s: &str) -> Result<u64, String> {
     let invalid = || format!("invalid duration {s:?}: {EXPECTED}");
     if s.is_empty() {
         return Err(format!("empty duration: {EXPECTED}"));
@@ -69,7 +69,7 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
 
 /// Formats milliseconds the way [`parse_duration_ms`] reads them, largest
 /// unit first and zero parts left out: `90000` → `"1m30s"`, `0` → `"0s"`.
-pub fn format_duration_ms(ms: u64) -> String {
+pub(crate) fn format_duration_ms(ms: u64) -> String {
     if ms == 0 {
         return "0s".to_string();
     }

@@ -1,10 +1,10 @@
 //! Workflow definitions: the data model, parsing and validation of the JSON
 //! documents users register, templates, and durations.
 
-pub mod duration;
-pub mod model;
-pub mod template;
+pub(crate) mod duration;
+pub(crate) mod model;
+pub(crate) mod template;
 mod validate;
 
-pub use model::*;
-pub use validate::parse;
+pub(crate) use model::*;
+pub(crate) use validate::parse;

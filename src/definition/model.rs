@@ -11,7 +11,7 @@ use serde_json::Value;
 
 /// A whole workflow definition, validated.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Definition {
+pub(crate) struct Definition {
     pub name: String,
     pub steps: Vec<Step>,
     /// Template for the instance output; `None` means the instance output is
@@ -25,13 +25,13 @@ pub struct Definition {
 }
 
 impl Definition {
-    pub fn step_index(&self, id: &str) -> Option<usize> {
+    pub(crate) fn step_index(&self, id: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.id == id)
     }
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Step {
+pub(crate) struct Step {
     pub id: String,
     pub kind: StepKind,
     /// Indices into `Definition::steps` of the steps that must finish first,
@@ -50,7 +50,7 @@ pub struct Step {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum StepKind {
+pub(crate) enum StepKind {
     /// Work for a named queue; `input` is a template (absent = null).
     Task { queue: String, input: Option<Value> },
     /// stead itself calls a URL.
@@ -74,7 +74,7 @@ pub enum StepKind {
 
 impl StepKind {
     /// The kind's name as it appears in the JSON document.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             StepKind::Task { .. } => "task",
             StepKind::Http(_) => "http",
@@ -87,7 +87,7 @@ impl StepKind {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct HttpCall {
+pub(crate) struct HttpCall {
     /// Upper-case HTTP method (GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS).
     pub method: String,
     /// Template that must render to a string URL.
@@ -99,7 +99,7 @@ pub struct HttpCall {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum SleepSpec {
+pub(crate) enum SleepSpec {
     Duration {
         ms: u64,
     },
@@ -108,7 +108,7 @@ pub enum SleepSpec {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Compensation {
+pub(crate) struct Compensation {
     pub action: CompensationAction,
     /// The compensation's own retry policy (its `retry` over the workflow default).
     pub retry: RetryPolicy,
@@ -116,13 +116,13 @@ pub struct Compensation {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum CompensationAction {
+pub(crate) enum CompensationAction {
     Http(HttpCall),
     Task { queue: String, input: Option<Value> },
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct ForEach {
+pub(crate) struct ForEach {
     /// Template that must render to an array.
     pub items: Value,
     /// At most this many items run at once; `None` = no limit.
@@ -130,7 +130,7 @@ pub struct ForEach {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     pub max_attempts: u32,
     pub initial_interval_ms: u64,
     pub multiplier: f64,
@@ -152,7 +152,7 @@ impl Default for RetryPolicy {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnFailure {
+pub(crate) enum OnFailure {
     #[default]
     Fail,
     Continue,
@@ -161,14 +161,14 @@ pub enum OnFailure {
 /// One problem found in a definition, with the JSON path of the offending
 /// value, e.g. `$.steps[2].retry.max_attempts`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Problem {
+pub(crate) struct Problem {
     pub path: String,
     pub message: String,
 }
 
 /// Limits applied while validating (configurable by the operator).
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_steps: usize,
 }
 

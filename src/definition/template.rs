@@ -23,7 +23,7 @@ use serde_json::Value;
 use crate::definition::model::Problem;
 
 /// What a template can see while it is rendered.
-pub struct Scope<'a> {
+pub(crate) struct Scope<'a> {
     /// The instance input.
     pub input: &'a Value,
     /// The instance id (`${instance.id}`).
@@ -42,7 +42,7 @@ pub struct Scope<'a> {
 /// resolved (missing keys, unfinished steps, malformed expressions that
 /// validation would have rejected) evaluates to null, and an unterminated
 /// `${` is kept as literal text.
-pub fn render(template: &Value, scope: &Scope<'_>) -> Value {
+pub(crate) fn render(template: &Value, scope: &Scope<'_>) -> Value {
     match template {
         Value::String(s) => render_string(s, scope),
         Value::Array(items) => Value::Array(items.iter().map(|v| render(v, scope)).collect()),
@@ -57,13 +57,13 @@ pub fn render(template: &Value, scope: &Scope<'_>) -> Value {
 
 /// True when a rendered `when` value means "skip": null or false (a missing
 /// value renders to null). Everything else, including `0` and `""`, runs.
-pub fn is_falsy(v: &Value) -> bool {
+pub(crate) fn is_falsy(v: &Value) -> bool {
     matches!(v, Value::Null | Value::Bool(false))
 }
 
 /// One reference made by a template expression (parsed, for validation).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ref {
+pub(crate) enum Ref {
     /// `${input...}` with the path after `input`.
     Input(Vec<String>),
     /// `${steps.<step>.output...}` with the path after `output`.
@@ -80,7 +80,7 @@ pub enum Ref {
 /// problems found: bad `${` syntax, an unknown root, `steps.X` not followed
 /// by `.output`, `instance.` other than `id`. Problem paths extend
 /// `base_path` (e.g. `$.steps[1].http.body.amount`).
-pub fn references(template: &Value, base_path: &str) -> Result<Vec<Ref>, Vec<Problem>> {
+pub(crate) fn references(template: &Value, base_path: &str) -> Result<Vec<Ref>, Vec<Problem>> {
     let mut refs = Vec::new();
     let mut problems = Vec::new();
     for found in scan(template, base_path) {

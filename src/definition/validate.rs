@@ -56,7 +56,11 @@ const STEP_ID_RULE: &str = "1 to 64 characters of a-z 0-9 _";
 ///
 /// Returns the validated [`Definition`], or every problem found (never just
 /// the first), each with a JSON path such as `$.steps[2].retry.max_attempts`.
-pub fn parse(url_name: &str, doc: &Value, limits: &Limits) -> Result<Definition, Vec<Problem>> {
+pub(crate) fn parse(
+    url_name: &str,
+    doc: &Value,
+    limits: &Limits,
+) -> Result<Definition, Vec<Problem>> {
     let mut v = Validator::default();
     let definition = v.definition(url_name, doc, limits);
     match definition {

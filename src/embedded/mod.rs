@@ -46,15 +46,16 @@ const PG_ENV: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
     #[error(
-        "no PostgreSQL server binaries found: install postgresql (apt-get install postgresql) \
-         or put initdb and pg_ctl on PATH"
+        "no PostgreSQL server binaries (initdb, pg_ctl, postgres) on PATH or in the usual \
+         places; install them with: {}",
+        install_command()
     )]
     BinariesNotFound,
 
     #[error(
-        "{dir} does not hold the PostgreSQL server binaries (missing {missing}): \
-         install postgresql (apt-get install postgresql) or point at the directory that holds \
-         initdb, pg_ctl and postgres"
+        "{dir} does not hold the PostgreSQL server binaries (missing {missing}): install them \
+         with `{}`, or point at the directory that holds initdb, pg_ctl and postgres",
+        install_command()
     )]
     IncompleteBinaries { dir: PathBuf, missing: String },
 
@@ -189,6 +190,8 @@ impl PgBinaries {
         for (parent, prefix, suffix) in [
             ("/usr/lib/postgresql", "", "bin"),
             ("/usr", "pgsql-", "bin"),
+            ("/opt/homebrew/opt", "postgresql@", "bin"),
+            ("/usr/local/opt", "postgresql@", "bin"),
         ] {
             let Ok(entries) = fs::read_dir(parent) else {
                 continue;
@@ -274,6 +277,28 @@ impl PgBinaries {
     /// (`15`, or `9.6` for the old scheme).
     pub fn major_version(&self) -> Result<String> {
         Ok(major_of(&self.version()?))
+    }
+}
+
+/// The command that installs the PostgreSQL server binaries on this
+/// machine, for error messages.
+pub fn install_command() -> String {
+    // SAFETY: geteuid cannot fail.
+    let sudo = if unsafe { libc::geteuid() } == 0 {
+        ""
+    } else {
+        "sudo "
+    };
+    if cfg!(target_os = "macos") {
+        "brew install postgresql@15".into()
+    } else if Path::new("/etc/debian_version").exists() {
+        format!("{sudo}apt-get install postgresql")
+    } else if Path::new("/etc/redhat-release").exists() {
+        format!("{sudo}dnf install postgresql-server")
+    } else if Path::new("/etc/alpine-release").exists() {
+        format!("{sudo}apk add postgresql")
+    } else {
+        "your system's PostgreSQL server package (it has initdb, pg_ctl and postgres)".into()
     }
 }
 
@@ -811,20 +836,14 @@ impl Cluster {
         let until = Instant::now() + deadline;
         let mut delay = Duration::from_millis(10);
         loop {
-            let last_error = match tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio_postgres::connect(&url, tokio_postgres::NoTls),
-            )
-            .await
-            {
-                Ok(Ok((client, conn))) => {
-                    drop(client);
-                    drop(conn);
-                    return Ok(());
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "connect timed out".to_string(),
-            };
+            let last_error =
+                match tokio::time::timeout(Duration::from_secs(5), crate::store::can_connect(&url))
+                    .await
+                {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "connect timed out".to_string(),
+                };
             if let Some(child) = &self.child {
                 if let Some(status) = child.exit_status() {
                     return Err(EmbeddedError::ServerExited {
@@ -850,24 +869,7 @@ impl Cluster {
 
     /// Create `database` unless it exists.
     pub async fn ensure_database(&self, database: &str) -> Result<()> {
-        let (client, conn) =
-            tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await?;
-        let conn = tokio::spawn(conn);
-        let exists = client
-            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
-            .await?
-            .is_some();
-        if !exists {
-            let sql = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
-            match client.batch_execute(&sql).await {
-                Ok(()) => {}
-                Err(e)
-                    if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        drop(client);
-        let _ = conn.await;
+        crate::store::ensure_database(&self.url("postgres"), database).await?;
         Ok(())
     }
 

@@ -66,11 +66,7 @@ fn fail(step: usize, attempt: u32, message: &str, retryable: bool) -> Event {
         item: None,
         purpose: TaskPurpose::Run,
         attempt,
-        result: TaskResult::Failed {
-            message: message.to_string(),
-            retryable,
-            details: None,
-        },
+        result: TaskResult::Failed(TaskFailure::new(message, retryable, None)),
         started_at: None,
         worker: Some("w1".to_string()),
     }
@@ -230,11 +226,7 @@ fn finished(
 }
 
 fn failure(message: &str, retryable: bool) -> TaskResult {
-    TaskResult::Failed {
-        message: message.to_string(),
-        retryable,
-        details: None,
-    }
+    TaskResult::Failed(TaskFailure::new(message, retryable, None))
 }
 
 fn item_ok(step: usize, item: u32, attempt: u32, output: Value) -> Event {
@@ -1107,11 +1099,7 @@ fn failure_details_are_kept_in_the_error() {
         item: None,
         purpose: TaskPurpose::Run,
         attempt: 1,
-        result: TaskResult::Failed {
-            message: "bad".to_string(),
-            retryable: true,
-            details: Some(json!({"code": 503})),
-        },
+        result: TaskResult::Failed(TaskFailure::new("bad", true, Some(json!({"code": 503})))),
         started_at: None,
         worker: None,
     };

@@ -8,6 +8,10 @@
 //! slots) are set only in the process whose member holds the maintenance
 //! duty, so summing or taking the max over the cluster counts them once.
 
+mod gauges;
+
+pub(crate) use gauges::{ClusterGauges, ProcessDuty};
+
 use crate::store::{ClusterCounts, QueueDepth};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -16,7 +20,7 @@ use prometheus::{
 
 /// What failed when `stead_db_errors_total` counts an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Component {
+pub(crate) enum Component {
     Api,
     Advancer,
     Executor,
@@ -27,7 +31,7 @@ pub enum Component {
 }
 
 impl Component {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Component::Api => "api",
             Component::Advancer => "advancer",
@@ -52,49 +56,49 @@ impl Component {
 
 /// The final statuses of an instance, pre-created per workflow so a rate()
 /// over them has a starting point before the first increment.
-pub const ENDED_STATUSES: [&str; 3] = ["completed", "failed", "cancelled"];
+const ENDED_STATUSES: [&str; 3] = ["completed", "failed", "cancelled"];
 
-pub struct Metrics {
-    pub registry: Registry,
+pub(crate) struct Metrics {
+    registry: Registry,
     // ---- instances ----
-    pub instances_started: IntCounterVec,
-    pub instances_ended: IntCounterVec,
-    pub instance_duration: HistogramVec,
+    pub(crate) instances_started: IntCounterVec,
+    pub(crate) instances_ended: IntCounterVec,
+    pub(crate) instance_duration: HistogramVec,
     // ---- steps ----
-    pub step_attempts: IntCounterVec,
-    pub step_retries: IntCounterVec,
-    pub step_duration: HistogramVec,
+    pub(crate) step_attempts: IntCounterVec,
+    pub(crate) step_retries: IntCounterVec,
+    pub(crate) step_duration: HistogramVec,
     // ---- queues and tasks ----
-    pub tasks_claimed: IntCounterVec,
-    pub queue_wait: HistogramVec,
-    pub task_duration: HistogramVec,
-    pub queue_tasks: IntGaugeVec,
-    pub queue_oldest_ready_age: prometheus::GaugeVec,
-    pub leases_expired: IntCounter,
-    pub stale_completions: IntCounter,
+    pub(crate) tasks_claimed: IntCounterVec,
+    pub(crate) queue_wait: HistogramVec,
+    pub(crate) task_duration: HistogramVec,
+    pub(crate) queue_tasks: IntGaugeVec,
+    pub(crate) queue_oldest_ready_age: prometheus::GaugeVec,
+    pub(crate) leases_expired: IntCounter,
+    pub(crate) stale_completions: IntCounter,
     // ---- engine ----
-    pub advance_batch_seconds: Histogram,
+    pub(crate) advance_batch_seconds: Histogram,
     // ---- cluster ----
     /// Cluster-wide gauges are vectors without labels so that a process
     /// not holding the maintenance duty can withdraw them (`reset`).
-    pub members_alive: IntGaugeVec,
-    pub members_removed: IntCounter,
-    pub maintenance_duty: IntGauge,
-    pub slots: IntGaugeVec,
-    pub slots_unowned: IntGaugeVec,
-    pub slots_owned: IntGaugeVec,
-    pub slot_rebalances: IntCounter,
-    pub heartbeat_failures: IntCounter,
-    pub failover_seconds: Histogram,
+    pub(crate) members_alive: IntGaugeVec,
+    pub(crate) members_removed: IntCounter,
+    pub(crate) maintenance_duty: IntGauge,
+    pub(crate) slots: IntGaugeVec,
+    pub(crate) slots_unowned: IntGaugeVec,
+    pub(crate) slots_owned: IntGaugeVec,
+    pub(crate) slot_rebalances: IntCounter,
+    pub(crate) heartbeat_failures: IntCounter,
+    pub(crate) failover_seconds: Histogram,
     // ---- database ----
-    pub pool_max: IntGauge,
-    pub pool_size: IntGauge,
-    pub pool_in_use: IntGauge,
-    pub pool_waiting: IntGauge,
-    pub db_errors: IntCounterVec,
+    pub(crate) pool_max: IntGauge,
+    pub(crate) pool_size: IntGauge,
+    pub(crate) pool_in_use: IntGauge,
+    pub(crate) pool_waiting: IntGauge,
+    pub(crate) db_errors: IntCounterVec,
     // ---- HTTP API ----
-    pub http_requests: IntCounterVec,
-    pub http_request_duration: HistogramVec,
+    pub(crate) http_requests: IntCounterVec,
+    pub(crate) http_request_duration: HistogramVec,
 }
 
 /// The label values of a vector without labels.
@@ -113,7 +117,7 @@ const DURATION_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let registry = Registry::new();
         macro_rules! reg {
             ($m:expr) => {{
@@ -335,14 +339,14 @@ impl Metrics {
     }
 
     /// Counts one failed database operation of `component`.
-    pub fn db_error(&self, component: Component) {
+    pub(crate) fn db_error(&self, component: Component) {
         self.db_errors
             .with_label_values(&[component.as_str()])
             .inc();
     }
 
     /// Counts an instance that began, and creates its end counters at 0.
-    pub fn instance_started(&self, workflow: &str) {
+    pub(crate) fn instance_started(&self, workflow: &str) {
         self.instances_started.with_label_values(&[workflow]).inc();
         for status in ENDED_STATUSES {
             self.instances_ended.with_label_values(&[workflow, status]);
@@ -350,7 +354,7 @@ impl Metrics {
     }
 
     /// Sets the cluster-wide gauges (the maintenance-duty holder calls this).
-    pub fn set_cluster(&self, counts: &ClusterCounts, queues: &[QueueDepth]) {
+    pub(crate) fn set_cluster(&self, counts: &ClusterCounts, queues: &[QueueDepth]) {
         self.maintenance_duty.set(1);
         self.members_alive
             .with_label_values(NO_LABELS)
@@ -380,7 +384,7 @@ impl Metrics {
     }
 
     /// Counts a claimed attempt and how long it waited to be claimed.
-    pub fn task_claimed(&self, queue: &str, queue_wait_seconds: f64) {
+    pub(crate) fn task_claimed(&self, queue: &str, queue_wait_seconds: f64) {
         self.tasks_claimed.with_label_values(&[queue]).inc();
         self.queue_wait
             .with_label_values(&[queue])
@@ -389,7 +393,7 @@ impl Metrics {
 
     /// Withdraws the cluster-wide gauges when this process loses the duty,
     /// so two processes never both export them.
-    pub fn clear_cluster(&self) {
+    pub(crate) fn clear_cluster(&self) {
         self.maintenance_duty.set(0);
         self.queue_tasks.reset();
         self.queue_oldest_ready_age.reset();
@@ -399,7 +403,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)

@@ -8,13 +8,13 @@ use serde_json::Value;
 use crate::engine::HTTP_QUEUE;
 use crate::handlers::{Handlers, TaskContext, TaskError};
 
-pub const ECHO_QUEUE: &str = "stead.echo";
+pub(crate) const ECHO_QUEUE: &str = "stead.echo";
 
 /// Largest response body an `http` step records.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
 /// Adds the built-in handlers to `handlers` (user handlers win on a clash).
-pub fn install(handlers: &mut Handlers, default_http_timeout_ms: u64) {
+pub(crate) fn install(handlers: &mut Handlers, default_http_timeout_ms: u64) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(default_http_timeout_ms))
         .user_agent(concat!("stead/", env!("CARGO_PKG_VERSION")))

@@ -1,140 +1,190 @@
 //! Runs claimed tasks in this process: `task` steps whose queue has a
-//! registered handler, and `http` steps (the `stead.http` queue). Claims in
-//! batches, runs up to `concurrency` attempts at once, heartbeats long ones,
-//! and records results in batches through one completer task.
+//! registered handler, and `http` steps (the `stead.http` queue). A run
+//! claims a batch (never more than there is room for) and starts each
+//! attempt; attempts heartbeat their lease while they run, and one completer
+//! task records their results in batches.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::notifier::AdvanceNotifier;
-use super::{drain, jittered, Wakeups};
-use crate::handlers::{Handlers, TaskContext, TaskError};
+use crate::handlers::{Handlers, TaskContext};
 use crate::metrics::{Component, Metrics};
+use crate::model::{TaskFailure, TaskResult};
+use crate::service::{Next, Pacing, Service};
 use crate::store::{ClaimedTask, Store, StoreError, TaskOutcome};
 
+/// Attempts heartbeat every third of their lease, but not more often than this.
+const MIN_HEARTBEAT_MS: u64 = 50;
+
+/// Results are kept and retried through short database outages (leases
+/// outlive them): this many retries, backing off from 100 ms to 6.4 s.
+const RECORD_RETRIES: u32 = 7;
+const RECORD_BACKOFF: Pacing = Pacing {
+    interval_ms: None,
+    settle_ms: 0,
+    backoff_min_ms: 100,
+    backoff_max_ms: 6_400,
+};
+
 #[derive(Debug, Clone)]
-pub struct ExecutorConfig {
+pub(crate) struct ExecutorConfig {
     pub worker_name: String,
+    /// Most tasks one claim takes.
     pub claim_batch_size: usize,
+    /// Attempts run at once.
     pub concurrency: usize,
+    /// Lease of each attempt, heartbeated while it runs.
     pub lease_ms: u64,
-    pub poll_interval_ms: u64,
+    /// Most results recorded in one statement.
     pub completion_batch_size: usize,
-    pub error_backoff_ms: u64,
     /// How long in-flight attempts may take to finish at shutdown.
     pub shutdown_timeout_ms: u64,
 }
 
-pub struct Executor {
-    pub config: ExecutorConfig,
-    pub store: Store,
-    pub handlers: Handlers,
-    pub wakeups: Wakeups,
-    pub notifier: AdvanceNotifier,
-    pub metrics: Arc<Metrics>,
+pub(crate) struct Executor {
+    config: ExecutorConfig,
+    store: Store,
+    queues: Vec<String>,
+    runner: Arc<Runner>,
+    metrics: Arc<Metrics>,
+    /// One permit per attempt that may run at once.
+    room: Arc<Semaphore>,
+    results: mpsc::Sender<TaskOutcome>,
+    completer: JoinHandle<()>,
+    /// Stops waiting for room when the node stops.
+    cancel: CancellationToken,
+}
+
+/// What a running attempt needs, shared by all of them.
+struct Runner {
+    store: Store,
+    handlers: Handlers,
+    lease_ms: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl Executor {
-    pub async fn run(self, cancel: CancellationToken) {
-        let queues = self.handlers.queues();
-        if queues.is_empty() {
-            return;
-        }
-        let capacity = self.config.concurrency.max(1);
-        let semaphore = Arc::new(Semaphore::new(capacity));
-        let (done_tx, done_rx) = mpsc::channel::<TaskOutcome>(capacity * 2);
-        let completer = tokio::spawn(complete_loop(
-            self.store.clone(),
-            self.notifier.clone(),
-            done_rx,
-            self.config.completion_batch_size.max(1),
-            self.metrics.clone(),
+    /// An executor of `handlers`' queues; starts its completer task.
+    pub(crate) fn new(
+        config: ExecutorConfig,
+        store: Store,
+        handlers: Handlers,
+        notifier: AdvanceNotifier,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let capacity = config.concurrency.max(1);
+        let (results, received) = mpsc::channel(capacity * 2);
+        let completer = tokio::spawn(record_results(
+            store.clone(),
+            notifier,
+            received,
+            config.completion_batch_size.max(1),
+            metrics.clone(),
         ));
-        let mut wake = self.wakeups.tasks.subscribe();
-        let this = Arc::new(self);
-
-        while !cancel.is_cancelled() {
-            // Wait for at least one free slot before claiming, so a claimed
-            // task never waits for capacity while its lease runs.
-            let first = tokio::select! {
-                _ = cancel.cancelled() => break,
-                p = semaphore.clone().acquire_owned() => p.expect("semaphore open"),
-            };
-            let free = semaphore.available_permits() + 1;
-            drain(&mut wake);
-            let claimed = match this
-                .store
-                .claim_tasks(
-                    &queues,
-                    &this.config.worker_name,
-                    free.min(this.config.claim_batch_size) as i64,
-                    this.config.lease_ms,
-                )
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    drop(first);
-                    this.metrics.db_error(Component::Executor);
-                    tracing::warn!(error = %e, "claiming tasks failed");
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(jittered(this.config.error_backoff_ms)) => {}
-                    }
-                    continue;
-                }
-            };
-            if claimed.is_empty() {
-                drop(first);
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = wake.recv() => {}
-                    _ = tokio::time::sleep(jittered(this.config.poll_interval_ms)) => {}
-                }
-                continue;
-            }
-            let mut first = Some(first);
-            for task in claimed {
-                this.metrics
-                    .task_claimed(&task.queue, task.queue_wait_seconds);
-                let permit = match first.take() {
-                    Some(p) => p,
-                    None => semaphore
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore open"),
-                };
-                let this = this.clone();
-                let done_tx = done_tx.clone();
-                tokio::spawn(async move {
-                    if let Some(outcome) = this.execute(task).await {
-                        let _ = done_tx.send(outcome).await;
-                    }
-                    drop(permit);
-                });
-            }
-        }
-
-        // Shutdown: let in-flight attempts finish (bounded), then flush.
-        let all = capacity as u32;
-        let _ = tokio::time::timeout(
-            Duration::from_millis(this.config.shutdown_timeout_ms),
-            semaphore.acquire_many(all),
-        )
-        .await;
-        drop(done_tx);
-        let _ = tokio::time::timeout(
-            Duration::from_millis(this.config.shutdown_timeout_ms),
+        Executor {
+            queues: handlers.queues(),
+            runner: Arc::new(Runner {
+                store: store.clone(),
+                handlers,
+                lease_ms: config.lease_ms,
+                metrics: metrics.clone(),
+            }),
+            room: Arc::new(Semaphore::new(capacity)),
+            config,
+            store,
+            metrics,
+            results,
             completer,
-        )
-        .await;
+            cancel,
+        }
     }
 
+    /// Claims as many tasks as there is room for and starts them; returns
+    /// how many it claimed.
+    pub(crate) async fn claim_and_start(&self) -> Result<usize, StoreError> {
+        // Wait for room before claiming, so a claimed task never waits for
+        // capacity while its lease runs.
+        let first = tokio::select! {
+            _ = self.cancel.cancelled() => return Ok(0),
+            p = self.room.clone().acquire_owned() => p.expect("semaphore open"),
+        };
+        let room = self.room.available_permits() + 1;
+        let claimed = self
+            .store
+            .claim_tasks(
+                &self.queues,
+                &self.config.worker_name,
+                room.min(self.config.claim_batch_size) as i64,
+                self.config.lease_ms,
+            )
+            .await?;
+        let n = claimed.len();
+        let mut first = Some(first);
+        for task in claimed {
+            self.metrics
+                .task_claimed(&task.queue, task.queue_wait_seconds);
+            let permit = match first.take() {
+                Some(p) => p,
+                None => self
+                    .room
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore open"),
+            };
+            let runner = self.runner.clone();
+            let results = self.results.clone();
+            tokio::spawn(async move {
+                if let Some(outcome) = runner.execute(task).await {
+                    let _ = results.send(outcome).await;
+                }
+                drop(permit);
+            });
+        }
+        Ok(n)
+    }
+}
+
+impl Service for Executor {
+    /// Tasks claimed.
+    type Outcome = usize;
+    const NAME: &'static str = "executor";
+
+    async fn run_once(&mut self) -> Result<usize, StoreError> {
+        self.claim_and_start().await
+    }
+
+    /// Claimed some: there may be more, claim again as soon as there is room.
+    fn next(&self, claimed: &usize) -> Next {
+        if *claimed > 0 {
+            Next::Now
+        } else {
+            Next::Wait
+        }
+    }
+
+    async fn failed(&mut self, _error: &StoreError) {
+        self.metrics.db_error(Component::Executor);
+    }
+
+    /// Lets in-flight attempts finish (bounded), then flushes their results.
+    async fn stop(self) {
+        let all = self.config.concurrency.max(1) as u32;
+        let timeout = Duration::from_millis(self.config.shutdown_timeout_ms);
+        let _ = tokio::time::timeout(timeout, self.room.acquire_many(all)).await;
+        drop(self.results);
+        let _ = tokio::time::timeout(timeout, self.completer).await;
+    }
+}
+
+impl Runner {
     /// Runs one attempt, heartbeating its lease. `None` if the lease was
     /// lost (someone else owns the task now; reporting would be refused).
     async fn execute(&self, task: ClaimedTask) -> Option<TaskOutcome> {
@@ -148,119 +198,128 @@ impl Executor {
             idempotency_key: task.idempotency_key.clone(),
             input: task.input.clone(),
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let attempt_timeout = task
             .timeout_ms
             .map(|ms| Duration::from_millis(ms.max(0) as u64))
             .unwrap_or(Duration::MAX);
         let work = tokio::time::timeout(attempt_timeout, handler(ctx));
-        tokio::pin!(work);
-        let heartbeat_every = Duration::from_millis((self.config.lease_ms / 3).max(50));
-        let result = loop {
-            tokio::select! {
-                r = &mut work => break r,
-                _ = tokio::time::sleep(heartbeat_every) => {
-                    match self.store.heartbeat_task(task.task_id, task.lease_token, self.config.lease_ms).await {
-                        Ok(Some(_)) => {}
-                        Ok(None) => {
-                            tracing::warn!(
-                                task_id = task.task_id,
-                                instance = %task.instance_id,
-                                step = %task.step_id,
-                                attempt = task.attempt,
-                                "lease lost while running; abandoning attempt"
-                            );
-                            return None;
-                        }
-                        Err(e) => tracing::warn!(
-                            instance = %task.instance_id,
-                            step = %task.step_id,
-                            error = %e,
-                            "task heartbeat failed"
-                        ),
-                    }
-                }
-            }
+        let result = match self.heartbeating(&task, work).await? {
+            Ok(Ok(output)) => TaskResult::Completed(output),
+            Ok(Err(e)) => TaskResult::Failed(e.into_failure()),
+            Err(_) => TaskResult::Failed(TaskFailure::timed_out(attempt_timeout.as_millis())),
         };
-        let result: Result<Value, Value> = match result {
-            Ok(Ok(output)) => Ok(output),
-            Ok(Err(e)) => Err(e.to_json()),
-            Err(_) => Err(TaskError::retryable(format!(
-                "attempt timed out after {}ms",
-                attempt_timeout.as_millis()
-            ))
-            .to_json()),
-        };
-        let outcome = if result.is_ok() {
-            "completed"
-        } else {
-            "failed"
-        };
+        let outcome = result.outcome().as_str();
+        let elapsed = started.elapsed();
         tracing::debug!(
             instance = %task.instance_id,
             step = %task.step_id,
             attempt = task.attempt,
             queue = %task.queue,
             outcome,
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed_ms = elapsed.as_millis() as u64,
             "task attempt finished"
         );
         self.metrics
             .task_duration
             .with_label_values(&[&task.queue, outcome])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
         Some(TaskOutcome {
             task_id: task.task_id,
             lease_token: task.lease_token,
             result,
         })
     }
+
+    /// Drives `work` to its end, extending the lease meanwhile; `None` if
+    /// the lease was lost (the attempt is abandoned).
+    async fn heartbeating<F: Future>(&self, task: &ClaimedTask, work: F) -> Option<F::Output> {
+        tokio::pin!(work);
+        let every = Duration::from_millis((self.lease_ms / 3).max(MIN_HEARTBEAT_MS));
+        loop {
+            tokio::select! {
+                r = &mut work => return Some(r),
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self
+                .store
+                .heartbeat_task(task.task_id, task.lease_token, self.lease_ms)
+                .await
+            {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    tracing::warn!(
+                        task_id = task.task_id,
+                        instance = %task.instance_id,
+                        step = %task.step_id,
+                        attempt = task.attempt,
+                        "lease lost while running; abandoning attempt"
+                    );
+                    return None;
+                }
+                Err(e) => tracing::warn!(
+                    instance = %task.instance_id,
+                    step = %task.step_id,
+                    error = %crate::error::Chain(&e),
+                    "task heartbeat failed"
+                ),
+            }
+        }
+    }
 }
 
 /// Records results in batches: whatever has arrived, up to `batch_size`,
 /// goes to the database in one statement.
-async fn complete_loop(
+async fn record_results(
     store: Store,
     notifier: AdvanceNotifier,
-    mut rx: mpsc::Receiver<TaskOutcome>,
+    mut received: mpsc::Receiver<TaskOutcome>,
     batch_size: usize,
     metrics: Arc<Metrics>,
 ) {
     let mut batch = Vec::with_capacity(batch_size);
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = received.recv().await {
         batch.push(first);
         while batch.len() < batch_size {
-            match rx.try_recv() {
+            match received.try_recv() {
                 Ok(o) => batch.push(o),
                 Err(_) => break,
             }
         }
-        let mut backoff_ms = 100;
-        loop {
-            match store.finish_tasks(&batch).await {
-                Ok(recorded) => {
-                    if !recorded.is_empty() {
-                        notifier.request();
-                    }
-                    let refused = batch.len() - recorded.len();
-                    if refused > 0 {
-                        metrics.stale_completions.inc_by(refused as u64);
-                    }
-                    break;
+        record_batch(&store, &notifier, &metrics, &batch).await;
+        batch.clear();
+    }
+}
+
+async fn record_batch(
+    store: &Store,
+    notifier: &AdvanceNotifier,
+    metrics: &Metrics,
+    batch: &[TaskOutcome],
+) {
+    let mut failures = 0;
+    loop {
+        match store.finish_tasks(batch).await {
+            Ok(recorded) => {
+                if !recorded.is_empty() {
+                    notifier.request();
                 }
-                Err(StoreError::Transient(e)) if backoff_ms <= 10_000 => {
-                    // Leases outlive short outages: keep the results and retry.
-                    tracing::warn!(error = %e, "recording task results failed; retrying");
-                    tokio::time::sleep(jittered(backoff_ms)).await;
-                    backoff_ms *= 2;
+                let refused = batch.len() - recorded.len();
+                if refused > 0 {
+                    metrics.stale_completions.inc_by(refused as u64);
                 }
-                Err(e) => {
-                    metrics.db_error(Component::Executor);
-                    tracing::error!(error = %e, count = batch.len(), "dropping task results; their leases will expire and the attempts retry");
-                    break;
-                }
+                return;
+            }
+            Err(e @ StoreError::Transient(_)) if failures < RECORD_RETRIES => {
+                failures += 1;
+                tracing::warn!(error = %crate::error::Chain(&e), "recording task results failed; retrying");
+                tokio::time::sleep(RECORD_BACKOFF.backoff(failures)).await;
+            }
+            Err(e) => {
+                metrics.db_error(Component::Executor);
+                tracing::error!(error = %crate::error::Chain(&e), count = batch.len(), "dropping task results; their leases will expire and the attempts retry");
+                return;
             }
         }
-        batch.clear();
     }
 }

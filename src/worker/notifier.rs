@@ -1,33 +1,27 @@
 //! Coalesced wake-ups of the engine. A NOTIFY takes a database-wide lock from
 //! its commit until the commit is durable, so one per API request would
 //! serialise every start and completion behind a WAL flush. Instead callers
-//! `request()` a wake-up: local advancers are woken at once, and this loop
-//! sends at most one NOTIFY per `coalesce_ms` for the other processes.
+//! `request()` a wake-up: local advancers are woken at once, and this service
+//! sends at most one NOTIFY per coalescing window for the other processes.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
-use super::Wakeups;
 use crate::metrics::{Component, Metrics};
-use crate::store::Store;
-
-#[derive(Debug, Clone)]
-pub struct NotifierConfig {
-    pub coalesce_ms: u64,
-}
+use crate::service::Service;
+use crate::store::{Channel, Store, StoreError};
+use crate::wakeups::Wakeups;
 
 /// The handle callers use; cheap to clone.
 #[derive(Clone)]
-pub struct AdvanceNotifier {
+pub(crate) struct AdvanceNotifier {
     pending: Arc<Notify>,
     wakeups: Wakeups,
 }
 
 impl AdvanceNotifier {
-    pub fn new(wakeups: Wakeups) -> Self {
+    pub(crate) fn new(wakeups: Wakeups) -> Self {
         AdvanceNotifier {
             pending: Arc::new(Notify::new()),
             wakeups,
@@ -36,40 +30,34 @@ impl AdvanceNotifier {
 
     /// Something needs the engine: wake local advancers now and the other
     /// processes' soon.
-    pub fn request(&self) {
+    pub(crate) fn request(&self) {
         let _ = self.wakeups.advance.send(());
         self.pending.notify_one();
     }
+
+    /// What the notifier service waits on (its wake-up).
+    pub(crate) fn requests(&self) -> Arc<Notify> {
+        self.pending.clone()
+    }
 }
 
-pub struct Notifier {
-    pub config: NotifierConfig,
+/// Sends one NOTIFY per run; `service::run` runs it on each request, at
+/// most once per `settle_ms` (the coalescing window).
+pub(crate) struct Notifier {
     pub store: Store,
-    pub handle: AdvanceNotifier,
     pub metrics: Arc<Metrics>,
 }
 
-impl Notifier {
-    pub async fn run(self, cancel: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = self.handle.pending.notified() => {}
-            }
-            self.run_once().await;
-            // Requests during this window fold into the next NOTIFY.
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(self.config.coalesce_ms)) => {}
-            }
-        }
+impl Service for Notifier {
+    type Outcome = ();
+    const NAME: &'static str = "notifier";
+
+    async fn run_once(&mut self) -> Result<(), StoreError> {
+        self.store.notify(Channel::Advance).await
     }
 
-    pub async fn run_once(&self) {
-        if let Err(e) = self.store.notify("advance").await {
-            // Only a latency hint: the advancers poll as well.
-            tracing::debug!(error = %e, "sending the advance notification failed");
-            self.metrics.db_error(Component::Notifier);
-        }
+    /// Only a latency hint is lost: the advancers poll as well.
+    async fn failed(&mut self, _error: &StoreError) {
+        self.metrics.db_error(Component::Notifier);
     }
 }

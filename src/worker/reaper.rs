@@ -3,46 +3,49 @@
 
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
-
-use super::jittered;
 use crate::membership::Ownership;
 use crate::metrics::{Component, Metrics};
+use crate::service::{Next, Service};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Clone)]
-pub struct ReaperConfig {
-    pub interval_ms: u64,
+pub(crate) struct ReaperConfig {
+    /// Most leases one run reaps.
     pub batch_size: usize,
 }
 
-pub struct Reaper {
+pub(crate) struct Reaper {
     pub config: ReaperConfig,
     pub store: Store,
     pub ownership: Ownership,
     pub metrics: Arc<Metrics>,
 }
 
-impl Reaper {
-    pub async fn run(self, cancel: CancellationToken) {
-        loop {
-            match self.run_once().await {
-                Ok(n) if n >= self.config.batch_size as u64 => continue,
-                Ok(_) => {}
-                Err(e) => {
-                    self.metrics.db_error(Component::Reaper);
-                    tracing::warn!(error = %e, "reaping expired leases failed");
-                }
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(jittered(self.config.interval_ms)) => {}
-            }
+impl Service for Reaper {
+    /// Leases reaped.
+    type Outcome = u64;
+    const NAME: &'static str = "reaper";
+
+    async fn run_once(&mut self) -> Result<u64, StoreError> {
+        self.reap().await
+    }
+
+    fn next(&self, reaped: &u64) -> Next {
+        if *reaped >= self.config.batch_size as u64 {
+            Next::Now
+        } else {
+            Next::Wait
         }
     }
 
+    async fn failed(&mut self, _error: &StoreError) {
+        self.metrics.db_error(Component::Reaper);
+    }
+}
+
+impl Reaper {
     /// Reaps the expired leases of the slots this member owns.
-    pub async fn run_once(&self) -> Result<u64, StoreError> {
+    pub(crate) async fn reap(&self) -> Result<u64, StoreError> {
         let owned = self.ownership.read().await;
         if owned.slots().is_empty() {
             return Ok(0);

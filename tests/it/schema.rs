@@ -1,30 +1,13 @@
 //! Migrations, schemas and readiness.
 
 use serde_json::json;
-use stead::store::{Store, StoreConfig};
 
 use crate::{TestDb, TestNode};
-
-fn store(db: &TestDb, schema: &str) -> Store {
-    Store::new(StoreConfig {
-        database_url: db.url.clone(),
-        schema: schema.into(),
-        pool_size: 2,
-        pool_wait_timeout_ms: 10_000,
-        statement_timeout_ms: 0,
-        idle_in_transaction_timeout_ms: 0,
-        application_name: "migrate-test".into(),
-    })
-    .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_migrators_apply_each_migration_once() {
     let db = TestDb::new().await;
-    let runs = (0..6).map(|_| {
-        let s = store(&db, "stead");
-        async move { s.migrate(64).await }
-    });
+    let runs = (0..6).map(|_| stead::migrate(&db.url, "stead", 64));
     for result in futures::future::join_all(runs).await {
         result.expect("every concurrent migrator succeeds");
     }
@@ -34,7 +17,7 @@ async fn concurrent_migrators_apply_each_migration_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied as i32, Store::latest_migration_version());
+    assert_eq!(applied as i32, stead::schema_version());
     let slots: i32 = client
         .query_one("SELECT slot_count FROM stead.cluster", &[])
         .await
@@ -116,7 +99,7 @@ async fn readyz_reports_database_and_schema() {
     let node = TestNode::start(&db).await;
     let (status, body) = node.call("GET", "/readyz", None).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["schema_version"], Store::latest_migration_version());
+    assert_eq!(body["schema_version"], stead::schema_version());
     let (status, _) = node.call("GET", "/healthz", None).await;
     assert_eq!(status, 200);
     // A schema that falls behind this binary is not ready.

@@ -1,14 +1,31 @@
 //! `stead dev`: a private PostgreSQL from the machine's server binaries, the
 //! API and two workers, all in one process.
 
-use anyhow::Context;
+use std::path::PathBuf;
 
-use crate::cli::DevArgs;
-use crate::embedded::{Cluster, PgBinaries, RunAs};
+use anyhow::Context;
+use clap::Args;
+use stead::embedded::{Cluster, PgBinaries, RunAs};
+
+use super::options::NodeArgs;
+use super::shutdown;
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Where the private PostgreSQL cluster lives.
+    #[arg(long, env = "STEAD_DATA_DIR", default_value = ".stead")]
+    pub data_dir: PathBuf,
+    /// Worker members to run in this process.
+    #[arg(long, env = "STEAD_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
 
 /// Starts the private cluster in `data_dir` and returns it with the URL of
 /// its `stead` database.
 pub async fn start_cluster(data_dir: &std::path::Path) -> anyhow::Result<(Cluster, String)> {
+    // Without server binaries this stops here, naming the install command.
     let bins = PgBinaries::find()?;
     let run_as = RunAs::detect()?;
     // init creates the directory itself (owned by the postgres user when we
@@ -23,11 +40,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let (cluster, url) = start_cluster(&args.data_dir).await?;
     let mut config = args.node.to_config(url);
     config.workers = args.workers;
-    let node = match crate::start(config).await {
+    let node = match stead::start(config).await {
         Ok(node) => node,
         Err(e) => {
             let _ = cluster.stop();
-            return Err(e);
+            return Err(e.into());
         }
     };
     let api = node.api_url().unwrap_or_default();
@@ -43,7 +60,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "  Ctrl-C stops stead and its PostgreSQL; the data stays in {}",
         args.data_dir.display()
     );
-    crate::cli::shutdown_signal().await;
+    shutdown::signal().await;
     println!("stopping...");
     node.shutdown().await;
     cluster.stop()?;

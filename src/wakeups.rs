@@ -1,6 +1,7 @@
-//! In-process fan-out of database notifications. A notification is only a
-//! latency hint: every consumer also polls, so a lost one costs at most one
-//! poll interval.
+//! In-process fan-out of wake-ups: from the LISTEN session (other
+//! processes' notifications) and from this process's own API and workers.
+//! A wake-up is only a latency hint: every consumer also polls, so a lost
+//! one costs at most one poll interval.
 
 use std::sync::Arc;
 
@@ -10,13 +11,13 @@ use tokio::sync::broadcast;
 const CHANNEL_CAPACITY: usize = 1024;
 
 #[derive(Clone)]
-pub struct Wakeups {
+pub(crate) struct Wakeups {
     /// Something needs the engine (a start, a task result).
-    pub advance: broadcast::Sender<()>,
+    pub(crate) advance: broadcast::Sender<()>,
     /// A queue got new tasks (payload: queue name).
-    pub tasks: broadcast::Sender<Arc<str>>,
+    pub(crate) tasks: broadcast::Sender<Arc<str>>,
     /// An instance ended (payload: instance id).
-    pub ended: broadcast::Sender<Arc<str>>,
+    pub(crate) ended: broadcast::Sender<Arc<str>>,
 }
 
 impl Default for Wakeups {
@@ -32,14 +33,14 @@ impl Default for Wakeups {
 impl Wakeups {
     /// Wakes every consumer, e.g. after the listener reconnected and may
     /// have missed notifications.
-    pub fn wake_all(&self) {
+    pub(crate) fn wake_all(&self) {
         let _ = self.advance.send(());
         let _ = self.tasks.send(Arc::from("*"));
     }
 }
 
 /// Drains whatever is pending on a receiver; true if anything was.
-pub fn drain<T: Clone>(rx: &mut broadcast::Receiver<T>) -> bool {
+pub(crate) fn drain<T: Clone>(rx: &mut broadcast::Receiver<T>) -> bool {
     let mut any = false;
     loop {
         match rx.try_recv() {

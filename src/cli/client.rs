@@ -1,5 +1,5 @@
-//! A small HTTP client of the stead API, used by the CLI subcommands and by
-//! `stead bench`.
+//! A small HTTP client of the stead API, used by the client subcommands and
+//! by `stead bench`.
 
 use std::time::Duration;
 

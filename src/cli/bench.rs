@@ -11,7 +11,7 @@ use clap::Args;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::client::ApiClient;
+use super::client::ApiClient;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -65,13 +65,13 @@ async fn run_embedded(args: BenchArgs) -> anyhow::Result<()> {
             true,
         ),
     };
-    let (cluster, url) = crate::dev::start_cluster(&data_dir).await?;
-    let mut config = crate::Config::new(url);
+    let (cluster, url) = super::dev::start_cluster(&data_dir).await?;
+    let mut config = stead::Config::new(url);
     config.listen = "127.0.0.1:0".into();
     config.workers = args.workers;
     config.tuning.pool_size = args.pool_size;
     let result = async {
-        let node = crate::start(config).await?;
+        let node = stead::start(config).await?;
         let api = node.api_url().context("node has no API")?;
         let report = measure(&ApiClient::new(&api)?, &args).await;
         node.shutdown().await;

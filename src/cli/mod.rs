@@ -1,0 +1,314 @@
+//! The `stead` binary's command line: flags (each also read from a
+//! `STEAD_*` variable) and the dispatch to each role or client command. It
+//! uses only the library's public API; `client.rs` is the HTTP client of the
+//! client subcommands and `bench`.
+
+mod bench;
+mod client;
+mod dev;
+mod options;
+mod shutdown;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+use client::ApiClient;
+use options::{DatabaseArgs, ServerArgs};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "stead",
+    version,
+    about = "A durable workflow engine whose only dependency is PostgreSQL"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "STEAD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start a private PostgreSQL and run the API and two workers in one process.
+    Dev(dev::DevArgs),
+    /// Run the API and/or worker roles against a PostgreSQL database.
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate(MigrateArgs),
+    #[command(flatten)]
+    Client(ClientCommand),
+    /// Measure throughput and latency.
+    Bench(bench::BenchArgs),
+}
+
+/// The subcommands that talk to a running node over its HTTP API.
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Register or list workflow definitions.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
+    /// Start an instance of a workflow.
+    Start(StartArgs),
+    /// Show an instance with its steps.
+    Show(ShowArgs),
+    /// List instances, newest first.
+    List(ListArgs),
+    /// Show the event history of an instance.
+    History(HistoryArgs),
+    /// Deliver a signal to an instance (buffered until a step waits for it).
+    Signal(SignalArgs),
+    /// Cancel an instance (its compensations run).
+    Cancel(CancelArgs),
+    /// Retry a failed instance from its failed steps.
+    Retry(HistoryArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Serve the HTTP API (with --worker: both; neither: both).
+    #[arg(long, env = "STEAD_API")]
+    pub api: bool,
+    /// Run a worker (with --api: both; neither: both).
+    #[arg(long, env = "STEAD_WORKER")]
+    pub worker: bool,
+    /// Do not apply migrations on start.
+    #[arg(long, env = "STEAD_NO_MIGRATE")]
+    pub no_migrate: bool,
+    #[command(flatten)]
+    pub node: options::NodeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// PostgreSQL schema holding stead's tables.
+    #[arg(long, env = "STEAD_SCHEMA", default_value = "stead")]
+    pub schema: String,
+    /// Slot count of a new cluster (fixed once the schema exists).
+    #[arg(long, env = "STEAD_SLOT_COUNT", default_value_t = 256)]
+    pub slot_count: u32,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkflowCommand {
+    /// Register a definition from a JSON file (`-` for stdin).
+    Put {
+        file: PathBuf,
+        /// Workflow name (default: the file's "name" field).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List registered workflows.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    pub workflow: String,
+    /// Input as JSON, or @FILE.
+    #[arg(long, default_value = "null")]
+    pub input: String,
+    /// Instance id (idempotency key); default: generated.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Definition version (default: latest).
+    #[arg(long)]
+    pub version: Option<i32>,
+    /// Wait up to this long (e.g. 30s) for the instance to end.
+    #[arg(long)]
+    pub wait: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    pub id: String,
+    /// Wait up to this long (e.g. 30s) for the instance to end.
+    #[arg(long)]
+    pub wait: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub workflow: Option<String>,
+    #[arg(long)]
+    pub status: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    #[arg(long)]
+    pub cursor: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct SignalArgs {
+    pub id: String,
+    pub name: String,
+    /// Payload as JSON, or @FILE.
+    #[arg(long, default_value = "null")]
+    pub payload: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    pub id: String,
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    pub id: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+fn read_json_arg(what: &str, raw: &str) -> anyhow::Result<Value> {
+    let text = if let Some(path) = raw.strip_prefix('@') {
+        std::fs::read_to_string(path).with_context(|| format!("reading {what} from {path}"))?
+    } else {
+        raw.to_string()
+    };
+    serde_json::from_str(&text).with_context(|| format!("{what} is not valid JSON"))
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(args) => {
+            let url = args.database.url()?;
+            stead::migrate(&url, &args.schema, args.slot_count).await?;
+            println!(
+                "schema {:?} is at migration version {}",
+                args.schema,
+                stead::schema_version()
+            );
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args).await,
+        Command::Client(command) => print_json(&call_api(command).await?),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = args.node.to_config(args.database.url()?);
+    let (api, worker) = match (args.api, args.worker) {
+        (false, false) => (true, true),
+        other => other,
+    };
+    config.api = api;
+    config.workers = usize::from(worker);
+    config.migrate = !args.no_migrate;
+    stead::run(config, shutdown::signal()).await?;
+    Ok(())
+}
+
+/// A client subcommand: one or two API calls; returns what to print.
+async fn call_api(command: ClientCommand) -> anyhow::Result<Value> {
+    match command {
+        ClientCommand::Workflow(WorkflowCommand::Put { file, name, server }) => {
+            let (name, doc) = read_definition(&file, name)?;
+            let (_, body) = ApiClient::new(&server.server)?
+                .put_workflow(&name, &doc)
+                .await?;
+            Ok(body)
+        }
+        ClientCommand::Workflow(WorkflowCommand::List { server }) => {
+            ApiClient::new(&server.server)?.list_workflows().await
+        }
+        ClientCommand::Start(args) => {
+            let input = read_json_arg("--input", &args.input)?;
+            let client = ApiClient::new(&args.server.server)?;
+            let (_, body) = client
+                .start(&args.workflow, &input, args.id.as_deref(), args.version)
+                .await?;
+            match (&args.wait, body["id"].as_str()) {
+                (Some(wait), Some(id)) => client.instance(id, Some(wait)).await,
+                _ => Ok(body),
+            }
+        }
+        ClientCommand::Show(args) => {
+            let client = ApiClient::new(&args.server.server)?;
+            client.instance(&args.id, args.wait.as_deref()).await
+        }
+        ClientCommand::List(args) => {
+            let mut query = vec![("limit", args.limit.to_string())];
+            query.extend(args.workflow.map(|w| ("workflow", w)));
+            query.extend(args.status.map(|s| ("status", s)));
+            query.extend(args.cursor.map(|c| ("cursor", c)));
+            ApiClient::new(&args.server.server)?.list(&query).await
+        }
+        ClientCommand::History(args) => {
+            ApiClient::new(&args.server.server)?.history(&args.id).await
+        }
+        ClientCommand::Signal(args) => {
+            let payload = read_json_arg("--payload", &args.payload)?;
+            let client = ApiClient::new(&args.server.server)?;
+            client.signal(&args.id, &args.name, &payload).await
+        }
+        ClientCommand::Cancel(args) => {
+            let client = ApiClient::new(&args.server.server)?;
+            client.cancel(&args.id, args.reason.as_deref()).await
+        }
+        ClientCommand::Retry(args) => ApiClient::new(&args.server.server)?.retry(&args.id).await,
+    }
+}
+
+/// A definition file (`-` for stdin) and the workflow name: `--name`, or
+/// the file's `"name"`.
+fn read_definition(
+    file: &std::path::Path,
+    name: Option<String>,
+) -> anyhow::Result<(String, Value)> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let doc: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", file.display()))?;
+    match name.or_else(|| doc.get("name").and_then(Value::as_str).map(String::from)) {
+        Some(n) => Ok((n, doc)),
+        None => bail!("the definition has no \"name\"; pass --name NAME"),
+    }
+}

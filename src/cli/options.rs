@@ -1,0 +1,128 @@
+//! Flags shared by several subcommands: a node's settings, the database,
+//! and the API server a client command talks to.
+
+use anyhow::bail;
+use clap::Args;
+use stead::{Config, Limits, Tuning};
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// API and /metrics address; port 0 picks a free port.
+    #[arg(long, env = "STEAD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Member name (default: host name and pid).
+    #[arg(long, env = "STEAD_NAME")]
+    pub name: Option<String>,
+    /// PostgreSQL schema holding stead's tables.
+    #[arg(long, env = "STEAD_SCHEMA", default_value = "stead")]
+    pub schema: String,
+    /// Slot count of a new cluster (fixed once the schema exists).
+    #[arg(long, env = "STEAD_SLOT_COUNT", default_value_t = 256)]
+    pub slot_count: u32,
+    /// Database connections in the pool.
+    #[arg(long, env = "STEAD_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: usize,
+    /// Statement timeout of every pooled connection, in milliseconds.
+    #[arg(long, env = "STEAD_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub statement_timeout_ms: u64,
+    /// Pooled sessions idle inside a transaction this long are ended by the server, in milliseconds.
+    #[arg(
+        long,
+        env = "STEAD_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub idle_in_transaction_timeout_ms: u64,
+    /// Task attempts each worker runs in-process at once.
+    #[arg(long, env = "STEAD_WORKER_CONCURRENCY", default_value_t = 64)]
+    pub worker_concurrency: usize,
+    /// Lease of in-process task attempts, in milliseconds (heartbeated).
+    #[arg(long, env = "STEAD_LEASE_MS", default_value_t = 30_000)]
+    pub lease_ms: u64,
+    /// Poll interval backing up LISTEN/NOTIFY, in milliseconds.
+    #[arg(long, env = "STEAD_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub poll_interval_ms: u64,
+    /// How often expired leases are reaped, in milliseconds.
+    #[arg(long, env = "STEAD_REAP_INTERVAL_MS", default_value_t = 1_000)]
+    pub reap_interval_ms: u64,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "STEAD_BODY_LIMIT_BYTES", default_value_t = 1024 * 1024)]
+    pub body_limit_bytes: usize,
+    /// Most steps a definition may have.
+    #[arg(long, env = "STEAD_MAX_STEPS", default_value_t = 1000)]
+    pub max_steps: usize,
+    /// How often each worker member heartbeats, in milliseconds.
+    #[arg(long, env = "STEAD_HEARTBEAT_MS", default_value_t = 1_000)]
+    pub heartbeat_ms: u64,
+    /// Members silent for this long (database time) are removed, in milliseconds.
+    #[arg(long, env = "STEAD_MEMBER_TTL_MS", default_value_t = 10_000)]
+    pub member_ttl_ms: u64,
+    /// How often the maintenance-duty holder refreshes the query-based
+    /// gauges (queue depth, members alive, unowned slots), in milliseconds.
+    #[arg(long, env = "STEAD_GAUGE_REFRESH_MS", default_value_t = 5_000)]
+    pub gauge_refresh_ms: u64,
+    /// How long shutdown waits for in-flight work, in milliseconds.
+    #[arg(long, env = "STEAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
+}
+
+impl NodeArgs {
+    pub fn to_config(&self, database_url: String) -> Config {
+        let mut config = Config::new(database_url);
+        config.listen = self.listen.clone();
+        if let Some(name) = &self.name {
+            config.name = name.clone();
+        }
+        config.schema = self.schema.clone();
+        config.slot_count = self.slot_count;
+        config.limits = Limits {
+            body_limit_bytes: self.body_limit_bytes,
+            max_steps: self.max_steps,
+            ..Limits::default()
+        };
+        config.tuning = Tuning {
+            pool_size: self.pool_size,
+            statement_timeout_ms: self.statement_timeout_ms,
+            idle_in_transaction_timeout_ms: self.idle_in_transaction_timeout_ms,
+            worker_concurrency: self.worker_concurrency,
+            lease_ms: self.lease_ms,
+            poll_interval_ms: self.poll_interval_ms,
+            reap_interval_ms: self.reap_interval_ms,
+            shutdown_timeout_ms: self.shutdown_timeout_ms,
+            heartbeat_ms: self.heartbeat_ms,
+            member_ttl_ms: self.member_ttl_ms,
+            gauge_refresh_ms: self.gauge_refresh_ms,
+            ..Tuning::default()
+        };
+        config
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL, e.g. postgresql://user@host:5432/db (also DATABASE_URL).
+    #[arg(long, env = "STEAD_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+impl DatabaseArgs {
+    pub fn url(&self) -> anyhow::Result<String> {
+        match self
+            .database_url
+            .clone()
+            .or_else(|| std::env::var("DATABASE_URL").ok())
+        {
+            Some(url) if !url.trim().is_empty() => Ok(url),
+            _ => bail!(
+                "no database configured: pass --database-url postgresql://USER@HOST:PORT/DB \
+                 (or set STEAD_DATABASE_URL or DATABASE_URL), or use `stead dev` for a private one"
+            ),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// URL of the stead API.
+    #[arg(long, env = "STEAD_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+}

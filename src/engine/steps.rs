@@ -1,0 +1,426 @@
+//! Starting steps by kind, filling `for_each` steps, queueing attempts, and
+//! the two ways a step ends (`complete_step`, `fail_step`).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+
+use super::{child_id, ms, type_name, Command, ItemScope, Run, HTTP_QUEUE};
+use crate::definition::template;
+use crate::definition::{CompensationAction, OnFailure, SleepSpec, StepKind};
+use crate::model::{Ending, EventType, ItemState, StepState, StepStatus, TaskKind, TaskPurpose};
+
+impl Run<'_, '_, '_, '_> {
+    /// Starts a step whose needs are met: skips it (`when`), fans it out
+    /// (`for_each`), or starts it by kind.
+    pub(super) fn start_step(&mut self, index: usize) {
+        let step_def = &self.def.steps[index];
+        let outputs = self.outputs();
+        self.changed.insert(index);
+        if let Some(when) = &step_def.when {
+            let verdict = self.render(when, &outputs, None);
+            if template::is_falsy(&verdict) {
+                self.skip_step(index, verdict);
+                return;
+            }
+        }
+        if let Some(for_each) = &step_def.for_each {
+            let items = self.render(&for_each.items, &outputs, None);
+            self.start_for_each(index, items);
+            return;
+        }
+        match &step_def.kind {
+            StepKind::Value(template) => {
+                let output = self.render(template, &outputs, None);
+                let now = self.ctx.now;
+                let s = &mut self.state.steps[index];
+                s.attempt = 1;
+                s.scheduled_at = Some(now);
+                s.started_at = Some(now);
+                self.complete_step(index, output, json!({}));
+            }
+            StepKind::Task { input, .. } => {
+                let input = self.render_optional(input.as_ref(), &outputs, None);
+                self.schedule(index, input);
+            }
+            StepKind::Http(call) => {
+                let input = self.render_http(call, &outputs, None);
+                self.schedule(index, input);
+            }
+            StepKind::Sleep(spec) => self.start_sleep(index, spec, &outputs),
+            StepKind::Signal { name, timeout_ms } => {
+                let wake_at = timeout_ms.map(|t| self.ctx.now + ms(t));
+                self.begin(index, StepStatus::Waiting).wake_at = wake_at;
+                self.record(
+                    EventType::StepWaiting,
+                    Some(index),
+                    Some(1),
+                    json!({ "signal": name, "timeout_at": wake_at }),
+                );
+            }
+            StepKind::Workflow {
+                name,
+                version,
+                input,
+            } => {
+                let input = self.render_optional(input.as_ref(), &outputs, None);
+                self.start_child(index, name, *version, input);
+            }
+        }
+    }
+
+    fn skip_step(&mut self, index: usize, verdict: Value) {
+        let now = self.ctx.now;
+        let s = &mut self.state.steps[index];
+        s.status = StepStatus::Skipped;
+        s.output = Some(Value::Null);
+        s.ended_at = Some(now);
+        self.record(
+            EventType::StepSkipped,
+            Some(index),
+            None,
+            json!({ "when": verdict }),
+        );
+    }
+
+    fn start_for_each(&mut self, index: usize, items: Value) {
+        let Value::Array(items) = items else {
+            let error = json!({
+                "message": format!("for_each needs an array, got {}", type_name(&items)),
+                "retryable": false,
+            });
+            self.fail_step(index, 0, error);
+            return;
+        };
+        let count = items.len();
+        self.begin(index, StepStatus::Running).items =
+            Some(items.into_iter().map(ItemState::pending).collect());
+        self.record(
+            EventType::StepStarted,
+            Some(index),
+            Some(1),
+            json!({ "items": count }),
+        );
+        self.fill_items(index);
+    }
+
+    fn start_sleep(&mut self, index: usize, spec: &SleepSpec, outputs: &HashMap<String, Value>) {
+        let until = match spec {
+            SleepSpec::Duration { ms: d } => Ok(self.ctx.now + ms(*d)),
+            SleepSpec::Until(t) => {
+                let rendered = self.render(t, outputs, None);
+                rendered
+                    .as_str()
+                    .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                    .map(|t| t.with_timezone(&Utc))
+                    .ok_or(rendered)
+            }
+        };
+        match until {
+            Ok(until) => {
+                self.begin(index, StepStatus::Waiting).wake_at = Some(until);
+                self.record(
+                    EventType::StepWaiting,
+                    Some(index),
+                    Some(1),
+                    json!({ "until": until }),
+                );
+            }
+            Err(rendered) => {
+                let error = json!({
+                    "message": format!("sleep until needs an RFC 3339 timestamp, got {rendered}"),
+                    "retryable": false,
+                });
+                self.fail_step(index, 1, error);
+            }
+        }
+    }
+
+    fn start_child(&mut self, index: usize, name: &str, version: Option<i32>, input: Value) {
+        self.begin(index, StepStatus::Running).input = Some(input.clone());
+        let child = child_id(&self.state.id, &self.def.steps[index].id, None);
+        self.record(
+            EventType::ChildStarted,
+            Some(index),
+            Some(1),
+            json!({ "child_id": child, "workflow": name }),
+        );
+        self.decision.commands.push(Command::StartChild {
+            step: index,
+            item: None,
+            child_id: child,
+            workflow: name.to_string(),
+            version,
+            input,
+        });
+    }
+
+    /// Starts pending items of a `for_each` step up to `max_parallel`, and
+    /// completes the step once every item finished. True if anything moved.
+    pub(super) fn fill_items(&mut self, index: usize) -> bool {
+        let limit = self.def.steps[index]
+            .for_each
+            .as_ref()
+            .and_then(|f| f.max_parallel)
+            .map_or(usize::MAX, |m| m as usize);
+        let mut progressed = false;
+        let outputs = self.outputs();
+        let count = self.state.steps[index].items.as_ref().map_or(0, Vec::len);
+        for k in 0..count {
+            if !self.live() || self.state.steps[index].status != StepStatus::Running {
+                return true;
+            }
+            let items = self.state.steps[index].items.as_ref().expect("items");
+            let active = items.iter().filter(|i| i.status.is_active()).count();
+            if active >= limit {
+                break;
+            }
+            if items[k].status != StepStatus::Pending {
+                continue;
+            }
+            progressed = true;
+            self.changed.insert(index);
+            let item_value = items[k].input.clone();
+            if !self.start_item(index, k, Some((&item_value, k)), &outputs) {
+                return true;
+            }
+        }
+        progressed | self.finish_items(index)
+    }
+
+    /// Starts element `k`; false if that failed the whole step.
+    fn start_item(
+        &mut self,
+        index: usize,
+        k: usize,
+        scope: ItemScope,
+        outputs: &HashMap<String, Value>,
+    ) -> bool {
+        let now = self.ctx.now;
+        let step_def = &self.def.steps[index];
+        match &step_def.kind {
+            StepKind::Value(template) => {
+                let output = self.render(template, outputs, scope);
+                let it = &mut self.state.steps[index].items.as_mut().expect("items")[k];
+                it.status = StepStatus::Completed;
+                it.attempt = 1;
+                it.output = Some(output);
+                it.started_at = Some(now);
+                it.ended_at = Some(now);
+            }
+            StepKind::Task { input, .. } => {
+                let input = self.render_optional(input.as_ref(), outputs, scope);
+                self.schedule_item(index, k, input);
+            }
+            StepKind::Http(call) => {
+                let input = self.render_http(call, outputs, scope);
+                self.schedule_item(index, k, input);
+            }
+            StepKind::Workflow {
+                name,
+                version,
+                input,
+            } => {
+                let input = self.render_optional(input.as_ref(), outputs, scope);
+                let it = &mut self.state.steps[index].items.as_mut().expect("items")[k];
+                it.status = StepStatus::Running;
+                it.attempt = 1;
+                it.started_at = Some(now);
+                let child = child_id(&self.state.id, &step_def.id, Some(k as u32));
+                self.decision.commands.push(Command::StartChild {
+                    step: index,
+                    item: Some(k as u32),
+                    child_id: child,
+                    workflow: name.clone(),
+                    version: *version,
+                    input,
+                });
+            }
+            StepKind::Sleep(_) | StepKind::Signal { .. } => {
+                // Refused at registration; fail clearly if it gets here.
+                let error = json!({
+                    "message": "for_each cannot run sleep or signal steps",
+                    "retryable": false,
+                });
+                self.fail_step(index, 1, error);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Completes a running `for_each` step once every element finished
+    /// (failed ones count with `on_failure: continue`); true if it did.
+    fn finish_items(&mut self, index: usize) -> bool {
+        let continue_on_failure = self.def.steps[index].on_failure == OnFailure::Continue;
+        let items = self.state.steps[index].items.as_ref().expect("items");
+        let done = items.iter().all(|i| {
+            i.status == StepStatus::Completed
+                || (i.status == StepStatus::Failed && continue_on_failure)
+        });
+        if !done || self.state.steps[index].status != StepStatus::Running {
+            return false;
+        }
+        let output: Vec<Value> = items
+            .iter()
+            .map(|i| i.output.clone().unwrap_or(Value::Null))
+            .collect();
+        self.changed.insert(index);
+        self.complete_step(index, Value::Array(output), json!({}));
+        true
+    }
+
+    /// Marks a step begun now, at attempt 1, with `status`.
+    fn begin(&mut self, index: usize, status: StepStatus) -> &mut StepState {
+        let now = self.ctx.now;
+        let s = &mut self.state.steps[index];
+        s.status = status;
+        s.attempt = 1;
+        s.scheduled_at = Some(now);
+        s.started_at = Some(now);
+        s
+    }
+
+    fn schedule(&mut self, index: usize, input: Value) {
+        let now = self.ctx.now;
+        let s = &mut self.state.steps[index];
+        s.status = StepStatus::Scheduled;
+        s.attempt = 1;
+        s.input = Some(input.clone());
+        s.scheduled_at = Some(now);
+        self.record(
+            EventType::StepScheduled,
+            Some(index),
+            Some(1),
+            json!({ "input": input }),
+        );
+        self.enqueue(index, None, TaskPurpose::Run, 1, input, 0);
+    }
+
+    fn schedule_item(&mut self, index: usize, k: usize, input: Value) {
+        let it = &mut self.state.steps[index].items.as_mut().expect("items")[k];
+        it.status = StepStatus::Scheduled;
+        it.attempt = 1;
+        it.input = input.clone();
+        self.enqueue(index, Some(k as u32), TaskPurpose::Run, 1, input, 0);
+    }
+
+    /// Where an attempt of step `index` runs: kind, queue and timeout.
+    fn target(&self, index: usize, purpose: TaskPurpose) -> (TaskKind, String, Option<u64>) {
+        let step_def = &self.def.steps[index];
+        match purpose {
+            TaskPurpose::Run => match &step_def.kind {
+                StepKind::Task { queue, .. } => {
+                    (TaskKind::Task, queue.clone(), step_def.timeout_ms)
+                }
+                _ => (TaskKind::Http, HTTP_QUEUE.to_string(), step_def.timeout_ms),
+            },
+            TaskPurpose::Compensate => {
+                let comp = step_def.compensate.as_ref().expect("compensation");
+                match &comp.action {
+                    CompensationAction::Task { queue, .. } => {
+                        (TaskKind::Task, queue.clone(), comp.timeout_ms)
+                    }
+                    CompensationAction::Http(_) => {
+                        (TaskKind::Http, HTTP_QUEUE.to_string(), comp.timeout_ms)
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn enqueue(
+        &mut self,
+        index: usize,
+        item: Option<u32>,
+        purpose: TaskPurpose,
+        attempt: u32,
+        input: Value,
+        delay_ms: u64,
+    ) {
+        let (kind, queue, timeout_ms) = self.target(index, purpose);
+        let (id, step) = (&self.state.id, &self.def.steps[index].id);
+        let idempotency_key = match (purpose, item) {
+            (TaskPurpose::Compensate, _) => format!("{id}:{step}:compensate"),
+            (TaskPurpose::Run, Some(k)) => format!("{id}:{step}:{k}"),
+            (TaskPurpose::Run, None) => format!("{id}:{step}"),
+        };
+        self.decision.commands.push(Command::EnqueueTask {
+            step: index,
+            item,
+            purpose,
+            attempt,
+            kind,
+            queue,
+            input,
+            delay_ms,
+            timeout_ms,
+            idempotency_key,
+        });
+    }
+
+    fn next_completion_order(&self) -> u32 {
+        self.state
+            .steps
+            .iter()
+            .filter_map(|s| s.completion_order)
+            .max()
+            .map_or(1, |m| m + 1)
+    }
+
+    pub(super) fn complete_step(&mut self, index: usize, output: Value, mut data: Value) {
+        let order = self.next_completion_order();
+        let now = self.ctx.now;
+        let s = &mut self.state.steps[index];
+        s.status = StepStatus::Completed;
+        s.output = Some(output.clone());
+        s.error = None;
+        s.ended_at = Some(now);
+        s.completion_order = Some(order);
+        let attempt = s.attempt.max(1);
+        self.changed.insert(index);
+        data["output"] = output;
+        self.record(EventType::StepCompleted, Some(index), Some(attempt), data);
+    }
+
+    /// A step failed for good: the workflow goes on (`on_failure:
+    /// continue`) with the error as the step's output, or the instance winds
+    /// down to `failed`.
+    pub(super) fn fail_step(&mut self, index: usize, attempt: u32, error: Value) {
+        let now = self.ctx.now;
+        let step_def = &self.def.steps[index];
+        let continue_on_failure = step_def.on_failure == OnFailure::Continue;
+        let s = &mut self.state.steps[index];
+        s.status = StepStatus::Failed;
+        s.error = Some(error.clone());
+        s.wake_at = None;
+        s.ended_at = Some(now);
+        if continue_on_failure {
+            s.output = Some(error.clone());
+        }
+        self.changed.insert(index);
+        self.record(
+            EventType::StepFailed,
+            Some(index),
+            Some(attempt),
+            json!({ "error": error, "continue": continue_on_failure }),
+        );
+        if continue_on_failure {
+            return;
+        }
+        let message = error
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("step failed")
+            .to_string();
+        self.begin_ending(
+            Ending::Failed,
+            json!({
+                "message": format!("step {} failed: {message}", step_def.id),
+                "step": step_def.id,
+                "error": error,
+            }),
+        );
+    }
+}

@@ -1,0 +1,72 @@
+//! Which slots a member may work, shared by its membership service (which
+//! takes and releases them) and its advancer and reaper (which read them).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// The slots a member holds, shared with its advancer and reaper.
+#[derive(Clone, Default)]
+pub(crate) struct Ownership {
+    inner: Arc<OwnershipInner>,
+}
+
+#[derive(Default)]
+struct OwnershipInner {
+    slots: RwLock<Vec<i32>>,
+    /// Until when the last heartbeat vouches for our membership.
+    healthy_until: Mutex<Option<Instant>>,
+}
+
+/// A read guard on the owned slots: while it is held, the member does not
+/// release any of them (so a batch in flight finishes before a handover).
+pub(crate) struct OwnedSlots<'a> {
+    guard: RwLockReadGuard<'a, Vec<i32>>,
+    healthy: bool,
+}
+
+impl OwnedSlots<'_> {
+    /// The slots to work now; empty while the member cannot vouch for its
+    /// membership.
+    pub(crate) fn slots(&self) -> &[i32] {
+        if self.healthy {
+            &self.guard
+        } else {
+            &[]
+        }
+    }
+}
+
+impl Ownership {
+    pub(crate) async fn read(&self) -> OwnedSlots<'_> {
+        let guard = self.inner.slots.read().await;
+        let healthy = self
+            .inner
+            .healthy_until
+            .lock()
+            .expect("ownership lock")
+            .is_some_and(|t| Instant::now() < t);
+        OwnedSlots { guard, healthy }
+    }
+
+    /// The slots held (whatever the health), for reporting.
+    pub(crate) async fn held(&self) -> Vec<i32> {
+        self.inner.slots.read().await.clone()
+    }
+
+    /// Exclusive access, to change the held slots; waits for batches in
+    /// flight on them to finish.
+    pub(super) async fn write(&self) -> RwLockWriteGuard<'_, Vec<i32>> {
+        self.inner.slots.write().await
+    }
+
+    pub(super) fn vouch(&self, until: Instant) {
+        *self.inner.healthy_until.lock().expect("ownership lock") = Some(until);
+    }
+
+    pub(super) async fn clear(&self) {
+        *self.inner.healthy_until.lock().expect("ownership lock") = None;
+        self.inner.slots.write().await.clear();
+    }
+}

@@ -1,0 +1,47 @@
+//! The cluster-wide gauges (queue depth, oldest ready task, members alive,
+//! unowned slots) need queries, so only the process whose member holds the
+//! maintenance duty runs them, every `gauge_refresh_ms`, whoever scrapes how
+//! often. Every other process withdraws them, so the cluster exports each
+//! once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::{Component, Metrics};
+use crate::service::Service;
+use crate::store::{Store, StoreError};
+
+/// Whether a member of this process holds the maintenance duty (at most one
+/// member in the cluster does). Membership sets it; the gauges read it.
+pub(crate) type ProcessDuty = Arc<AtomicBool>;
+
+pub(crate) struct ClusterGauges {
+    pub store: Store,
+    pub process_duty: ProcessDuty,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Service for ClusterGauges {
+    /// Whether this run refreshed the gauges (false: withdrew them).
+    type Outcome = bool;
+    const NAME: &'static str = "cluster gauges";
+
+    async fn run_once(&mut self) -> Result<bool, StoreError> {
+        if !self.process_duty.load(Ordering::SeqCst) {
+            if self.metrics.maintenance_duty.get() != 0 {
+                self.metrics.clear_cluster();
+            }
+            return Ok(false);
+        }
+        let (counts, depths) =
+            futures::try_join!(self.store.cluster_counts(), self.store.queue_depth())?;
+        self.metrics.set_cluster(&counts, &depths);
+        Ok(true)
+    }
+
+    /// The last values stay: an alert on them should not flap because one
+    /// refresh failed.
+    async fn failed(&mut self, _error: &StoreError) {
+        self.metrics.db_error(Component::Membership);
+    }
+}

@@ -1,0 +1,762 @@
+//! The engine's transaction: lock a batch of instances that need a decision,
+//! load what the engine reads about them (grouped by instance), and write
+//! everything the decisions produced in one pipelined commit, fenced by each
+//! instance's `state_version`.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Object;
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+
+use super::notify::{NOTIFY_ADVANCE, NOTIFY_ENDED, NOTIFY_QUEUES};
+use super::workflows::GET_WORKFLOW_VERSION;
+use super::{decode, decode_json, Result, Store, StoreError};
+use crate::model::{
+    Ending, EventType, InstanceStatus, StepState, TaskKind, TaskPurpose, TaskResult, TaskStatus,
+};
+
+/// Locks up to $1 instances of the slots $2 that need the engine: woken ones
+/// (start, timers, signals, requests) and ones with unrecorded task results.
+/// The engine's clock is this statement's start (not the transaction's): the
+/// snapshot is taken then, so every result it sees finished before it.
+const LOCK_DUE_INSTANCES: &str = "
+    WITH due AS (
+        (SELECT id FROM instances
+         WHERE wake_at <= now() AND slot = ANY($2) ORDER BY wake_at LIMIT $1)
+        UNION
+        (SELECT DISTINCT instance_id FROM tasks
+         WHERE status IN ('completed', 'failed') AND slot = ANY($2) LIMIT $1)
+    )
+    SELECT i.id, i.workflow_name, i.workflow_version, i.slot, i.status, i.input, i.output,
+           i.error, i.state_version, i.event_seq, statement_timestamp(), i.ending, i.deadline_at,
+           CASE WHEN i.cancel_requested_at IS NOT NULL
+                THEN coalesce(i.cancel_reason, 'cancelled') END,
+           i.retry_requested_at IS NOT NULL, i.created_at
+    FROM instances i
+    WHERE i.id IN (SELECT id FROM due)
+    LIMIT $1
+    FOR UPDATE OF i SKIP LOCKED";
+
+const LOAD_STEPS: &str = "
+    SELECT instance_id, step_id, status, attempt, input, output, error,
+           scheduled_at, started_at, ended_at, wake_at, completion_order, items, compensation
+    FROM steps WHERE instance_id = ANY($1)";
+
+const LOAD_SIGNALS: &str = "
+    SELECT id, instance_id, name, payload FROM signals
+    WHERE instance_id = ANY($1) AND consumed_at IS NULL
+    ORDER BY id";
+
+const LOAD_FINISHED_TASKS: &str = "
+    SELECT id, instance_id, step_id, attempt, status, output, error, leased_at, leased_by,
+           item, purpose, queue
+    FROM tasks
+    WHERE instance_id = ANY($1) AND status IN ('completed', 'failed')
+    ORDER BY finished_at, id";
+
+/// Asks the running children of the instances $1 to cancel.
+const CANCEL_CHILDREN: &str = "
+    UPDATE instances
+    SET cancel_requested_at = coalesce(cancel_requested_at, now()),
+        cancel_reason = coalesce(cancel_reason, 'parent ' || parent_id || ' is ending'),
+        wake_at = now()
+    WHERE parent_id = ANY($1) AND status NOT IN ('completed', 'failed', 'cancelled')";
+
+const DELETE_TASKS_BY_ID: &str = "DELETE FROM tasks WHERE id = ANY($1)";
+const DELETE_TASKS_OF_INSTANCES: &str = "DELETE FROM tasks WHERE instance_id = ANY($1)";
+
+const UPSERT_STEPS: &str = "
+    INSERT INTO steps (instance_id, step_id, position, kind, status, attempt, input, output,
+                       error, scheduled_at, started_at, ended_at, wake_at, completion_order,
+                       items, compensation)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::int[],
+                         $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::timestamptz[],
+                         $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::int[],
+                         $15::jsonb[], $16::jsonb[])
+    ON CONFLICT (instance_id, step_id) DO UPDATE
+    SET status = excluded.status, attempt = excluded.attempt, input = excluded.input,
+        output = excluded.output, error = excluded.error,
+        scheduled_at = excluded.scheduled_at, started_at = excluded.started_at,
+        ended_at = excluded.ended_at, wake_at = excluded.wake_at,
+        completion_order = excluded.completion_order, items = excluded.items,
+        compensation = excluded.compensation";
+
+const INSERT_TASKS: &str = "
+    INSERT INTO tasks (queue, kind, instance_id, step_id, slot, attempt, input,
+                       idempotency_key, run_at, timeout_ms, item, purpose)
+    SELECT queue, kind, instance_id, step_id, slot, attempt, input, idempotency_key,
+           now() + delay_ms * interval '1 millisecond', timeout_ms, item, purpose
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
+                $7::jsonb[], $8::text[], $9::float8[], $10::bigint[], $11::int[], $12::text[])
+         AS d(queue, kind, instance_id, step_id, slot, attempt, input, idempotency_key,
+              delay_ms, timeout_ms, item, purpose)";
+
+/// Starts child workflows: per child, a task row on the parent that stays
+/// leased (forever) until the child reports its end, and the child instance.
+/// A child of an unregistered workflow gets a failed task row instead. An
+/// existing child (a retried parent) is re-attached to the new task row.
+const START_CHILDREN: &str = "
+    WITH d AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[],
+                             $6::int[], $7::jsonb[], $8::int[])
+               AS d(parent_id, step_id, item, child_id, workflow, version, input, parent_slot)
+    ), v AS (
+        SELECT d.*, (SELECT max(w.version) FROM workflows w
+                     WHERE w.name = d.workflow AND (d.version IS NULL OR w.version = d.version))
+                    AS resolved
+        FROM d
+    ), t AS (
+        INSERT INTO tasks (queue, kind, instance_id, step_id, slot, attempt, item, purpose, input,
+                           idempotency_key, status, lease_token, leased_by, leased_at,
+                           lease_expires_at, error, finished_at)
+        SELECT 'stead.workflow', 'workflow', parent_id, step_id, parent_slot, 1, item, 'run', input,
+               child_id,
+               CASE WHEN resolved IS NULL THEN 'failed' ELSE 'leased' END,
+               gen_random_uuid(), child_id, now(), 'infinity',
+               CASE WHEN resolved IS NULL THEN jsonb_build_object(
+                   'message', CASE WHEN version IS NULL
+                                   THEN format('workflow %s is not registered', workflow)
+                                   ELSE format('workflow %s has no version %s', workflow, version) END,
+                   'retryable', false) END,
+               CASE WHEN resolved IS NULL THEN now() END
+        FROM v
+        RETURNING id, idempotency_key
+    )
+    INSERT INTO instances (id, workflow_name, workflow_version, slot, input, wake_at,
+                           parent_id, parent_step, parent_task_id)
+    SELECT v.child_id, v.workflow, v.resolved, slot_for(v.child_id), v.input, now(),
+           v.parent_id, v.step_id, t.id
+    FROM v JOIN t ON t.idempotency_key = v.child_id
+    WHERE v.resolved IS NOT NULL
+    ON CONFLICT (id) DO UPDATE
+    SET parent_task_id = excluded.parent_task_id,
+        wake_at = now(),
+        -- A child that failed or was cancelled runs again from its failed
+        -- steps (the parent is being retried); a completed one reports its
+        -- output again.
+        retry_requested_at = CASE WHEN instances.status IN ('failed', 'cancelled')
+                                  THEN now() ELSE instances.retry_requested_at END,
+        cancel_requested_at = CASE WHEN instances.status IN ('failed', 'cancelled')
+                                   THEN NULL ELSE instances.cancel_requested_at END,
+        cancel_reason = CASE WHEN instances.status IN ('failed', 'cancelled')
+                             THEN NULL ELSE instances.cancel_reason END";
+
+const INSERT_EVENTS: &str = "
+    INSERT INTO events (instance_id, seq, type, step_id, attempt, data, created_at)
+    SELECT *, $7::timestamptz
+    FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::int[], $6::jsonb[])";
+
+const CONSUME_SIGNALS: &str = "
+    UPDATE signals s SET consumed_at = now(), consumed_by = d.step_id
+    FROM unnest($1::bigint[], $2::text[]) AS d(id, step_id)
+    WHERE s.id = d.id";
+
+/// Applies new instance states, fenced by the state version each was read
+/// at; the caller checks that every row was updated.
+const UPDATE_INSTANCES: &str = "
+    UPDATE instances i
+    SET status = u.status, output = u.output, error = u.error, event_seq = u.event_seq,
+        -- A cancel requested in this very transaction (a parent in the same
+        -- batch cancelling its child) must still wake the instance.
+        wake_at = CASE WHEN i.cancel_requested_at IS NOT NULL AND u.ending IS NULL
+                            AND u.status IN ('pending', 'running')
+                       THEN now() ELSE u.wake_at END,
+        ending = u.ending, deadline_at = u.deadline_at, retry_requested_at = NULL,
+        state_version = i.state_version + 1, updated_at = $10,
+        started_at = CASE WHEN i.started_at IS NULL AND u.status <> 'pending'
+                          THEN $10 ELSE i.started_at END,
+        ended_at = CASE WHEN u.status IN ('completed', 'failed', 'cancelled')
+                        THEN coalesce(i.ended_at, $10) END
+    FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::jsonb[], $6::int[],
+                $7::timestamptz[], $8::text[], $9::timestamptz[])
+         AS u(id, expected_version, status, output, error, event_seq, wake_at, ending,
+              deadline_at)
+    WHERE i.id = u.id AND i.state_version = u.expected_version";
+
+/// Reports ended children (among $1) to their parents' task rows.
+const REPORT_CHILDREN: &str = "
+    UPDATE tasks t
+    SET status = CASE WHEN c.status = 'completed' THEN 'completed' ELSE 'failed' END,
+        output = CASE WHEN c.status = 'completed' THEN c.output END,
+        error = CASE WHEN c.status <> 'completed' THEN jsonb_build_object(
+                    'message', format('child workflow %s %s', c.id, c.status),
+                    'retryable', false,
+                    'details', c.error) END,
+        finished_at = now()
+    FROM instances c
+    WHERE c.id = ANY($1) AND t.id = c.parent_task_id AND t.status = 'leased'
+      AND c.status IN ('completed', 'failed', 'cancelled') AND c.retry_requested_at IS NULL";
+
+// ---- what a batch reads -------------------------------------------------------
+
+/// The instances one batch locked, with the clock their decisions use.
+#[derive(Debug)]
+pub(crate) struct DueBatch {
+    /// The locking statement's start, by the database clock.
+    pub now: DateTime<Utc>,
+    pub instances: Vec<DueInstance>,
+}
+
+/// A locked instance with everything the engine reads about it.
+#[derive(Debug, Clone)]
+pub(crate) struct DueInstance {
+    pub id: String,
+    pub workflow_name: String,
+    pub workflow_version: i32,
+    pub slot: i32,
+    pub status: InstanceStatus,
+    pub input: Value,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub state_version: i64,
+    pub event_seq: i32,
+    pub ending: Option<Ending>,
+    pub deadline_at: Option<DateTime<Utc>>,
+    /// The reason given, if a cancel was requested.
+    pub cancel_requested: Option<String>,
+    pub retry_requested: bool,
+    pub created_at: DateTime<Utc>,
+    /// Steps that have left `pending` (the others have no row).
+    pub steps: Vec<StoredStep>,
+    /// Finished attempts not yet recorded, oldest first.
+    pub results: Vec<FinishedTask>,
+    /// Signals not yet consumed, oldest first.
+    pub signals: Vec<SignalRow>,
+}
+
+/// A row of `steps`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredStep {
+    pub step_id: String,
+    pub state: StepState,
+}
+
+/// A finished task row whose result the engine has not recorded yet.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FinishedTask {
+    pub task_id: i64,
+    pub step_id: String,
+    pub attempt: u32,
+    /// The `for_each` element, if any.
+    pub item: Option<u32>,
+    pub purpose: TaskPurpose,
+    pub queue: String,
+    pub result: TaskResult,
+    pub leased_at: Option<DateTime<Utc>>,
+    pub leased_by: Option<String>,
+}
+
+/// An unconsumed row of `signals`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SignalRow {
+    pub id: i64,
+    pub name: String,
+    pub payload: Value,
+}
+
+// ---- what a batch writes ------------------------------------------------------
+
+/// A step row to insert or update.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StepWrite {
+    pub instance_id: String,
+    pub step_id: String,
+    pub position: i32,
+    /// The step kind's name (`task`, `http`, ...), for readers of the table.
+    pub kind: &'static str,
+    pub state: StepState,
+}
+
+/// A task row to insert (an attempt of a step or of its compensation).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NewTask {
+    pub queue: String,
+    pub kind: TaskKind,
+    pub instance_id: String,
+    pub step_id: String,
+    pub slot: i32,
+    pub attempt: i32,
+    pub input: Value,
+    pub idempotency_key: String,
+    pub delay_ms: u64,
+    pub timeout_ms: Option<u64>,
+    pub item: Option<i32>,
+    pub purpose: TaskPurpose,
+}
+
+/// A child workflow to start (see `START_CHILDREN`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NewChild {
+    pub parent_id: String,
+    pub parent_slot: i32,
+    pub step_id: String,
+    pub item: Option<i32>,
+    pub child_id: String,
+    pub workflow: String,
+    pub version: Option<i32>,
+    pub input: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NewEvent {
+    pub instance_id: String,
+    pub seq: i32,
+    pub kind: EventType,
+    pub step_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub data: Value,
+}
+
+/// An instance's new state, applied only if it is still at
+/// `expected_version`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct InstanceUpdate {
+    pub id: String,
+    pub expected_version: i64,
+    pub status: InstanceStatus,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub event_seq: i32,
+    pub wake_at: Option<DateTime<Utc>>,
+    pub ending: Option<Ending>,
+    pub deadline_at: Option<DateTime<Utc>>,
+}
+
+/// Everything one advance transaction writes.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct AdvanceWrites {
+    /// The engine's clock for this batch (from the locking statement).
+    pub now: DateTime<Utc>,
+    pub instances: Vec<InstanceUpdate>,
+    pub steps: Vec<StepWrite>,
+    pub tasks: Vec<NewTask>,
+    pub children: Vec<NewChild>,
+    pub events: Vec<NewEvent>,
+    /// Result rows the engine has read (recorded or stale): deleted.
+    pub consumed_tasks: Vec<i64>,
+    /// Signals consumed, with the step that took each.
+    pub consumed_signals: Vec<(i64, String)>,
+    /// Instances whose queued tasks are all withdrawn (winding down).
+    pub withdraw_instances: Vec<String>,
+    /// Instances whose running children are asked to cancel.
+    pub cancel_children_of: Vec<String>,
+    /// Queues that got tasks (notified once each).
+    pub notify_queues: Vec<String>,
+    /// Instances that ended in this batch.
+    pub ended_instances: Vec<String>,
+}
+
+// ---- the transaction ----------------------------------------------------------
+
+/// A transaction in which the engine moves a batch of instances on. Dropping
+/// it without `commit` discards the connection, which rolls back.
+pub(crate) struct AdvanceTx {
+    conn: Option<Object>,
+    done: bool,
+}
+
+impl Drop for AdvanceTx {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Some(conn) = self.conn.take() {
+                // Never return a connection in an open transaction to the pool.
+                drop(Object::take(conn));
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Begins a transition transaction (see `AdvanceTx`).
+    pub(crate) async fn begin_advance(&self) -> Result<AdvanceTx> {
+        let conn = self.conn().await?;
+        let tx = AdvanceTx {
+            conn: Some(conn),
+            done: false,
+        };
+        tx.client().batch_execute("BEGIN").await?;
+        Ok(tx)
+    }
+}
+
+impl AdvanceTx {
+    fn client(&self) -> &Object {
+        self.conn.as_ref().expect("transaction is open")
+    }
+
+    /// Locks up to `limit` due instances of `slots` and loads their steps,
+    /// unrecorded results and pending signals.
+    pub(crate) async fn lock_due(&self, limit: usize, slots: &[i32]) -> Result<DueBatch> {
+        let c = self.client();
+        let stmt = c.prepare_cached(LOCK_DUE_INSTANCES).await?;
+        let rows = c.query(&stmt, &[&(limit as i64), &slots]).await?;
+        let now = rows.first().map_or_else(Utc::now, |r| r.get(10));
+        let mut instances = rows.iter().map(due_from_row).collect::<Result<Vec<_>>>()?;
+        if !instances.is_empty() {
+            self.load_into(&mut instances).await?;
+        }
+        Ok(DueBatch { now, instances })
+    }
+
+    /// Adds each instance's steps, results and signals, in one round trip.
+    async fn load_into(&self, instances: &mut [DueInstance]) -> Result<()> {
+        let c = self.client();
+        let ids: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        let (steps, tasks, signals) = futures::try_join!(
+            c.prepare_cached(LOAD_STEPS),
+            c.prepare_cached(LOAD_FINISHED_TASKS),
+            c.prepare_cached(LOAD_SIGNALS)
+        )?;
+        let params: [&(dyn ToSql + Sync); 1] = [&ids];
+        let (steps, tasks, signals) = futures::try_join!(
+            c.query(&steps, &params),
+            c.query(&tasks, &params),
+            c.query(&signals, &params)
+        )?;
+        let index: HashMap<String, usize> = instances
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.id.clone(), i))
+            .collect();
+        // The instance a row belongs to, by its `instance_id` column.
+        let owner =
+            |r: &tokio_postgres::Row, column: usize| index.get(r.get::<_, &str>(column)).copied();
+        for r in &steps {
+            if let Some(i) = owner(r, 0) {
+                instances[i].steps.push(step_from_row(r)?);
+            }
+        }
+        for r in &tasks {
+            if let Some(i) = owner(r, 1) {
+                instances[i].results.push(finished_from_row(r)?);
+            }
+        }
+        for r in &signals {
+            if let Some(i) = owner(r, 1) {
+                instances[i].signals.push(signal_from_row(r));
+            }
+        }
+        Ok(())
+    }
+
+    /// A stored definition document, read inside this transaction.
+    pub(crate) async fn get_workflow(&self, name: &str, version: i32) -> Result<Option<Value>> {
+        let row = self
+            .client()
+            .query_opt(GET_WORKFLOW_VERSION, &[&name, &version])
+            .await?;
+        Ok(row.map(|r| r.get(2)))
+    }
+
+    /// Writes a batch of transitions and commits. Fails with
+    /// `StoreError::Fenced` (and rolls back) if any instance moved on since
+    /// it was read.
+    pub(crate) async fn commit(mut self, writes: &AdvanceWrites) -> Result<()> {
+        let mut pipeline = Pipeline::default();
+        let update = plan_statements(&mut pipeline, writes);
+        let affected = pipeline.run(self.client()).await?;
+        let updated = affected[update] as usize;
+        if updated != writes.instances.len() {
+            return Err(StoreError::Fenced {
+                moved: writes.instances.len() - updated,
+                batch: writes.instances.len(),
+            });
+        }
+        self.client().batch_execute("COMMIT").await?;
+        self.done = true;
+        Ok(())
+    }
+
+    /// Ends the transaction without writing anything.
+    pub(crate) async fn rollback(mut self) -> Result<()> {
+        self.client().batch_execute("ROLLBACK").await?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+// ---- rows ---------------------------------------------------------------------
+
+fn due_from_row(r: &tokio_postgres::Row) -> Result<DueInstance> {
+    Ok(DueInstance {
+        id: r.get(0),
+        workflow_name: r.get(1),
+        workflow_version: r.get(2),
+        slot: r.get(3),
+        status: decode("instances.status", r.get(4))?,
+        input: r.get(5),
+        output: r.get(6),
+        error: r.get(7),
+        state_version: r.get(8),
+        event_seq: r.get(9),
+        ending: r
+            .get::<_, Option<&str>>(11)
+            .map(|e| decode("instances.ending", e))
+            .transpose()?,
+        deadline_at: r.get(12),
+        cancel_requested: r.get(13),
+        retry_requested: r.get(14),
+        created_at: r.get(15),
+        steps: Vec::new(),
+        results: Vec::new(),
+        signals: Vec::new(),
+    })
+}
+
+/// A count the database keeps as `integer`, never negative.
+fn count(value: i32) -> u32 {
+    value.max(0) as u32
+}
+
+fn step_from_row(r: &tokio_postgres::Row) -> Result<StoredStep> {
+    let items: Option<Value> = r.get(12);
+    let compensation: Option<Value> = r.get(13);
+    Ok(StoredStep {
+        step_id: r.get(1),
+        state: StepState {
+            status: decode("steps.status", r.get(2))?,
+            attempt: count(r.get(3)),
+            input: r.get(4),
+            output: r.get(5),
+            error: r.get(6),
+            scheduled_at: r.get(7),
+            started_at: r.get(8),
+            ended_at: r.get(9),
+            wake_at: r.get(10),
+            completion_order: r.get::<_, Option<i32>>(11).map(count),
+            items: items.map(|v| decode_json("steps.items", v)).transpose()?,
+            compensation: compensation
+                .map(|v| decode_json("steps.compensation", v))
+                .transpose()?,
+        },
+    })
+}
+
+fn finished_from_row(r: &tokio_postgres::Row) -> Result<FinishedTask> {
+    let status: TaskStatus = decode("tasks.status", r.get(4))?;
+    // The query reads finished rows only: anything but completed is a
+    // failure, whose error must have the stored shape.
+    let result = match status {
+        TaskStatus::Completed => {
+            TaskResult::Completed(r.get::<_, Option<Value>>(5).unwrap_or(Value::Null))
+        }
+        _ => TaskResult::Failed(decode_json(
+            "tasks.error",
+            r.get::<_, Option<Value>>(6).unwrap_or(Value::Null),
+        )?),
+    };
+    Ok(FinishedTask {
+        task_id: r.get(0),
+        step_id: r.get(2),
+        attempt: count(r.get(3)),
+        result,
+        leased_at: r.get(7),
+        leased_by: r.get(8),
+        item: r.get::<_, Option<i32>>(9).map(count),
+        purpose: decode("tasks.purpose", r.get(10))?,
+        queue: r.get(11),
+    })
+}
+
+fn signal_from_row(r: &tokio_postgres::Row) -> SignalRow {
+    SignalRow {
+        id: r.get(0),
+        name: r.get(2),
+        payload: r.get(3),
+    }
+}
+
+// ---- the pipelined commit -------------------------------------------------------
+
+type Param<'a> = Box<dyn ToSql + Sync + Send + 'a>;
+
+/// One column of a batch statement: `f` of every row, as a Postgres array.
+fn col<'a, T, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Param<'a>
+where
+    U: ToSql + Sync + Send + 'a,
+{
+    Box::new(rows.iter().map(f).collect::<Vec<U>>())
+}
+
+/// A JSON column of typed state (plain structs always serialise).
+fn json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).expect("engine state serialises to JSON")
+}
+
+/// Statements sent together: every one goes out before the first answer is
+/// read, so a batch costs one round trip however many statements it has.
+#[derive(Default)]
+struct Pipeline<'a> {
+    statements: Vec<(&'static str, Vec<Param<'a>>)>,
+}
+
+impl<'a> Pipeline<'a> {
+    /// Adds a statement; returns its index among the results.
+    fn push(&mut self, text: &'static str, params: Vec<Param<'a>>) -> usize {
+        self.statements.push((text, params));
+        self.statements.len() - 1
+    }
+
+    /// Runs every statement; returns the rows each affected.
+    async fn run(&self, c: &Object) -> Result<Vec<u64>> {
+        let mut prepared = Vec::with_capacity(self.statements.len());
+        for (text, _) in &self.statements {
+            prepared.push(c.prepare_cached(text).await?);
+        }
+        let runs = self
+            .statements
+            .iter()
+            .zip(&prepared)
+            .map(|((_, params), stmt)| {
+                let params: Vec<&(dyn ToSql + Sync)> = params
+                    .iter()
+                    .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                    .collect();
+                async move { c.execute(stmt, &params).await }
+            });
+        Ok(futures::future::try_join_all(runs).await?)
+    }
+}
+
+/// The statements of a batch, in the order they must run; returns the index
+/// of the fenced instance update. Children are asked to cancel before any
+/// task row is touched, so the transaction never holds a task row while
+/// waiting for a child's row lock.
+fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) -> usize {
+    if !w.cancel_children_of.is_empty() {
+        p.push(CANCEL_CHILDREN, vec![Box::new(&w.cancel_children_of)]);
+    }
+    if !w.consumed_tasks.is_empty() {
+        p.push(DELETE_TASKS_BY_ID, vec![Box::new(&w.consumed_tasks)]);
+    }
+    if !w.withdraw_instances.is_empty() {
+        p.push(
+            DELETE_TASKS_OF_INSTANCES,
+            vec![Box::new(&w.withdraw_instances)],
+        );
+    }
+    if !w.steps.is_empty() {
+        p.push(UPSERT_STEPS, step_columns(&w.steps));
+    }
+    if !w.tasks.is_empty() {
+        p.push(INSERT_TASKS, task_columns(&w.tasks));
+    }
+    if !w.children.is_empty() {
+        p.push(START_CHILDREN, child_columns(&w.children));
+    }
+    if !w.events.is_empty() {
+        let mut params = event_columns(&w.events);
+        params.push(Box::new(w.now));
+        p.push(INSERT_EVENTS, params);
+    }
+    if !w.consumed_signals.is_empty() {
+        let s = &w.consumed_signals;
+        p.push(
+            CONSUME_SIGNALS,
+            vec![col(s, |(id, _)| *id), col(s, |(_, step)| step.as_str())],
+        );
+    }
+    let mut update = instance_columns(&w.instances);
+    update.push(Box::new(w.now));
+    let update = p.push(UPDATE_INSTANCES, update);
+    plan_notifications(p, w);
+    update
+}
+
+/// Tells parents about children that ended (or were re-attached), and wakes
+/// whoever waits: workers of queues that got tasks, waiters on ended
+/// instances, advancers of new children and of parents told.
+fn plan_notifications<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
+    let mut report: Vec<&str> = w.ended_instances.iter().map(String::as_str).collect();
+    report.extend(w.children.iter().map(|c| c.child_id.as_str()));
+    if !report.is_empty() {
+        p.push(REPORT_CHILDREN, vec![Box::new(report)]);
+    }
+    if !w.notify_queues.is_empty() {
+        p.push(NOTIFY_QUEUES, vec![Box::new(&w.notify_queues)]);
+    }
+    if !w.ended_instances.is_empty() {
+        p.push(NOTIFY_ENDED, vec![Box::new(&w.ended_instances)]);
+    }
+    if !w.children.is_empty() || !w.ended_instances.is_empty() {
+        p.push(NOTIFY_ADVANCE, vec![]);
+    }
+}
+
+fn step_columns(s: &[StepWrite]) -> Vec<Param<'_>> {
+    vec![
+        col(s, |r| r.instance_id.as_str()),
+        col(s, |r| r.step_id.as_str()),
+        col(s, |r| r.position),
+        col(s, |r| r.kind),
+        col(s, |r| r.state.status.as_str()),
+        col(s, |r| r.state.attempt as i32),
+        col(s, |r| r.state.input.as_ref()),
+        col(s, |r| r.state.output.as_ref()),
+        col(s, |r| r.state.error.as_ref()),
+        col(s, |r| r.state.scheduled_at),
+        col(s, |r| r.state.started_at),
+        col(s, |r| r.state.ended_at),
+        col(s, |r| r.state.wake_at),
+        col(s, |r| r.state.completion_order.map(|o| o as i32)),
+        col(s, |r| r.state.items.as_ref().map(json)),
+        col(s, |r| r.state.compensation.as_ref().map(json)),
+    ]
+}
+
+fn task_columns(t: &[NewTask]) -> Vec<Param<'_>> {
+    vec![
+        col(t, |r| r.queue.as_str()),
+        col(t, |r| r.kind.as_str()),
+        col(t, |r| r.instance_id.as_str()),
+        col(t, |r| r.step_id.as_str()),
+        col(t, |r| r.slot),
+        col(t, |r| r.attempt),
+        col(t, |r| &r.input),
+        col(t, |r| r.idempotency_key.as_str()),
+        col(t, |r| r.delay_ms as f64),
+        col(t, |r| r.timeout_ms.map(|v| v as i64)),
+        col(t, |r| r.item),
+        col(t, |r| r.purpose.as_str()),
+    ]
+}
+
+fn child_columns(ch: &[NewChild]) -> Vec<Param<'_>> {
+    vec![
+        col(ch, |r| r.parent_id.as_str()),
+        col(ch, |r| r.step_id.as_str()),
+        col(ch, |r| r.item),
+        col(ch, |r| r.child_id.as_str()),
+        col(ch, |r| r.workflow.as_str()),
+        col(ch, |r| r.version),
+        col(ch, |r| &r.input),
+        col(ch, |r| r.parent_slot),
+    ]
+}
+
+fn event_columns(e: &[NewEvent]) -> Vec<Param<'_>> {
+    vec![
+        col(e, |r| r.instance_id.as_str()),
+        col(e, |r| r.seq),
+        col(e, |r| r.kind.as_str()),
+        col(e, |r| r.step_id.as_deref()),
+        col(e, |r| r.attempt),
+        col(e, |r| &r.data),
+    ]
+}
+
+fn instance_columns(u: &[InstanceUpdate]) -> Vec<Param<'_>> {
+    vec![
+        col(u, |r| r.id.as_str()),
+        col(u, |r| r.expected_version),
+        col(u, |r| r.status.as_str()),
+        col(u, |r| r.output.as_ref()),
+        col(u, |r| r.error.as_ref()),
+        col(u, |r| r.event_seq),
+        col(u, |r| r.wake_at),
+        col(u, |r| r.ending.map(Ending::as_str)),
+        col(u, |r| r.deadline_at),
+    ]
+}

@@ -1,0 +1,225 @@
+//! Instances as the API sees them: starting, reading, listing, their steps
+//! and history, and the requests (signal, cancel, retry) that wake them.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::{decode, Result, Store};
+use crate::model::{EventType, InstanceStatus, StepStatus};
+
+const START_INSTANCE: &str = "SELECT instance_id, created FROM start_instance($1, $2, $3, $4)";
+const GET_INSTANCE: &str = "
+    SELECT id, workflow_name, workflow_version, status, input, output, error,
+           created_at, started_at, updated_at, ended_at, parent_id
+    FROM instances WHERE id = $1";
+/// Newest first; the cursor is the (created_at, id) of the last row seen.
+const LIST_INSTANCES: &str = "
+    SELECT id, workflow_name, workflow_version, status, input, output, error,
+           created_at, started_at, updated_at, ended_at, parent_id
+    FROM instances
+    WHERE ($1::text IS NULL OR workflow_name = $1)
+      AND ($2::text IS NULL OR status = $2)
+      AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+    ORDER BY created_at DESC, id DESC
+    LIMIT $5";
+/// A step whose current attempt a worker holds a lease on shows as running.
+const GET_STEPS: &str = "
+    SELECT s.step_id, s.status, s.attempt, s.input, s.output, s.error,
+           s.scheduled_at, coalesce(t.leased_at, s.started_at), s.ended_at, t.leased_at IS NOT NULL,
+           s.wake_at, s.items, s.compensation
+    FROM steps s
+    LEFT JOIN LATERAL (
+        SELECT leased_at FROM tasks
+        WHERE instance_id = s.instance_id AND step_id = s.step_id AND status = 'leased'
+          AND purpose = 'run' AND kind <> 'workflow' AND item IS NULL
+        LIMIT 1) t ON true
+    WHERE s.instance_id = $1
+    ORDER BY s.position";
+const SEND_SIGNAL: &str = "SELECT send_signal($1, $2, $3)";
+const REQUEST_CANCEL: &str = "SELECT request_cancel($1, $2)";
+const REQUEST_RETRY: &str = "SELECT request_retry($1)";
+const GET_HISTORY: &str = "
+    SELECT seq, type, step_id, attempt, data, created_at
+    FROM events WHERE instance_id = $1 ORDER BY seq";
+
+#[derive(Debug, Clone)]
+pub(crate) struct InstanceRecord {
+    pub id: String,
+    pub workflow_name: String,
+    pub workflow_version: i32,
+    pub status: InstanceStatus,
+    pub input: Value,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// The parent instance, for a child workflow.
+    pub parent_id: Option<String>,
+}
+
+fn instance_from_row(r: &tokio_postgres::Row) -> Result<InstanceRecord> {
+    Ok(InstanceRecord {
+        id: r.get(0),
+        workflow_name: r.get(1),
+        workflow_version: r.get(2),
+        status: decode("instances.status", r.get(3))?,
+        input: r.get(4),
+        output: r.get(5),
+        error: r.get(6),
+        created_at: r.get(7),
+        started_at: r.get(8),
+        updated_at: r.get(9),
+        ended_at: r.get(10),
+        parent_id: r.get(11),
+    })
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InstanceFilter {
+    pub workflow: Option<String>,
+    pub status: Option<InstanceStatus>,
+    /// Keyset cursor: rows strictly older than this (created_at, id).
+    pub after: Option<(DateTime<Utc>, String)>,
+    pub limit: i64,
+}
+
+/// A step as the API shows it (`items` and `compensation` as stored).
+#[derive(Debug, Clone)]
+pub(crate) struct StepRecord {
+    pub step_id: String,
+    pub status: StepStatus,
+    pub attempt: i32,
+    pub input: Option<Value>,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub scheduled_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// A worker holds a lease on the step's current attempt.
+    pub leased: bool,
+    pub wake_at: Option<DateTime<Utc>>,
+    pub items: Option<Value>,
+    pub compensation: Option<Value>,
+}
+
+fn step_from_row(r: &tokio_postgres::Row) -> Result<StepRecord> {
+    Ok(StepRecord {
+        step_id: r.get(0),
+        status: decode("steps.status", r.get(1))?,
+        attempt: r.get(2),
+        input: r.get(3),
+        output: r.get(4),
+        error: r.get(5),
+        scheduled_at: r.get(6),
+        started_at: r.get(7),
+        ended_at: r.get(8),
+        leased: r.get(9),
+        wake_at: r.get(10),
+        items: r.get(11),
+        compensation: r.get(12),
+    })
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct EventRecord {
+    pub seq: i32,
+    pub kind: EventType,
+    pub step_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub data: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+fn event_from_row(r: &tokio_postgres::Row) -> Result<EventRecord> {
+    Ok(EventRecord {
+        seq: r.get(0),
+        kind: decode("events.type", r.get(1))?,
+        step_id: r.get(2),
+        attempt: r.get(3),
+        data: r.get(4),
+        created_at: r.get(5),
+    })
+}
+
+impl Store {
+    /// Starts an instance (idempotent on `id`); returns the id and whether it
+    /// was created now.
+    pub(crate) async fn start_instance(
+        &self,
+        workflow: &str,
+        version: Option<i32>,
+        input: &Value,
+        id: Option<&str>,
+    ) -> Result<(String, bool)> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one(START_INSTANCE, &[&workflow, &version, input, &id])
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    pub(crate) async fn get_instance(&self, id: &str) -> Result<Option<InstanceRecord>> {
+        let conn = self.conn().await?;
+        let row = conn.query_opt(GET_INSTANCE, &[&id]).await?;
+        row.as_ref().map(instance_from_row).transpose()
+    }
+
+    pub(crate) async fn list_instances(
+        &self,
+        filter: &InstanceFilter,
+    ) -> Result<Vec<InstanceRecord>> {
+        let conn = self.conn().await?;
+        let (after_time, after_id) = match &filter.after {
+            Some((t, id)) => (Some(*t), Some(id.as_str())),
+            None => (None, None),
+        };
+        let status = filter.status.map(InstanceStatus::as_str);
+        let rows = conn
+            .query(
+                LIST_INSTANCES,
+                &[
+                    &filter.workflow,
+                    &status,
+                    &after_time,
+                    &after_id,
+                    &filter.limit,
+                ],
+            )
+            .await?;
+        rows.iter().map(instance_from_row).collect()
+    }
+
+    /// The steps that have left `pending`, in definition order.
+    pub(crate) async fn get_steps(&self, id: &str) -> Result<Vec<StepRecord>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(GET_STEPS, &[&id]).await?;
+        rows.iter().map(step_from_row).collect()
+    }
+
+    /// Delivers a signal; returns its id.
+    pub(crate) async fn send_signal(&self, id: &str, name: &str, payload: &Value) -> Result<i64> {
+        let conn = self.conn().await?;
+        let row = conn.query_one(SEND_SIGNAL, &[&id, &name, payload]).await?;
+        Ok(row.get(0))
+    }
+
+    pub(crate) async fn request_cancel(&self, id: &str, reason: Option<&str>) -> Result<()> {
+        let conn = self.conn().await?;
+        conn.execute(REQUEST_CANCEL, &[&id, &reason]).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn request_retry(&self, id: &str) -> Result<()> {
+        let conn = self.conn().await?;
+        conn.execute(REQUEST_RETRY, &[&id]).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn history(&self, id: &str) -> Result<Vec<EventRecord>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(GET_HISTORY, &[&id]).await?;
+        rows.iter().map(event_from_row).collect()
+    }
+}

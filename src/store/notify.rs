@@ -1,0 +1,112 @@
+//! LISTEN/NOTIFY: wake-up hints between processes. Every consumer also
+//! polls, so a lost notification only costs latency.
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+use super::{Result, Store};
+
+/// Sends a notification on this cluster's channel `$1` (SQL `channel()`).
+const NOTIFY: &str = "SELECT pg_notify(channel($1), '')";
+pub(super) const NOTIFY_ADVANCE: &str = "SELECT pg_notify(channel('advance'), '')";
+pub(super) const NOTIFY_QUEUES: &str =
+    "SELECT pg_notify(channel('tasks'), q) FROM unnest($1::text[]) AS q";
+pub(super) const NOTIFY_ENDED: &str =
+    "SELECT pg_notify(channel('ended'), id) FROM unnest($1::text[]) AS id";
+
+/// How many notifications a listening session buffers before it drops them
+/// (a dropped one only loses a latency hint).
+const LISTEN_BUFFER: usize = 1024;
+
+/// The notification channels of a cluster (`<schema>.<name>` in SQL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Channel {
+    /// Something needs the engine (a start, a result, a timer woke).
+    Advance,
+    /// A queue got new tasks; the payload is the queue.
+    Tasks,
+    /// An instance ended; the payload is its id.
+    Ended,
+}
+
+impl Channel {
+    const ALL: [Channel; 3] = [Channel::Advance, Channel::Tasks, Channel::Ended];
+
+    fn name(self) -> &'static str {
+        match self {
+            Channel::Advance => "advance",
+            Channel::Tasks => "tasks",
+            Channel::Ended => "ended",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Notification {
+    pub channel: Channel,
+    pub payload: String,
+}
+
+/// A dedicated session listening on every channel of the cluster.
+pub(crate) struct Listening {
+    _client: Client,
+    notifications: mpsc::Receiver<Notification>,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl Listening {
+    /// The next notification; `None` once the connection has broken.
+    pub(crate) async fn recv(&mut self) -> Option<Notification> {
+        self.notifications.recv().await
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+impl Store {
+    /// Sends a NOTIFY on this cluster's `channel`.
+    pub(crate) async fn notify(&self, channel: Channel) -> Result<()> {
+        let conn = self.conn().await?;
+        conn.execute(NOTIFY, &[&channel.name()]).await?;
+        Ok(())
+    }
+
+    /// Opens a session that LISTENs on every channel of this cluster.
+    pub(crate) async fn listen(&self) -> Result<Listening> {
+        let (client, mut connection) = self.pg_config.connect(NoTls).await?;
+        let (tx, notifications) = mpsc::channel(LISTEN_BUFFER);
+        let names: Vec<(Channel, String)> = Channel::ALL
+            .iter()
+            .map(|&c| (c, format!("{}.{}", self.schema(), c.name())))
+            .collect();
+        let listen: String = names
+            .iter()
+            .map(|(_, name)| format!("LISTEN \"{name}\";"))
+            .collect();
+        let connection = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                let AsyncMessage::Notification(n) = message else {
+                    continue;
+                };
+                let Some(&(channel, _)) = names.iter().find(|(_, name)| name == n.channel()) else {
+                    continue;
+                };
+                let payload = n.payload().to_string();
+                // A full buffer only loses a latency hint.
+                let _ = tx.try_send(Notification { channel, payload });
+            }
+        });
+        client.batch_execute(&listen).await?;
+        Ok(Listening {
+            _client: client,
+            notifications,
+            connection,
+        })
+    }
+}
