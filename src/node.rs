@@ -170,16 +170,16 @@ async fn serve_api(
         .await
         .map_err(bind_error)?;
     let addr = listener.local_addr().map_err(bind_error)?;
-    let state = crate::api::AppState::new(
-        parts.store.clone(),
-        parts.definitions.clone(),
-        parts.wakeups.clone(),
-        parts.notifier.clone(),
-        parts.metrics.clone(),
-        config.limits.clone(),
-        config.tuning.clone(),
-    );
-    let router = crate::api::router(state);
+    let shared = crate::api::Shared {
+        store: parts.store.clone(),
+        definitions: parts.definitions.clone(),
+        wakeups: parts.wakeups.clone(),
+        notifier: parts.notifier.clone(),
+        metrics: parts.metrics.clone(),
+        limits: config.limits.clone(),
+        tuning: config.tuning.clone(),
+    };
+    let router = crate::api::router(shared.into());
     let cancel = sup.token();
     sup.spawn(async move {
         let served = axum::serve(listener, router)

@@ -24,6 +24,17 @@ pub(crate) enum Next {
     Wait,
 }
 
+impl Next {
+    /// `Now` if `more` (say, the run filled its batch), else `Wait`.
+    pub(crate) fn now_if(more: bool) -> Self {
+        if more {
+            Next::Now
+        } else {
+            Next::Wait
+        }
+    }
+}
+
 /// A background loop's behaviour; `run` drives it.
 pub(crate) trait Service: Send + 'static {
     /// What one run did, for `next` and for tests.
@@ -220,11 +231,7 @@ mod tests {
         }
 
         fn next(&self, outcome: &usize) -> Next {
-            if *outcome >= 10 {
-                Next::Now
-            } else {
-                Next::Wait
-            }
+            Next::now_if(*outcome >= 10)
         }
 
         async fn failed(&mut self, _error: &StoreError) {

@@ -88,41 +88,40 @@ pub(crate) fn instance_json(r: &InstanceRecord) -> Value {
     v
 }
 
-fn step_json(id: &str, kind: &str, s: Option<&StepRecord>) -> Value {
-    match s {
-        None => json!({ "id": id, "kind": kind, "status": "pending", "attempt": 0 }),
-        Some(s) => {
-            // The steps table says 'scheduled' until the result is recorded;
-            // a held lease means a worker is on it right now.
-            let status = if s.leased && s.status == StepStatus::Scheduled {
-                StepStatus::Running
-            } else {
-                s.status
-            };
-            let mut v = json!({
-                "id": id,
-                "kind": kind,
-                "status": status,
-                "attempt": s.attempt,
-                "input": s.input,
-                "output": s.output,
-                "error": s.error,
-                "scheduled_at": s.scheduled_at,
-                "started_at": s.started_at,
-                "ended_at": s.ended_at,
-            });
-            if s.wake_at.is_some() {
-                v["wake_at"] = json!(s.wake_at);
-            }
-            if let Some(items) = &s.items {
-                v["items"] = items.clone();
-            }
-            if let Some(c) = &s.compensation {
-                v["compensation"] = c.clone();
-            }
-            v
-        }
+fn step_json(id: &str, kind: &str, record: Option<&StepRecord>) -> Value {
+    let Some(record) = record else {
+        return json!({ "id": id, "kind": kind, "status": "pending", "attempt": 0 });
+    };
+    let s = &record.step.state;
+    // The steps table says 'scheduled' until the result is recorded; a held
+    // lease means a worker is on it right now.
+    let status = if record.leased && s.status == StepStatus::Scheduled {
+        StepStatus::Running
+    } else {
+        s.status
+    };
+    let mut v = json!({
+        "id": id,
+        "kind": kind,
+        "status": status,
+        "attempt": s.attempt,
+        "input": s.input,
+        "output": s.output,
+        "error": s.error,
+        "scheduled_at": s.scheduled_at,
+        "started_at": s.started_at,
+        "ended_at": s.ended_at,
+    });
+    if s.wake_at.is_some() {
+        v["wake_at"] = json!(s.wake_at);
     }
+    if let Some(items) = &s.items {
+        v["items"] = json!(items);
+    }
+    if let Some(c) = &s.compensation {
+        v["compensation"] = json!(c);
+    }
+    v
 }
 
 pub(crate) async fn get(
@@ -155,13 +154,13 @@ pub(crate) async fn get(
                 step_json(
                     &d.id,
                     d.kind.name(),
-                    steps.iter().find(|s| s.step_id == d.id),
+                    steps.iter().find(|s| s.step.step_id == d.id),
                 )
             })
             .collect(),
         None => steps
             .iter()
-            .map(|s| step_json(&s.step_id, "", Some(s)))
+            .map(|s| step_json(&s.step.step_id, "", Some(s)))
             .collect(),
     };
     Ok(Json(body))

@@ -28,41 +28,27 @@ use crate::worker::DefinitionCache;
 
 use error::{ApiError, ApiResult};
 
+/// What every handler shares.
 #[derive(Clone)]
 pub(crate) struct AppState {
-    inner: Arc<Inner>,
+    inner: Arc<Shared>,
 }
 
-struct Inner {
-    store: Store,
-    definitions: DefinitionCache,
-    wakeups: Wakeups,
-    notifier: AdvanceNotifier,
-    metrics: Arc<Metrics>,
-    limits: Limits,
-    tuning: Tuning,
+/// The parts of a node the API uses.
+pub(crate) struct Shared {
+    pub store: Store,
+    pub definitions: DefinitionCache,
+    pub wakeups: Wakeups,
+    pub notifier: AdvanceNotifier,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub tuning: Tuning,
 }
 
-impl AppState {
-    pub(crate) fn new(
-        store: Store,
-        definitions: DefinitionCache,
-        wakeups: Wakeups,
-        notifier: AdvanceNotifier,
-        metrics: Arc<Metrics>,
-        limits: Limits,
-        tuning: Tuning,
-    ) -> Self {
+impl From<Shared> for AppState {
+    fn from(shared: Shared) -> Self {
         AppState {
-            inner: Arc::new(Inner {
-                store,
-                definitions,
-                wakeups,
-                notifier,
-                metrics,
-                limits,
-                tuning,
-            }),
+            inner: Arc::new(shared),
         }
     }
 }

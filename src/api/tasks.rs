@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -115,11 +116,20 @@ fn lease_param(state: &AppState, lease: Option<&Value>) -> ApiResult<u64> {
     Ok(lease_ms)
 }
 
-fn task_id_param(raw: &str) -> ApiResult<i64> {
-    raw.parse::<i64>()
-        .ok()
-        .filter(|id| *id > 0)
-        .ok_or_else(|| ApiError::bad_field("task_id", "must be a positive integer"))
+/// The `{task_id}` of the path: a positive integer, or a 400 naming it.
+pub(crate) struct TaskId(i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for TaskId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let ApiPath(raw) = ApiPath::<String>::from_request_parts(parts, state).await?;
+        raw.parse::<i64>()
+            .ok()
+            .filter(|id| *id > 0)
+            .map(TaskId)
+            .ok_or_else(|| ApiError::bad_field("task_id", "must be a positive integer"))
+    }
 }
 
 fn lease_lost(task_id: i64) -> ApiError {
@@ -138,10 +148,9 @@ pub(crate) struct HeartbeatRequest {
 
 pub(crate) async fn heartbeat(
     State(state): State<AppState>,
-    ApiPath(task_id): ApiPath<String>,
+    TaskId(task_id): TaskId,
     ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> ApiResult<Json<Value>> {
-    let task_id = task_id_param(&task_id)?;
     let lease_ms = lease_param(&state, req.lease.as_ref())?;
     match state
         .inner
@@ -166,10 +175,9 @@ pub(crate) struct CompleteRequest {
 
 pub(crate) async fn complete(
     State(state): State<AppState>,
-    ApiPath(task_id): ApiPath<String>,
+    TaskId(task_id): TaskId,
     ApiJson(req): ApiJson<CompleteRequest>,
 ) -> ApiResult<Json<Value>> {
-    let task_id = task_id_param(&task_id)?;
     finish(
         &state,
         task_id,
@@ -201,10 +209,9 @@ fn yes() -> bool {
 
 pub(crate) async fn fail(
     State(state): State<AppState>,
-    ApiPath(task_id): ApiPath<String>,
+    TaskId(task_id): TaskId,
     ApiJson(req): ApiJson<FailRequest>,
 ) -> ApiResult<Json<Value>> {
-    let task_id = task_id_param(&task_id)?;
     // `expired` is not a field a worker may send: only the reaper sets it.
     let e = req.error;
     let failure = TaskFailure::new(e.message, e.retryable, e.details);

@@ -259,14 +259,32 @@ fn render_string(s: &str, scope: &Scope<'_>) -> Value {
     for part in split(s) {
         match part {
             Part::Text(t) | Part::Unterminated(t) => out.push_str(t),
-            Part::Expr(e) => match eval(e, scope) {
-                Value::Null => {}
-                Value::String(v) => out.push_str(&v),
-                other => out.push_str(&other.to_string()),
-            },
+            Part::Expr(e) => out.push_str(&as_text(&eval(e, scope))),
         }
     }
     Value::String(out)
+}
+
+/// The text a value interpolates as: a string as it is, null as nothing,
+/// anything else as its JSON.
+pub(crate) fn as_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// A value's JSON type with its article, for messages ("an array").
+pub(crate) fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 fn eval(expr: &str, scope: &Scope<'_>) -> Value {

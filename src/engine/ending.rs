@@ -92,13 +92,7 @@ impl Run<'_, '_, '_, '_> {
             error: None,
         });
         self.changed.insert(index);
-        self.record(
-            EventType::CompensationScheduled,
-            Some(index),
-            Some(1),
-            json!({ "input": input }),
-        );
-        self.enqueue(index, None, TaskPurpose::Compensate, 1, input, 0);
+        self.queue_first_attempt(index, TaskPurpose::Compensate, input);
     }
 
     /// Every compensation has run: the instance takes the status it was

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::definition::duration::format_duration_ms;
-use crate::definition::template::{self, Scope};
+use crate::definition::template::{self, as_text, Scope};
 use crate::definition::{Definition, HttpCall, OnFailure, RetryPolicy, StepKind};
 
 #[cfg(test)]
@@ -458,26 +458,6 @@ fn error_json(failure: &TaskFailure, attempt: u32) -> Value {
         error["details"] = details.clone();
     }
     error
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// Text form of a rendered template value (for URLs and headers).
-fn as_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

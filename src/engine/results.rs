@@ -7,7 +7,9 @@ use serde_json::{json, Value};
 
 use super::{backoff_ms, error_json, Finished, Run};
 use crate::definition::{OnFailure, StepKind};
-use crate::model::{EventType, InstanceStatus, StepStatus, TaskFailure, TaskPurpose, TaskResult};
+use crate::model::{
+    CompensationState, EventType, InstanceStatus, StepStatus, TaskFailure, TaskPurpose, TaskResult,
+};
 
 impl Run<'_, '_, '_, '_> {
     /// Whether a failed attempt of step `index` gets another one: the
@@ -185,6 +187,25 @@ impl Run<'_, '_, '_, '_> {
         }
     }
 
+    /// The compensation of step `index`, which has begun.
+    fn compensation_mut(&mut self, index: usize) -> &mut CompensationState {
+        self.state.steps[index]
+            .compensation
+            .as_mut()
+            .expect("compensation")
+    }
+
+    /// Ends step `index`'s compensation `Completed` or `Failed`, in the
+    /// history too.
+    fn end_compensation(&mut self, index: usize, attempt: u32, status: StepStatus, data: Value) {
+        self.compensation_mut(index).status = status;
+        let kind = match status {
+            StepStatus::Completed => EventType::CompensationCompleted,
+            _ => EventType::CompensationFailed,
+        };
+        self.record(kind, Some(index), Some(attempt), data);
+    }
+
     pub(super) fn apply_compensation_result(&mut self, f: Finished<'_>) {
         let (index, attempt) = (f.index, f.attempt);
         if self.state.status != InstanceStatus::Running || self.state.ending.is_none() {
@@ -202,17 +223,10 @@ impl Run<'_, '_, '_, '_> {
         self.changed.insert(index);
         match f.result {
             TaskResult::Completed(output) => {
-                let s = &mut self.state.steps[index];
-                s.status = StepStatus::Compensated;
-                let c = s.compensation.as_mut().expect("compensation");
-                c.status = StepStatus::Completed;
-                c.output = Some(output.clone());
-                self.record(
-                    EventType::CompensationCompleted,
-                    Some(index),
-                    Some(attempt),
-                    json!({ "output": output }),
-                );
+                self.state.steps[index].status = StepStatus::Compensated;
+                self.compensation_mut(index).output = Some(output.clone());
+                let data = json!({ "output": output });
+                self.end_compensation(index, attempt, StepStatus::Completed, data);
             }
             TaskResult::Failed(failure) => self.retry_or_fail_compensation(index, attempt, failure),
         }
@@ -230,10 +244,7 @@ impl Run<'_, '_, '_, '_> {
             return;
         }
         let delay_ms = backoff_ms(&policy, attempt, (self.ctx.random)());
-        let c = self.state.steps[index]
-            .compensation
-            .as_mut()
-            .expect("compensation");
+        let c = self.compensation_mut(index);
         c.attempt = attempt + 1;
         c.error = Some(error.clone());
         let input = c.input.clone();
@@ -250,18 +261,9 @@ impl Run<'_, '_, '_, '_> {
     /// A compensation that failed for good is recorded, and listed in the
     /// instance error so that an operator knows what was not undone.
     fn fail_compensation(&mut self, index: usize, attempt: u32, error: Value) {
-        let c = self.state.steps[index]
-            .compensation
-            .as_mut()
-            .expect("compensation");
-        c.status = StepStatus::Failed;
-        c.error = Some(error.clone());
-        self.record(
-            EventType::CompensationFailed,
-            Some(index),
-            Some(attempt),
-            json!({ "error": error }),
-        );
+        self.compensation_mut(index).error = Some(error.clone());
+        let data = json!({ "error": error });
+        self.end_compensation(index, attempt, StepStatus::Failed, data);
         let step_id = self.def.steps[index].id.clone();
         if let Some(Value::Object(e)) = self.state.error.as_mut() {
             let list = e

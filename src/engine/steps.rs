@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
-use super::{child_id, ms, type_name, Command, ItemScope, Run, HTTP_QUEUE};
-use crate::definition::template;
+use super::{child_id, ms, Command, ItemScope, Run, HTTP_QUEUE};
+use crate::definition::template::{self, type_name};
 use crate::definition::{CompensationAction, OnFailure, SleepSpec, StepKind};
 use crate::model::{Ending, EventType, ItemState, StepState, StepStatus, TaskKind, TaskPurpose};
 
@@ -289,13 +289,18 @@ impl Run<'_, '_, '_, '_> {
         s.attempt = 1;
         s.input = Some(input.clone());
         s.scheduled_at = Some(now);
-        self.record(
-            EventType::StepScheduled,
-            Some(index),
-            Some(1),
-            json!({ "input": input }),
-        );
-        self.enqueue(index, None, TaskPurpose::Run, 1, input, 0);
+        self.queue_first_attempt(index, TaskPurpose::Run, input);
+    }
+
+    /// Records that attempt 1 of step `index` (or of its compensation) is
+    /// scheduled with `input`, and queues it.
+    pub(super) fn queue_first_attempt(&mut self, index: usize, purpose: TaskPurpose, input: Value) {
+        let kind = match purpose {
+            TaskPurpose::Run => EventType::StepScheduled,
+            TaskPurpose::Compensate => EventType::CompensationScheduled,
+        };
+        self.record(kind, Some(index), Some(1), json!({ "input": input }));
+        self.enqueue(index, None, purpose, 1, input, 0);
     }
 
     fn schedule_item(&mut self, index: usize, k: usize, input: Value) {

@@ -212,11 +212,7 @@ impl Membership {
         let live = session.live_members().await?;
         let desired = crate::ring::owned_by(&live, session.slot_count.max(1) as u32, name);
         let held = self.ownership.held().await;
-        let release: Vec<i32> = held
-            .iter()
-            .copied()
-            .filter(|s| !desired.contains(s))
-            .collect();
+        let release = missing_from(&held, &desired);
         if !release.is_empty() {
             // Waits for batches in flight on these slots to finish.
             let mut slots = self.ownership.write().await;
@@ -225,11 +221,7 @@ impl Membership {
             self.metrics.slot_rebalances.inc();
             tracing::info!(member = %name, released = release.len(), "released slots");
         }
-        let wanted: Vec<i32> = desired
-            .iter()
-            .copied()
-            .filter(|s| !held.contains(s))
-            .collect();
+        let wanted = missing_from(&desired, &held);
         if !wanted.is_empty() {
             self.acquire(session, &wanted).await?;
         }
@@ -261,4 +253,13 @@ impl Membership {
         let _ = self.wakeups.advance.send(());
         Ok(())
     }
+}
+
+/// The slots of `these` that are not in `those`.
+fn missing_from(these: &[i32], those: &[i32]) -> Vec<i32> {
+    these
+        .iter()
+        .copied()
+        .filter(|s| !those.contains(s))
+        .collect()
 }

@@ -425,7 +425,7 @@ impl AdvanceTx {
             |r: &tokio_postgres::Row, column: usize| index.get(r.get::<_, &str>(column)).copied();
         for r in &steps {
             if let Some(i) = owner(r, 0) {
-                instances[i].steps.push(step_from_row(r)?);
+                instances[i].steps.push(step_from_row(r, 1)?);
             }
         }
         for r in &tasks {
@@ -510,22 +510,26 @@ fn count(value: i32) -> u32 {
     value.max(0) as u32
 }
 
-fn step_from_row(r: &tokio_postgres::Row) -> Result<StoredStep> {
-    let items: Option<Value> = r.get(12);
-    let compensation: Option<Value> = r.get(13);
+/// A step row whose columns start at `first`: step_id, status, attempt,
+/// input, output, error, scheduled_at, started_at, ended_at, wake_at,
+/// completion_order, items, compensation.
+pub(super) fn step_from_row(r: &tokio_postgres::Row, first: usize) -> Result<StoredStep> {
+    let c = |i: usize| first + i;
+    let items: Option<Value> = r.get(c(11));
+    let compensation: Option<Value> = r.get(c(12));
     Ok(StoredStep {
-        step_id: r.get(1),
+        step_id: r.get(c(0)),
         state: StepState {
-            status: decode("steps.status", r.get(2))?,
-            attempt: count(r.get(3)),
-            input: r.get(4),
-            output: r.get(5),
-            error: r.get(6),
-            scheduled_at: r.get(7),
-            started_at: r.get(8),
-            ended_at: r.get(9),
-            wake_at: r.get(10),
-            completion_order: r.get::<_, Option<i32>>(11).map(count),
+            status: decode("steps.status", r.get(c(1)))?,
+            attempt: count(r.get(c(2))),
+            input: r.get(c(3)),
+            output: r.get(c(4)),
+            error: r.get(c(5)),
+            scheduled_at: r.get(c(6)),
+            started_at: r.get(c(7)),
+            ended_at: r.get(c(8)),
+            wake_at: r.get(c(9)),
+            completion_order: r.get::<_, Option<i32>>(c(10)).map(count),
             items: items.map(|v| decode_json("steps.items", v)).transpose()?,
             compensation: compensation
                 .map(|v| decode_json("steps.compensation", v))

@@ -4,8 +4,9 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use super::advance::{step_from_row, StoredStep};
 use super::{decode, Result, Store};
-use crate::model::{EventType, InstanceStatus, StepStatus};
+use crate::model::{EventType, InstanceStatus};
 
 const START_INSTANCE: &str = "SELECT instance_id, created FROM start_instance($1, $2, $3, $4)";
 const GET_INSTANCE: &str = "
@@ -22,11 +23,12 @@ const LIST_INSTANCES: &str = "
       AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
     ORDER BY created_at DESC, id DESC
     LIMIT $5";
-/// A step whose current attempt a worker holds a lease on shows as running.
+/// The steps of an instance with, for each, whether a worker holds a lease
+/// on its current attempt (and since when).
 const GET_STEPS: &str = "
     SELECT s.step_id, s.status, s.attempt, s.input, s.output, s.error,
-           s.scheduled_at, coalesce(t.leased_at, s.started_at), s.ended_at, t.leased_at IS NOT NULL,
-           s.wake_at, s.items, s.compensation
+           s.scheduled_at, coalesce(t.leased_at, s.started_at), s.ended_at, s.wake_at,
+           s.completion_order, s.items, s.compensation, t.leased_at IS NOT NULL
     FROM steps s
     LEFT JOIN LATERAL (
         SELECT leased_at FROM tasks
@@ -85,41 +87,13 @@ pub(crate) struct InstanceFilter {
     pub limit: i64,
 }
 
-/// A step as the API shows it (`items` and `compensation` as stored).
+/// A step as the API shows it.
 #[derive(Debug, Clone)]
 pub(crate) struct StepRecord {
-    pub step_id: String,
-    pub status: StepStatus,
-    pub attempt: i32,
-    pub input: Option<Value>,
-    pub output: Option<Value>,
-    pub error: Option<Value>,
-    pub scheduled_at: Option<DateTime<Utc>>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub ended_at: Option<DateTime<Utc>>,
-    /// A worker holds a lease on the step's current attempt.
+    pub step: StoredStep,
+    /// A worker holds a lease on the step's current attempt (`started_at`
+    /// is then when it took it).
     pub leased: bool,
-    pub wake_at: Option<DateTime<Utc>>,
-    pub items: Option<Value>,
-    pub compensation: Option<Value>,
-}
-
-fn step_from_row(r: &tokio_postgres::Row) -> Result<StepRecord> {
-    Ok(StepRecord {
-        step_id: r.get(0),
-        status: decode("steps.status", r.get(1))?,
-        attempt: r.get(2),
-        input: r.get(3),
-        output: r.get(4),
-        error: r.get(5),
-        scheduled_at: r.get(6),
-        started_at: r.get(7),
-        ended_at: r.get(8),
-        leased: r.get(9),
-        wake_at: r.get(10),
-        items: r.get(11),
-        compensation: r.get(12),
-    })
 }
 
 #[derive(Debug, Clone)]
@@ -195,7 +169,14 @@ impl Store {
     pub(crate) async fn get_steps(&self, id: &str) -> Result<Vec<StepRecord>> {
         let conn = self.conn().await?;
         let rows = conn.query(GET_STEPS, &[&id]).await?;
-        rows.iter().map(step_from_row).collect()
+        rows.iter()
+            .map(|r| {
+                Ok(StepRecord {
+                    step: step_from_row(r, 0)?,
+                    leased: r.get(13),
+                })
+            })
+            .collect()
     }
 
     /// Delivers a signal; returns its id.

@@ -2,6 +2,7 @@
 //! advancers. Versions are immutable, so entries never go stale.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::definition::{self, Definition, Limits};
@@ -59,11 +60,8 @@ impl DefinitionCache {
         name: &str,
         version: i32,
     ) -> Result<Option<Arc<Definition>>, StoreError> {
-        if let Some(d) = self.lookup(name, version) {
-            return Ok(Some(d));
-        }
-        let doc = tx.get_workflow(name, version).await?;
-        Ok(doc.and_then(|doc| self.parse_and_keep(name, version, &doc)))
+        self.get_or_load(name, version, tx.get_workflow(name, version))
+            .await
     }
 
     /// The definition, loaded through the pool if not cached.
@@ -73,10 +71,24 @@ impl DefinitionCache {
         name: &str,
         version: i32,
     ) -> Result<Option<Arc<Definition>>, StoreError> {
+        let load = async {
+            let record = store.get_workflow(name, Some(version)).await?;
+            Ok(record.map(|r| r.definition))
+        };
+        self.get_or_load(name, version, load).await
+    }
+
+    /// The cached definition, or the one `load` reads (awaited only on a miss).
+    async fn get_or_load(
+        &self,
+        name: &str,
+        version: i32,
+        load: impl Future<Output = Result<Option<serde_json::Value>, StoreError>>,
+    ) -> Result<Option<Arc<Definition>>, StoreError> {
         if let Some(d) = self.lookup(name, version) {
             return Ok(Some(d));
         }
-        let record = store.get_workflow(name, Some(version)).await?;
-        Ok(record.and_then(|r| self.parse_and_keep(name, version, &r.definition)))
+        let doc = load.await?;
+        Ok(doc.and_then(|doc| self.parse_and_keep(name, version, &doc)))
     }
 }

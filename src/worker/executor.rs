@@ -105,10 +105,16 @@ impl Executor {
             cancel,
         }
     }
+}
+
+impl Service for Executor {
+    /// Tasks claimed.
+    type Outcome = usize;
+    const NAME: &'static str = "executor";
 
     /// Claims as many tasks as there is room for and starts them; returns
     /// how many it claimed.
-    pub(crate) async fn claim_and_start(&self) -> Result<usize, StoreError> {
+    async fn run_once(&mut self) -> Result<usize, StoreError> {
         // Wait for room before claiming, so a claimed task never waits for
         // capacity while its lease runs.
         let first = tokio::select! {
@@ -150,24 +156,10 @@ impl Executor {
         }
         Ok(n)
     }
-}
-
-impl Service for Executor {
-    /// Tasks claimed.
-    type Outcome = usize;
-    const NAME: &'static str = "executor";
-
-    async fn run_once(&mut self) -> Result<usize, StoreError> {
-        self.claim_and_start().await
-    }
 
     /// Claimed some: there may be more, claim again as soon as there is room.
     fn next(&self, claimed: &usize) -> Next {
-        if *claimed > 0 {
-            Next::Now
-        } else {
-            Next::Wait
-        }
+        Next::now_if(*claimed > 0)
     }
 
     async fn failed(&mut self, _error: &StoreError) {

@@ -26,26 +26,8 @@ impl Service for Reaper {
     type Outcome = u64;
     const NAME: &'static str = "reaper";
 
-    async fn run_once(&mut self) -> Result<u64, StoreError> {
-        self.reap().await
-    }
-
-    fn next(&self, reaped: &u64) -> Next {
-        if *reaped >= self.config.batch_size as u64 {
-            Next::Now
-        } else {
-            Next::Wait
-        }
-    }
-
-    async fn failed(&mut self, _error: &StoreError) {
-        self.metrics.db_error(Component::Reaper);
-    }
-}
-
-impl Reaper {
     /// Reaps the expired leases of the slots this member owns.
-    pub(crate) async fn reap(&self) -> Result<u64, StoreError> {
+    async fn run_once(&mut self) -> Result<u64, StoreError> {
         let owned = self.ownership.read().await;
         if owned.slots().is_empty() {
             return Ok(0);
@@ -59,5 +41,14 @@ impl Reaper {
             tracing::info!(count = n, "expired leases returned to the engine");
         }
         Ok(n)
+    }
+
+    /// A full batch: more leases may have expired.
+    fn next(&self, reaped: &u64) -> Next {
+        Next::now_if(*reaped >= self.config.batch_size as u64)
+    }
+
+    async fn failed(&mut self, _error: &StoreError) {
+        self.metrics.db_error(Component::Reaper);
     }
 }

@@ -46,27 +46,8 @@ impl Service for Advancer {
     type Outcome = Advanced;
     const NAME: &'static str = "advancer";
 
-    async fn run_once(&mut self) -> Result<Advanced, StoreError> {
-        self.advance_batch().await
-    }
-
-    /// A full batch: more may be waiting, go again at once.
-    fn next(&self, outcome: &Advanced) -> Next {
-        if outcome.instances >= self.config.batch_size {
-            Next::Now
-        } else {
-            Next::Wait
-        }
-    }
-
-    async fn failed(&mut self, _error: &StoreError) {
-        self.metrics.db_error(Component::Advancer);
-    }
-}
-
-impl Advancer {
     /// Moves one batch of the owned slots' instances on.
-    pub(crate) async fn advance_batch(&self) -> Result<Advanced, StoreError> {
+    async fn run_once(&mut self) -> Result<Advanced, StoreError> {
         // Held for the whole batch: the member does not hand these slots
         // over while the batch is in flight.
         let owned = self.ownership.read().await;
@@ -104,5 +85,14 @@ impl Advancer {
         Ok(Advanced {
             instances: batch.instances.len(),
         })
+    }
+
+    /// A full batch: more may be waiting, go again at once.
+    fn next(&self, outcome: &Advanced) -> Next {
+        Next::now_if(outcome.instances >= self.config.batch_size)
+    }
+
+    async fn failed(&mut self, _error: &StoreError) {
+        self.metrics.db_error(Component::Advancer);
     }
 }

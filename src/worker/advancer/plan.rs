@@ -84,6 +84,14 @@ fn step_queue(kind: &StepKind) -> &str {
     }
 }
 
+fn labels(due: &DueInstance, kind: &'static str, queue: &str) -> StepLabels {
+    StepLabels {
+        workflow: due.workflow_name.clone(),
+        kind,
+        queue: queue.to_string(),
+    }
+}
+
 fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
     (to - from).num_milliseconds().max(0) as f64 / 1000.0
 }
@@ -158,11 +166,7 @@ impl Plan {
             TaskResult::Completed(_) => None,
         };
         self.observed.attempts.push(Attempt {
-            labels: StepLabels {
-                workflow: due.workflow_name.clone(),
-                kind: attempt_kind(def, step, r.purpose),
-                queue: r.queue.clone(),
-            },
+            labels: labels(due, attempt_kind(def, step, r.purpose), &r.queue),
             outcome,
             failure,
         });
@@ -184,12 +188,9 @@ impl Plan {
                 (Some(b), Some(e)) => seconds_between(b, e),
                 _ => 0.0,
             };
+            let kind = step_def.kind.name();
             self.observed.steps_ended.push(StepEnded {
-                labels: StepLabels {
-                    workflow: due.workflow_name.clone(),
-                    kind: step_def.kind.name(),
-                    queue: step_queue(&step_def.kind).to_string(),
-                },
+                labels: labels(due, kind, step_queue(&step_def.kind)),
                 status: s.status,
                 seconds,
             });
@@ -219,11 +220,8 @@ impl Plan {
                 idempotency_key,
             } => {
                 if attempt > 1 {
-                    self.observed.retries.push(StepLabels {
-                        workflow: due.workflow_name.clone(),
-                        kind: attempt_kind(def, step, purpose),
-                        queue: queue.clone(),
-                    });
+                    let kind = attempt_kind(def, step, purpose);
+                    self.observed.retries.push(labels(due, kind, &queue));
                 }
                 w.notify_queues.push(queue.clone());
                 w.tasks.push(NewTask {

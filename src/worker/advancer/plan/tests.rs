@@ -72,6 +72,18 @@ fn result(step: &str, attempt: u32, result: TaskResult) -> FinishedTask {
     }
 }
 
+/// A running instance whose step `a` waits for its first attempt, which
+/// finished as `results` say.
+fn awaiting_a(results: Vec<FinishedTask>) -> DueInstance {
+    let mut d = due(InstanceStatus::Running);
+    d.steps = vec![StoredStep {
+        step_id: "a".into(),
+        state: scheduled(1),
+    }];
+    d.results = results;
+    d
+}
+
 fn planned(def: &Definition, due: &DueInstance) -> Plan {
     let mut plan = Plan::new(now());
     let mut random = || 0.5;
@@ -195,12 +207,7 @@ fn a_start_writes_the_first_task_its_step_history_and_a_fenced_update() {
 
 #[test]
 fn a_completed_result_is_consumed_ends_the_instance_and_is_counted() {
-    let mut d = due(InstanceStatus::Running);
-    d.steps = vec![StoredStep {
-        step_id: "a".into(),
-        state: scheduled(1),
-    }];
-    d.results = vec![result("a", 1, TaskResult::Completed(json!("out")))];
+    let d = awaiting_a(vec![result("a", 1, TaskResult::Completed(json!("out")))]);
     let plan = planned(&def(), &d);
     let w = &plan.writes;
     assert_eq!(w.consumed_tasks, vec![99]);
@@ -231,13 +238,8 @@ fn a_completed_result_is_consumed_ends_the_instance_and_is_counted() {
 
 #[test]
 fn an_expired_lease_is_retried_counted_as_expired_and_as_a_retry() {
-    let mut d = due(InstanceStatus::Running);
-    d.steps = vec![StoredStep {
-        step_id: "a".into(),
-        state: scheduled(1),
-    }];
     let failure = TaskFailure::lease_expired(None, Some("w-1"));
-    d.results = vec![result("a", 1, TaskResult::Failed(failure.clone()))];
+    let d = awaiting_a(vec![result("a", 1, TaskResult::Failed(failure.clone()))]);
     let plan = planned(&def(), &d);
     let w = &plan.writes;
     assert_eq!(w.tasks.len(), 1);
@@ -257,12 +259,7 @@ fn an_expired_lease_is_retried_counted_as_expired_and_as_a_retry() {
 
 #[test]
 fn a_result_for_an_unknown_step_is_consumed_but_not_counted() {
-    let mut d = due(InstanceStatus::Running);
-    d.steps = vec![StoredStep {
-        step_id: "a".into(),
-        state: scheduled(1),
-    }];
-    d.results = vec![result("gone", 1, TaskResult::Completed(Value::Null))];
+    let d = awaiting_a(vec![result("gone", 1, TaskResult::Completed(Value::Null))]);
     let plan = planned(&def(), &d);
     assert_eq!(plan.writes.consumed_tasks, vec![99]);
     assert!(plan.observed.attempts.is_empty());
