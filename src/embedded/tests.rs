@@ -319,3 +319,16 @@ fn shell_quoting() {
     assert_eq!(shell_quote("/opt/my pg/psql"), "'/opt/my pg/psql'");
     assert_eq!(shell_quote("it's"), r"'it'\''s'");
 }
+
+#[test]
+fn missing_binaries_name_the_command_that_installs_them() {
+    let message = EmbeddedError::BinariesNotFound.to_string();
+    assert!(message.contains(&install_command()), "{message}");
+    if std::path::Path::new("/etc/debian_version").exists() {
+        assert!(
+            install_command().ends_with("apt-get install postgresql"),
+            "{}",
+            install_command()
+        );
+    }
+}

@@ -26,7 +26,10 @@ fn tool(name: &str) -> PathBuf {
             return path;
         }
     }
-    panic!("{name} is not installed: `apt-get install prometheus` (.ci/run does this)");
+    panic!(
+        "{name} is not installed: run the tests with scripts/test, which installs it, or \
+         `apt-get install prometheus`"
+    );
 }
 
 /// Runs promtool; panics with its output unless it succeeds.
