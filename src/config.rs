@@ -3,8 +3,11 @@
 
 use crate::handlers::Handlers;
 
+/// Everything a node needs: where the database is, which roles to run,
+/// and every limit and knob. `Config::new` gives the defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// PostgreSQL URL (`postgresql://user@host:port/db`).
     pub database_url: String,
     /// Postgres schema holding every stead object.
     pub schema: String,
@@ -20,7 +23,9 @@ pub struct Config {
     pub migrate: bool,
     /// Slot count of a cluster created by this node's migration.
     pub slot_count: u32,
+    /// Bounds on what a client may send.
     pub limits: Limits,
+    /// Knobs of the background loops and the pool.
     pub tuning: Tuning,
     /// In-process handlers for task queues (the built-ins are added).
     pub handlers: Handlers,
@@ -29,7 +34,9 @@ pub struct Config {
 /// Bounds on what a client may send.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Largest request body.
     pub body_limit_bytes: usize,
+    /// Most steps one definition may have.
     pub max_steps: usize,
     /// Longest `wait` a long-poll may ask for.
     pub max_wait_ms: u64,
@@ -57,14 +64,20 @@ impl Default for Limits {
 /// Knobs of the background loops and the pool.
 #[derive(Debug, Clone)]
 pub struct Tuning {
+    /// Database connections in the pool.
     pub pool_size: usize,
+    /// How long a caller waits for a pooled connection.
     pub pool_wait_timeout_ms: u64,
+    /// Statement timeout of pooled connections.
     pub statement_timeout_ms: u64,
     /// A pooled session idle inside a transaction this long is ended by the
     /// server (frees the row locks of a frozen or cut-off worker).
     pub idle_in_transaction_timeout_ms: u64,
+    /// Most instances one advance transaction locks and decides.
     pub advance_batch_size: usize,
+    /// Most tasks one in-process claim takes.
     pub claim_batch_size: usize,
+    /// Most task results recorded in one statement.
     pub completion_batch_size: usize,
     /// Attempts run at once by each worker's in-process executor.
     pub worker_concurrency: usize,
@@ -72,9 +85,13 @@ pub struct Tuning {
     pub lease_ms: u64,
     /// Default lease of external claims that do not name one.
     pub default_claim_lease_ms: u64,
+    /// Polling behind LISTEN/NOTIFY: a lost notification costs at most this.
     pub poll_interval_ms: u64,
+    /// How often expired leases are reaped.
     pub reap_interval_ms: u64,
+    /// Timeout of an `http` step's request when the step sets none.
     pub http_step_timeout_ms: u64,
+    /// How long shutdown waits for in-flight work before aborting it.
     pub shutdown_timeout_ms: u64,
     /// How often each member heartbeats.
     pub heartbeat_ms: u64,
@@ -92,6 +109,7 @@ pub struct Tuning {
     /// with a backoff that doubles from `reconnect_min_ms` to
     /// `reconnect_max_ms`.
     pub reconnect_min_ms: u64,
+    /// See `reconnect_min_ms`.
     pub reconnect_max_ms: u64,
     /// Most expired leases one reaper run hands back.
     pub reap_batch_size: usize,

@@ -19,7 +19,9 @@ pub enum Error {
     /// The API could not listen on its address.
     #[error("binding the API to {addr} failed")]
     Bind {
+        /// The `--listen` address.
         addr: String,
+        /// Why it could not be bound.
         #[source]
         source: std::io::Error,
     },

@@ -21,14 +21,20 @@ use crate::model::TaskFailure;
 /// What a handler gets for one attempt of a task.
 #[derive(Debug, Clone)]
 pub struct TaskContext {
+    /// The task row (`stead.tasks.id`).
     pub task_id: i64,
+    /// The queue the task was claimed from.
     pub queue: String,
+    /// The instance whose step this is.
     pub instance_id: String,
+    /// The step (its `id` in the definition).
     pub step_id: String,
+    /// 1 for the first attempt, then 2, 3, ... on retries.
     pub attempt: u32,
     /// Stable across retries of the step: use it to make side effects
     /// exactly-once.
     pub idempotency_key: String,
+    /// The step's rendered `input` (null without one).
     pub input: Value,
 }
 
@@ -38,18 +44,23 @@ pub enum TaskError {
     /// Worth another attempt (subject to the step's retry policy).
     #[error("{message}")]
     Retryable {
+        /// What went wrong, for people.
         message: String,
+        /// Anything structured to keep with it.
         details: Option<Value>,
     },
     /// Retrying cannot help: the step fails now.
     #[error("{message}")]
     Permanent {
+        /// What went wrong, for people.
         message: String,
+        /// Anything structured to keep with it.
         details: Option<Value>,
     },
 }
 
 impl TaskError {
+    /// A retryable failure without details.
     pub fn retryable(message: impl Into<String>) -> Self {
         TaskError::Retryable {
             message: message.into(),
@@ -57,6 +68,7 @@ impl TaskError {
         }
     }
 
+    /// A permanent failure without details.
     pub fn permanent(message: impl Into<String>) -> Self {
         TaskError::Permanent {
             message: message.into(),
@@ -74,7 +86,7 @@ impl TaskError {
 }
 
 /// A registered handler: called once per attempt.
-pub type HandlerFn =
+pub(crate) type HandlerFn =
     Arc<dyn Fn(TaskContext) -> BoxFuture<'static, Result<Value, TaskError>> + Send + Sync>;
 
 /// The in-process handlers of a node, by queue name.
@@ -107,16 +119,18 @@ impl Handlers {
         self
     }
 
-    pub fn get(&self, queue: &str) -> Option<&HandlerFn> {
+    pub(crate) fn get(&self, queue: &str) -> Option<&HandlerFn> {
         self.by_queue.get(queue)
     }
 
+    /// The queues with a handler, sorted.
     pub fn queues(&self) -> Vec<String> {
         let mut q: Vec<String> = self.by_queue.keys().cloned().collect();
         q.sort();
         q
     }
 
+    /// Whether no handler is registered.
     pub fn is_empty(&self) -> bool {
         self.by_queue.is_empty()
     }

@@ -52,6 +52,8 @@
 //!
 //! See ARCHITECTURE.md for how it works inside.
 
+#![warn(missing_docs)]
+
 mod api;
 mod config;
 mod definition;

@@ -45,7 +45,7 @@ pub(crate) async fn put(
     // content hashes the same whether or not the client sent the name.
     doc["name"] = Value::String(name.clone());
     let hash = content_hash(&doc);
-    let record = state
+    let (record, created) = state
         .inner
         .store
         .register_workflow(&name, &doc, &hash)
@@ -54,7 +54,7 @@ pub(crate) async fn put(
         .inner
         .definitions
         .insert(&name, record.version, Arc::new(def));
-    let status = if record.created {
+    let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
@@ -64,7 +64,7 @@ pub(crate) async fn put(
         Json(json!({
             "name": record.name,
             "version": record.version,
-            "created": record.created,
+            "created": created,
             "created_at": record.created_at,
         })),
     )

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use crate::model::StepKindName;
+
 /// A whole workflow definition, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Definition {
@@ -73,16 +75,21 @@ pub(crate) enum StepKind {
 }
 
 impl StepKind {
+    /// The kind as the definition names it (and `steps.kind` stores it).
+    pub(crate) fn kind_name(&self) -> StepKindName {
+        match self {
+            StepKind::Task { .. } => StepKindName::Task,
+            StepKind::Http(_) => StepKindName::Http,
+            StepKind::Sleep(_) => StepKindName::Sleep,
+            StepKind::Signal { .. } => StepKindName::Signal,
+            StepKind::Value(_) => StepKindName::Value,
+            StepKind::Workflow { .. } => StepKindName::Workflow,
+        }
+    }
+
     /// The kind's name as it appears in the JSON document.
     pub(crate) fn name(&self) -> &'static str {
-        match self {
-            StepKind::Task { .. } => "task",
-            StepKind::Http(_) => "http",
-            StepKind::Sleep(_) => "sleep",
-            StepKind::Signal { .. } => "signal",
-            StepKind::Value(_) => "value",
-            StepKind::Workflow { .. } => "workflow",
-        }
+        self.kind_name().as_str()
     }
 }
 

@@ -50,6 +50,7 @@ pub enum EmbeddedError {
          places; install them with: {}",
         install_command()
     )]
+    /// No `initdb`/`pg_ctl`/`postgres` anywhere we look.
     BinariesNotFound,
 
     #[error(
@@ -57,22 +58,33 @@ pub enum EmbeddedError {
          with `{}`, or point at the directory that holds initdb, pg_ctl and postgres",
         install_command()
     )]
-    IncompleteBinaries { dir: PathBuf, missing: String },
+    /// A directory named as holding the binaries lacks some of them.
+    IncompleteBinaries {
+        /// The directory.
+        dir: PathBuf,
+        /// The binaries it lacks.
+        missing: String,
+    },
 
     #[error(
         "running as root, but PostgreSQL refuses to run as root and there is no `postgres` user \
          to run it as: create one (useradd --system --user-group --home-dir /var/lib/postgresql \
          postgres) or run stead as a normal user"
     )]
+    /// We are root and there is no `postgres` user to run the server as.
     NoPostgresUser,
 
     #[error(
         "the `{user}` OS user, which runs PostgreSQL, cannot reach the data directory {path} \
          ({reason}); pass --data-dir somewhere it can reach, such as /tmp/stead"
     )]
+    /// The user that runs the server cannot reach the data directory.
     DataDirUnreachable {
+        /// That user.
         user: String,
+        /// The data directory.
         path: PathBuf,
+        /// What went wrong.
         reason: String,
     },
 
@@ -80,37 +92,56 @@ pub enum EmbeddedError {
         "{path} is not empty but holds no PostgreSQL cluster: remove it, or pass a different \
          --data-dir"
     )]
-    NotACluster { path: PathBuf },
+    /// The data directory holds something else.
+    NotACluster {
+        /// The data directory.
+        path: PathBuf,
+    },
 
     #[error(
         "the cluster in {path} was created by PostgreSQL {data_version}, but the server binaries \
          in {bin_dir} are PostgreSQL {bin_version}: install PostgreSQL {data_version}, or pass a \
          different --data-dir (or remove this one to start afresh)"
     )]
+    /// The cluster was made by another major version than the binaries.
     VersionMismatch {
+        /// The data directory.
         path: PathBuf,
+        /// The major version that created the cluster.
         data_version: String,
+        /// Where the binaries are.
         bin_dir: PathBuf,
+        /// Their version.
         bin_version: String,
     },
 
     #[error("could not run {program}: {source}")]
+    /// A server binary could not be started.
     Spawn {
+        /// The binary.
         program: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
 
     #[error("{what} failed ({status}):\n{output}")]
+    /// A server binary ran and failed.
     CommandFailed {
+        /// What was run.
         what: String,
+        /// Its exit status.
         status: String,
+        /// What it printed.
         output: String,
     },
 
     #[error("{what}: {source}")]
+    /// A file-system operation failed.
     Io {
+        /// What was being done.
         what: String,
+        /// Why it failed.
         #[source]
         source: io::Error,
     },
@@ -119,25 +150,44 @@ pub enum EmbeddedError {
         "PostgreSQL did not accept connections on 127.0.0.1:{port} within {secs}s \
          (last error: {last_error}); last lines of {log}:\n{log_tail}"
     )]
+    /// The server did not accept connections in time.
     StartTimeout {
+        /// Its port.
         port: u16,
+        /// How long we waited.
         secs: u64,
+        /// The last connection error.
         last_error: String,
+        /// Its log file.
         log: PathBuf,
+        /// The last lines of the log.
         log_tail: String,
     },
 
     #[error("PostgreSQL exited while starting ({status}); last lines of {log}:\n{log_tail}")]
+    /// The server exited while starting.
     ServerExited {
+        /// Its exit status.
         status: String,
+        /// Its log file.
         log: PathBuf,
+        /// The last lines of the log.
         log_tail: String,
     },
 
     #[error("PostgreSQL (pid {pid}) did not stop within {secs}s; see {log}")]
-    StopTimeout { pid: u32, secs: u64, log: PathBuf },
+    /// The server did not stop in time.
+    StopTimeout {
+        /// Its process id.
+        pid: u32,
+        /// How long we waited.
+        secs: u64,
+        /// Its log file.
+        log: PathBuf,
+    },
 
     #[error("database error on the embedded cluster: {0}")]
+    /// Creating the database failed.
     Db(#[from] tokio_postgres::Error),
 }
 
@@ -155,6 +205,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> EmbeddedError {
 /// Where the PostgreSQL server binaries (`initdb`, `pg_ctl`, `postgres`) are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgBinaries {
+    /// The directory holding them (absolute).
     pub bin_dir: PathBuf,
 }
 
@@ -237,14 +288,17 @@ impl PgBinaries {
         Ok(Self { bin_dir })
     }
 
+    /// `initdb` in `bin_dir`.
     pub fn initdb(&self) -> PathBuf {
         self.bin_dir.join("initdb")
     }
 
+    /// `pg_ctl` in `bin_dir`.
     pub fn pg_ctl(&self) -> PathBuf {
         self.bin_dir.join("pg_ctl")
     }
 
+    /// `postgres` in `bin_dir`.
     pub fn postgres(&self) -> PathBuf {
         self.bin_dir.join("postgres")
     }
@@ -341,8 +395,17 @@ fn which(program: &str) -> Option<PathBuf> {
 /// `postgres` user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunAs {
+    /// The user running stead (not root).
     CurrentUser,
-    User { name: String, uid: u32, gid: u32 },
+    /// Another OS user (as root: `postgres`).
+    User {
+        /// Its name.
+        name: String,
+        /// Its user id.
+        uid: u32,
+        /// Its primary group id.
+        gid: u32,
+    },
 }
 
 impl RunAs {

@@ -131,6 +131,18 @@ impl StepStatus {
 }
 
 vocabulary! {
+    /// The kind of a step, as the definition names it (`steps.kind`).
+    StepKindName {
+        Task = "task",
+        Http = "http",
+        Sleep = "sleep",
+        Signal = "signal",
+        Value = "value",
+        Workflow = "workflow",
+    }
+}
+
+vocabulary! {
     /// Where a row of the queue is (`tasks.status`).
     TaskStatus {
         /// Waiting for a worker (from `run_at` on).
@@ -237,6 +249,7 @@ mod tests {
     fn every_variant_round_trips_through_its_text() {
         round_trips::<InstanceStatus>();
         round_trips::<StepStatus>();
+        round_trips::<StepKindName>();
         round_trips::<TaskStatus>();
         round_trips::<TaskPurpose>();
         round_trips::<TaskKind>();

@@ -1,4 +1,4 @@
-//! What the embedded cluster (`crate::embedded`) asks of a fresh server: is
+//! What the embedded cluster (`embedded/`) asks of a fresh server: is
 //! it accepting connections, and create the database stead will use. Kept
 //! here so that only the store runs SQL.
 

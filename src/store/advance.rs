@@ -14,7 +14,8 @@ use super::notify::{NOTIFY_ADVANCE, NOTIFY_ENDED, NOTIFY_QUEUES};
 use super::workflows::GET_WORKFLOW_VERSION;
 use super::{decode, decode_json, Result, Store, StoreError};
 use crate::model::{
-    Ending, EventType, InstanceStatus, StepState, TaskKind, TaskPurpose, TaskResult, TaskStatus,
+    Ending, EventType, InstanceStatus, StepKindName, StepState, TaskKind, TaskPurpose, TaskResult,
+    TaskStatus,
 };
 
 /// Locks up to $1 instances of the slots $2 that need the engine: woken ones
@@ -264,8 +265,8 @@ pub(crate) struct StepWrite {
     pub instance_id: String,
     pub step_id: String,
     pub position: i32,
-    /// The step kind's name (`task`, `http`, ...), for readers of the table.
-    pub kind: &'static str,
+    /// For readers of the table.
+    pub kind: StepKindName,
     pub state: StepState,
 }
 
@@ -694,7 +695,7 @@ fn step_columns(s: &[StepWrite]) -> Vec<Param<'_>> {
         col(s, |r| r.instance_id.as_str()),
         col(s, |r| r.step_id.as_str()),
         col(s, |r| r.position),
-        col(s, |r| r.kind),
+        col(s, |r| r.kind.as_str()),
         col(s, |r| r.state.status.as_str()),
         col(s, |r| r.state.attempt as i32),
         col(s, |r| r.state.input.as_ref()),

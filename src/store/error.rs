@@ -136,7 +136,7 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Chain;
+    use std::error::Error as _;
 
     #[test]
     fn an_unknown_value_is_permanent_and_names_column_and_value() {
@@ -148,7 +148,7 @@ mod tests {
                 ..
             })
         ));
-        let text = Chain(&e).to_string();
+        let text = e.source().expect("the cause").to_string();
         assert!(text.contains("instances.status"), "{text}");
         assert!(text.contains("\"paused\""), "{text}");
     }

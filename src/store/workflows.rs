@@ -32,8 +32,6 @@ pub(crate) struct WorkflowRecord {
     pub version: i32,
     pub definition: Value,
     pub created_at: DateTime<Utc>,
-    /// Whether this call created it (registration only).
-    pub created: bool,
 }
 
 /// A row of `name, version, definition, created_at`.
@@ -43,19 +41,18 @@ pub(super) fn workflow_from_row(r: &tokio_postgres::Row) -> WorkflowRecord {
         version: r.get(1),
         definition: r.get(2),
         created_at: r.get(3),
-        created: false,
     }
 }
 
 impl Store {
     /// Registers a definition: the same content returns its existing version
-    /// (`created` false); new content becomes version N+1.
+    /// (and false); new content becomes version N+1 (and true).
     pub(crate) async fn register_workflow(
         &self,
         name: &str,
         definition: &Value,
         content_hash: &str,
-    ) -> Result<WorkflowRecord> {
+    ) -> Result<(WorkflowRecord, bool)> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         tx.execute(LOCK_WORKFLOW_NAME, &[&name]).await?;
@@ -72,13 +69,13 @@ impl Store {
             }
         };
         tx.commit().await?;
-        Ok(WorkflowRecord {
+        let record = WorkflowRecord {
             name: name.to_string(),
             version: row.get(0),
             definition: definition.clone(),
             created_at: row.get(1),
-            created,
-        })
+        };
+        Ok((record, created))
     }
 
     /// A version, or the latest one.

@@ -199,7 +199,7 @@ impl Plan {
             instance_id: due.id.clone(),
             step_id: step_def.id.clone(),
             position: i as i32,
-            kind: step_def.kind.name(),
+            kind: step_def.kind.kind_name(),
             state: s.clone(),
         });
     }

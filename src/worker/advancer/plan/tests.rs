@@ -8,7 +8,7 @@ use super::*;
 use crate::definition::{parse, Limits};
 use crate::engine::HistoryEntry;
 use crate::model::{
-    AttemptOutcome, Ending, EventType, StepState, TaskFailure, TaskKind, TaskResult,
+    AttemptOutcome, Ending, EventType, StepKindName, StepState, TaskFailure, TaskKind, TaskResult,
 };
 use crate::store::{SignalRow, StoredStep};
 
@@ -184,7 +184,7 @@ fn a_start_writes_the_first_task_its_step_history_and_a_fenced_update() {
     let step = &w.steps[0];
     assert_eq!(
         (step.step_id.as_str(), step.position, step.kind),
-        ("a", 0, "task")
+        ("a", 0, StepKindName::Task)
     );
     assert_eq!(step.state.status, StepStatus::Scheduled);
     let kinds: Vec<EventType> = w.events.iter().map(|e| e.kind).collect();
