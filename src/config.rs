@@ -102,8 +102,9 @@ pub struct Tuning {
     /// (queue depth, members alive, unowned slots), which need queries
     /// (at least `MIN_GAUGE_REFRESH_MS`).
     pub gauge_refresh_ms: u64,
-    /// After a failed run, the advancer, executor, reaper, notifier and
-    /// gauge refresh wait this long before they try again.
+    /// After a failed run, the advancer and the executor wait this long
+    /// before they try again. (The reaper and the gauge refresh wait their
+    /// interval.)
     pub error_backoff_ms: u64,
     /// The dedicated sessions (membership, LISTEN) reconnect after a failure
     /// with a backoff that doubles from `reconnect_min_ms` to
@@ -184,6 +185,21 @@ impl Config {
                 "reconnect_min_ms ({}) must not exceed reconnect_max_ms ({})",
                 t.reconnect_min_ms, t.reconnect_max_ms
             )));
+        }
+        let at_least_one = [
+            ("--poll-interval-ms", t.poll_interval_ms as usize),
+            ("--reap-interval-ms", t.reap_interval_ms as usize),
+            ("--heartbeat-ms", t.heartbeat_ms as usize),
+            ("advance_batch_size", t.advance_batch_size),
+            ("claim_batch_size", t.claim_batch_size),
+            ("completion_batch_size", t.completion_batch_size),
+            ("reap_batch_size", t.reap_batch_size),
+            ("error_backoff_ms", t.error_backoff_ms as usize),
+            ("reconnect_min_ms", t.reconnect_min_ms as usize),
+        ];
+        // A zero here would make a loop spin.
+        if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+            return Err(crate::Error::Config(format!("{name} must be at least 1")));
         }
         crate::store::validate_schema_name(&self.schema).map_err(crate::Error::Config)
     }

@@ -147,8 +147,9 @@ fn spawn_wakeups(sup: &mut Supervisor, parts: &Parts, tuning: &Tuning) {
     let coalesce = Pacing {
         interval_ms: None,
         settle_ms: tuning.notify_coalesce_ms,
-        backoff_min_ms: tuning.error_backoff_ms,
-        backoff_max_ms: tuning.error_backoff_ms,
+        // Never used: a failed NOTIFY is not a failed run.
+        backoff_min_ms: tuning.notify_coalesce_ms,
+        backoff_max_ms: tuning.notify_coalesce_ms,
     };
     let notifier = Notifier {
         store: parts.store.clone(),
@@ -203,11 +204,8 @@ fn spawn_workers(sup: &mut Supervisor, parts: &Parts, config: &Config, api_url: 
         metrics: parts.metrics.clone(),
     };
     let refresh_ms = tuning.gauge_refresh_ms.max(MIN_GAUGE_REFRESH_MS);
-    sup.service(
-        gauges,
-        Pacing::every(refresh_ms, tuning.error_backoff_ms),
-        Never,
-    );
+    // After a failure the gauges wait their interval: their last values stay.
+    sup.service(gauges, Pacing::every(refresh_ms, refresh_ms), Never);
     let mut handlers = config.handlers.clone();
     builtin::install(&mut handlers, tuning.http_step_timeout_ms);
     for n in 0..config.workers {
@@ -262,7 +260,7 @@ fn spawn_engine(sup: &mut Supervisor, parts: &Parts, tuning: &Tuning, ownership:
         ownership,
         metrics: parts.metrics.clone(),
     };
-    let reaping = Pacing::every(tuning.reap_interval_ms, tuning.error_backoff_ms);
+    let reaping = Pacing::every(tuning.reap_interval_ms, tuning.reap_interval_ms);
     sup.service(reaper, reaping, Never);
 }
 

@@ -51,9 +51,11 @@ pub(crate) trait Service: Send + 'static {
         Next::Wait
     }
 
-    /// A run failed (it is logged already): count it, and drop what the
-    /// failure invalidated.
-    fn failed(&mut self, error: &StoreError) -> impl Future<Output = ()> + Send;
+    /// A run failed: log and count it, and drop what the failure
+    /// invalidated. `run` then backs off.
+    fn failed(&mut self, _error: &StoreError) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 
     /// The loop is stopping: release what the service holds.
     fn stop(self) -> impl Future<Output = ()> + Send
@@ -169,10 +171,11 @@ pub(crate) async fn run<S: Service>(
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(service = S::NAME, error = %Chain(&e), failures, "run failed; backing off");
                 service.failed(&e).await;
+                let backoff = pacing.backoff(failures);
+                tracing::debug!(service = S::NAME, error = %Chain(&e), failures, ?backoff, "run failed; backing off");
                 // After a failure only the backoff ends the pause.
-                pause_until_cancelled(&cancel, pacing.backoff(failures)).await;
+                pause_until_cancelled(&cancel, backoff).await;
                 continue;
             }
         };

@@ -1,6 +1,7 @@
 //! These tests run real PostgreSQL servers from the machine's binaries (as
 //! the `postgres` user when run as root).
 
+use super::binaries::{major_of, parse_version, REQUIRED_BINARIES};
 use super::*;
 
 /// A temporary directory the `postgres` user can traverse (tempfile makes

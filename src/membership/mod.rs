@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 pub(crate) use ownership::Ownership;
 
+use crate::error::Chain;
 use crate::metrics::{Metrics, ProcessDuty};
 use crate::service::Service;
 use crate::store::{MemberSession, Store, StoreError};
@@ -106,7 +107,13 @@ impl Service for Membership {
     }
 
     /// The session, and with it every slot lock, is gone or unusable.
-    async fn failed(&mut self, _error: &StoreError) {
+    async fn failed(&mut self, error: &StoreError) {
+        let member = &self.config.name;
+        if self.session.is_some() {
+            tracing::warn!(member = %member, error = %Chain(error), "membership session failed; rejoining");
+        } else {
+            tracing::warn!(member = %member, error = %Chain(error), "cannot join the cluster; retrying");
+        }
         self.metrics.heartbeat_failures.inc();
         self.lose_session().await;
     }

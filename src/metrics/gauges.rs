@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::{Component, Metrics};
+use crate::error::Chain;
 use crate::service::Service;
 use crate::store::{Store, StoreError};
 
@@ -41,7 +42,8 @@ impl Service for ClusterGauges {
 
     /// The last values stay: an alert on them should not flap because one
     /// refresh failed.
-    async fn failed(&mut self, _error: &StoreError) {
+    async fn failed(&mut self, error: &StoreError) {
+        tracing::warn!(error = %Chain(error), "refreshing the cluster gauges failed");
         self.metrics.db_error(Component::Membership);
     }
 }

@@ -14,7 +14,12 @@ pub(crate) struct TaskFailure {
     pub message: String,
     /// Worth another attempt (subject to the step's retry policy).
     pub retryable: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Anything structured the worker kept with it (an explicit null too).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub details: Option<Value>,
     /// The lease ran out before the worker reported: the reaper ended the
     /// attempt. Only stead sets this; a worker cannot.
@@ -62,6 +67,12 @@ impl TaskFailure {
     pub(crate) fn to_json(&self) -> Value {
         serde_json::to_value(self).expect("a task failure serialises")
     }
+}
+
+/// A field that is present, even as JSON null, is `Some`; only a missing
+/// one (`default`) is `None`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// The result of one finished attempt.
@@ -123,6 +134,22 @@ mod tests {
             TaskResult::Failed(expired).outcome(),
             AttemptOutcome::Expired
         );
+    }
+
+    #[test]
+    fn explicit_null_details_are_kept_and_missing_ones_stay_missing() {
+        let with_null: TaskFailure =
+            serde_json::from_value(json!({"message": "m", "retryable": false, "details": null}))
+                .unwrap();
+        assert_eq!(with_null.details, Some(Value::Null));
+        assert!(with_null
+            .to_json()
+            .as_object()
+            .unwrap()
+            .contains_key("details"));
+        let without: TaskFailure =
+            serde_json::from_value(json!({"message": "m", "retryable": false})).unwrap();
+        assert_eq!(without.details, None);
     }
 
     #[test]

@@ -198,6 +198,25 @@ pub(crate) struct DueBatch {
     /// The locking statement's start, by the database clock.
     pub now: DateTime<Utc>,
     pub instances: Vec<DueInstance>,
+    /// Locked instances whose rows hold what this version cannot read, with
+    /// the error that says which column and value.
+    pub unreadable: Vec<(String, StoreError)>,
+}
+
+impl DueBatch {
+    /// Moves the instances at the indexes of `bad` to `unreadable`.
+    fn set_apart(&mut self, mut bad: HashMap<usize, StoreError>) {
+        if bad.is_empty() {
+            return;
+        }
+        let instances = std::mem::take(&mut self.instances);
+        for (i, due) in instances.into_iter().enumerate() {
+            match bad.remove(&i) {
+                Some(e) => self.unreadable.push((due.id, e)),
+                None => self.instances.push(due),
+            }
+        }
+    }
 }
 
 /// A locked instance with everything the engine reads about it.
@@ -388,23 +407,35 @@ impl AdvanceTx {
     }
 
     /// Locks up to `limit` due instances of `slots` and loads their steps,
-    /// unrecorded results and pending signals.
+    /// unrecorded results and pending signals. An instance whose rows this
+    /// version cannot read is set apart in `unreadable` (still locked, to be
+    /// left as it is), so that it cannot hold up the others.
     pub(crate) async fn lock_due(&self, limit: usize, slots: &[i32]) -> Result<DueBatch> {
         let c = self.client();
         let stmt = c.prepare_cached(LOCK_DUE_INSTANCES).await?;
         let rows = c.query(&stmt, &[&(limit as i64), &slots]).await?;
         let now = rows.first().map_or_else(Utc::now, |r| r.get(10));
-        let mut instances = rows.iter().map(due_from_row).collect::<Result<Vec<_>>>()?;
-        if !instances.is_empty() {
-            self.load_into(&mut instances).await?;
+        let mut batch = DueBatch {
+            now,
+            instances: Vec::with_capacity(rows.len()),
+            unreadable: Vec::new(),
+        };
+        for r in &rows {
+            match due_from_row(r) {
+                Ok(due) => batch.instances.push(due),
+                Err(e) => batch.unreadable.push((r.get(0), e)),
+            }
         }
-        Ok(DueBatch { now, instances })
+        if !batch.instances.is_empty() {
+            self.load_into(&mut batch).await?;
+        }
+        Ok(batch)
     }
 
     /// Adds each instance's steps, results and signals, in one round trip.
-    async fn load_into(&self, instances: &mut [DueInstance]) -> Result<()> {
+    async fn load_into(&self, batch: &mut DueBatch) -> Result<()> {
         let c = self.client();
-        let ids: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        let ids: Vec<&str> = batch.instances.iter().map(|i| i.id.as_str()).collect();
         let (steps, tasks, signals) = futures::try_join!(
             c.prepare_cached(LOAD_STEPS),
             c.prepare_cached(LOAD_FINISHED_TASKS),
@@ -416,7 +447,8 @@ impl AdvanceTx {
             c.query(&tasks, &params),
             c.query(&signals, &params)
         )?;
-        let index: HashMap<String, usize> = instances
+        let index: HashMap<String, usize> = batch
+            .instances
             .iter()
             .enumerate()
             .map(|(i, d)| (d.id.clone(), i))
@@ -424,14 +456,26 @@ impl AdvanceTx {
         // The instance a row belongs to, by its `instance_id` column.
         let owner =
             |r: &tokio_postgres::Row, column: usize| index.get(r.get::<_, &str>(column)).copied();
+        let mut bad: HashMap<usize, StoreError> = HashMap::new();
+        let instances = &mut batch.instances;
         for r in &steps {
             if let Some(i) = owner(r, 0) {
-                instances[i].steps.push(step_from_row(r, 1)?);
+                match step_from_row(r, 1) {
+                    Ok(step) => instances[i].steps.push(step),
+                    Err(e) => {
+                        bad.entry(i).or_insert(e);
+                    }
+                }
             }
         }
         for r in &tasks {
             if let Some(i) = owner(r, 1) {
-                instances[i].results.push(finished_from_row(r)?);
+                match finished_from_row(r) {
+                    Ok(result) => instances[i].results.push(result),
+                    Err(e) => {
+                        bad.entry(i).or_insert(e);
+                    }
+                }
             }
         }
         for r in &signals {
@@ -439,6 +483,7 @@ impl AdvanceTx {
                 instances[i].signals.push(signal_from_row(r));
             }
         }
+        batch.set_apart(bad);
         Ok(())
     }
 
@@ -559,7 +604,10 @@ fn finished_from_row(r: &tokio_postgres::Row) -> Result<FinishedTask> {
         result,
         leased_at: r.get(7),
         leased_by: r.get(8),
-        item: r.get::<_, Option<i32>>(9).map(count),
+        // A negative item is no element: the result is the step's.
+        item: r
+            .get::<_, Option<i32>>(9)
+            .and_then(|k| u32::try_from(k).ok()),
         purpose: decode("tasks.purpose", r.get(10))?,
         queue: r.get(11),
     })

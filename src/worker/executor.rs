@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::notifier::AdvanceNotifier;
+use crate::error::Chain;
 use crate::handlers::{Handlers, TaskContext};
 use crate::metrics::{Component, Metrics};
 use crate::model::{TaskFailure, TaskResult};
@@ -162,7 +163,8 @@ impl Service for Executor {
         Next::now_if(*claimed > 0)
     }
 
-    async fn failed(&mut self, _error: &StoreError) {
+    async fn failed(&mut self, error: &StoreError) {
+        tracing::warn!(error = %Chain(error), "claiming tasks failed");
         self.metrics.db_error(Component::Executor);
     }
 
@@ -252,7 +254,7 @@ impl Runner {
                 Err(e) => tracing::warn!(
                     instance = %task.instance_id,
                     step = %task.step_id,
-                    error = %crate::error::Chain(&e),
+                    error = %Chain(&e),
                     "task heartbeat failed"
                 ),
             }
@@ -304,12 +306,12 @@ async fn record_batch(
             }
             Err(e @ StoreError::Transient(_)) if failures < RECORD_RETRIES => {
                 failures += 1;
-                tracing::warn!(error = %crate::error::Chain(&e), "recording task results failed; retrying");
+                tracing::warn!(error = %Chain(&e), "recording task results failed; retrying");
                 tokio::time::sleep(RECORD_BACKOFF.backoff(failures)).await;
             }
             Err(e) => {
                 metrics.db_error(Component::Executor);
-                tracing::error!(error = %crate::error::Chain(&e), count = batch.len(), "dropping task results; their leases will expire and the attempts retry");
+                tracing::error!(error = %Chain(&e), count = batch.len(), "dropping task results; their leases will expire and the attempts retry");
                 return;
             }
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Chain;
 use crate::metrics::{Component, Metrics};
 use crate::service::Service;
 use crate::store::{Cause, Channel, Store, StoreError};
@@ -51,7 +52,8 @@ impl Service for Listener {
         }
     }
 
-    async fn failed(&mut self, _error: &StoreError) {
+    async fn failed(&mut self, error: &StoreError) {
+        tracing::warn!(error = %Chain(error), "notification listener lost its connection; reconnecting");
         self.metrics.db_error(Component::Listener);
     }
 }

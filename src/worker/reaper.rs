@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::error::Chain;
 use crate::membership::Ownership;
 use crate::metrics::{Component, Metrics};
 use crate::service::{Next, Service};
@@ -48,7 +49,8 @@ impl Service for Reaper {
         Next::now_if(*reaped >= self.config.batch_size as u64)
     }
 
-    async fn failed(&mut self, _error: &StoreError) {
+    async fn failed(&mut self, error: &StoreError) {
+        tracing::warn!(error = %Chain(error), "reaping expired leases failed");
         self.metrics.db_error(Component::Reaper);
     }
 }

@@ -30,6 +30,7 @@ mod starts;
 mod support;
 mod timeouts;
 mod timers;
+mod unreadable;
 mod workflows;
 
 use serde_json::Value;

@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 
 use super::DefinitionCache;
 use crate::engine::Context;
+use crate::error::Chain;
 use crate::membership::Ownership;
 use crate::metrics::{Component, Metrics};
 use crate::service::{Next, Service};
@@ -38,8 +39,11 @@ pub(crate) struct Advancer {
 /// What one batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Advanced {
-    /// Instances locked and decided.
+    /// Instances decided.
     pub instances: usize,
+    /// Instances left as they were: their rows hold what this version
+    /// cannot read.
+    pub unreadable: usize,
 }
 
 impl Service for Advancer {
@@ -57,9 +61,17 @@ impl Service for Advancer {
         let started = Instant::now();
         let tx = self.store.begin_advance().await?;
         let batch = tx.lock_due(self.config.batch_size, owned.slots()).await?;
+        for (id, e) in &batch.unreadable {
+            tracing::error!(instance = %id, error = %Chain(e), "instance left as it is: it holds what this version of stead cannot read");
+            self.metrics.db_error(Component::Advancer);
+        }
+        let unreadable = batch.unreadable.len();
         if batch.instances.is_empty() {
             tx.rollback().await?;
-            return Ok(Advanced::default());
+            return Ok(Advanced {
+                instances: 0,
+                unreadable,
+            });
         }
         let mut plan = Plan::new(batch.now);
         // StdRng rather than thread_rng: the future must stay Send.
@@ -84,15 +96,18 @@ impl Service for Advancer {
         plan.observed.apply(&self.metrics);
         Ok(Advanced {
             instances: batch.instances.len(),
+            unreadable,
         })
     }
 
-    /// A full batch: more may be waiting, go again at once.
+    /// A full batch: more may be waiting, go again at once. (Unreadable
+    /// instances do not count: a slot full of them must not spin.)
     fn next(&self, outcome: &Advanced) -> Next {
         Next::now_if(outcome.instances >= self.config.batch_size)
     }
 
-    async fn failed(&mut self, _error: &StoreError) {
+    async fn failed(&mut self, error: &StoreError) {
+        tracing::warn!(error = %Chain(error), "advancing instances failed");
         self.metrics.db_error(Component::Advancer);
     }
 }
