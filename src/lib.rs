@@ -68,6 +68,8 @@ mod node;
 mod ring;
 mod service;
 mod store;
+#[cfg(test)]
+mod testing;
 mod wakeups;
 mod worker;
 

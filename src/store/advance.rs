@@ -159,8 +159,9 @@ const CONSUME_SIGNALS: &str = "
 const UPDATE_INSTANCES: &str = "
     UPDATE instances i
     SET status = u.status, output = u.output, error = u.error, event_seq = u.event_seq,
-        -- A cancel requested in this very transaction (a parent in the same
-        -- batch cancelling its child) must still wake the instance.
+        -- A cancel requested but not yet seen by the engine must still wake
+        -- the instance. (A parent in the same batch cancelling its child does
+        -- so after this statement: CANCEL_CHILDREN sets wake_at itself.)
         wake_at = CASE WHEN i.cancel_requested_at IS NOT NULL AND u.ending IS NULL
                             AND u.status IN ('pending', 'running')
                        THEN now() ELSE u.wake_at END,
@@ -501,14 +502,21 @@ impl AdvanceTx {
     /// it was read.
     pub(crate) async fn commit(mut self, writes: &AdvanceWrites) -> Result<()> {
         let mut pipeline = Pipeline::default();
-        let update = plan_statements(&mut pipeline, writes);
-        let affected = pipeline.run(self.client()).await?;
-        let updated = affected[update] as usize;
-        if updated != writes.instances.len() {
+        plan_statements(&mut pipeline, writes);
+        let mut results = pipeline.run(self.client()).await?.into_iter();
+        // The fenced update runs first. If it found an instance moved on,
+        // whatever failed after it (a history number taken, say) failed
+        // because of that: the batch is stale, not broken.
+        let updated = results.next().expect("the instance update")? as usize;
+        let batch = writes.instances.len();
+        if updated != batch {
             return Err(StoreError::Fenced {
-                moved: writes.instances.len() - updated,
-                batch: writes.instances.len(),
+                moved: batch - updated,
+                batch,
             });
+        }
+        for result in results {
+            result?;
         }
         self.client().batch_execute("COMMIT").await?;
         self.done = true;
@@ -646,14 +654,13 @@ struct Pipeline<'a> {
 }
 
 impl<'a> Pipeline<'a> {
-    /// Adds a statement; returns its index among the results.
-    fn push(&mut self, text: &'static str, params: Vec<Param<'a>>) -> usize {
+    fn push(&mut self, text: &'static str, params: Vec<Param<'a>>) {
         self.statements.push((text, params));
-        self.statements.len() - 1
     }
 
-    /// Runs every statement; returns the rows each affected.
-    async fn run(&self, c: &Object) -> Result<Vec<u64>> {
+    /// Runs every statement; returns, in order, the rows each affected or
+    /// its error.
+    async fn run(&self, c: &Object) -> Result<Vec<Result<u64, tokio_postgres::Error>>> {
         let mut prepared = Vec::with_capacity(self.statements.len());
         for (text, _) in &self.statements {
             prepared.push(c.prepare_cached(text).await?);
@@ -669,15 +676,19 @@ impl<'a> Pipeline<'a> {
                     .collect();
                 async move { c.execute(stmt, &params).await }
             });
-        Ok(futures::future::try_join_all(runs).await?)
+        Ok(futures::future::join_all(runs).await)
     }
 }
 
-/// The statements of a batch, in the order they must run; returns the index
-/// of the fenced instance update. Children are asked to cancel before any
-/// task row is touched, so the transaction never holds a task row while
-/// waiting for a child's row lock.
-fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) -> usize {
+/// The statements of a batch, in the order they must run. The fenced update
+/// of the batch's own instances (locked already) comes first, so that a
+/// stale batch is known as such whatever fails after it. Children are asked
+/// to cancel before any task row is touched, so the transaction never holds
+/// a task row while waiting for a child's row lock.
+fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
+    let mut update = instance_columns(&w.instances);
+    update.push(Box::new(w.now));
+    p.push(UPDATE_INSTANCES, update);
     if !w.cancel_children_of.is_empty() {
         p.push(CANCEL_CHILDREN, vec![Box::new(&w.cancel_children_of)]);
     }
@@ -711,11 +722,7 @@ fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) -> usize {
             vec![col(s, |(id, _)| *id), col(s, |(_, step)| step.as_str())],
         );
     }
-    let mut update = instance_columns(&w.instances);
-    update.push(Box::new(w.now));
-    let update = p.push(UPDATE_INSTANCES, update);
     plan_notifications(p, w);
-    update
 }
 
 /// Tells parents about children that ended (or were re-attached), and wakes

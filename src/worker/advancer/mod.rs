@@ -7,6 +7,8 @@
 
 mod observations;
 mod plan;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Instant;
