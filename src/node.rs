@@ -234,15 +234,22 @@ fn spawn_workers(sup: &mut Supervisor, parts: &Parts, config: &Config, api_url: 
             backoff_max_ms: tuning.reconnect_max_ms,
         };
         sup.service(membership, heartbeats, Never);
-        spawn_engine(sup, parts, tuning, ownership);
+        spawn_engine(sup, parts, tuning, &name, ownership);
         spawn_executor(sup, parts, tuning, name, handlers.clone());
     }
 }
 
 /// A member's advancer and reaper, working the slots it owns.
-fn spawn_engine(sup: &mut Supervisor, parts: &Parts, tuning: &Tuning, ownership: Ownership) {
+fn spawn_engine(
+    sup: &mut Supervisor,
+    parts: &Parts,
+    tuning: &Tuning,
+    member: &str,
+    ownership: Ownership,
+) {
     let advancer = Advancer {
         config: AdvancerConfig {
+            member: member.to_string(),
             batch_size: tuning.advance_batch_size,
         },
         store: parts.store.clone(),

@@ -293,6 +293,7 @@ pub(crate) async fn history(
             "attempt": e.attempt,
             "data": e.data,
             "at": e.created_at,
+            "member": e.member,
         })).collect::<Vec<_>>(),
     })))
 }

@@ -145,8 +145,8 @@ const START_CHILDREN: &str = "
                              THEN NULL ELSE instances.cancel_reason END";
 
 const INSERT_EVENTS: &str = "
-    INSERT INTO events (instance_id, seq, type, step_id, attempt, data, created_at)
-    SELECT *, $7::timestamptz
+    INSERT INTO events (instance_id, seq, type, step_id, attempt, data, created_at, member)
+    SELECT *, $7::timestamptz, $8::text
     FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::int[], $6::jsonb[])";
 
 const CONSUME_SIGNALS: &str = "
@@ -350,6 +350,8 @@ pub(crate) struct InstanceUpdate {
 pub(crate) struct AdvanceWrites {
     /// The engine's clock for this batch (from the locking statement).
     pub now: DateTime<Utc>,
+    /// The member whose advancer decided the batch (kept on its events).
+    pub member: String,
     pub instances: Vec<InstanceUpdate>,
     pub steps: Vec<StepWrite>,
     pub tasks: Vec<NewTask>,
@@ -713,6 +715,7 @@ fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
     if !w.events.is_empty() {
         let mut params = event_columns(&w.events);
         params.push(Box::new(w.now));
+        params.push(Box::new(w.member.as_str()));
         p.push(INSERT_EVENTS, params);
     }
     if !w.consumed_signals.is_empty() {

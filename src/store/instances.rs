@@ -41,7 +41,7 @@ const SEND_SIGNAL: &str = "SELECT send_signal($1, $2, $3)";
 const REQUEST_CANCEL: &str = "SELECT request_cancel($1, $2)";
 const REQUEST_RETRY: &str = "SELECT request_retry($1)";
 const GET_HISTORY: &str = "
-    SELECT seq, type, step_id, attempt, data, created_at
+    SELECT seq, type, step_id, attempt, data, created_at, member
     FROM events WHERE instance_id = $1 ORDER BY seq";
 
 #[derive(Debug, Clone)]
@@ -104,6 +104,8 @@ pub(crate) struct EventRecord {
     pub attempt: Option<i32>,
     pub data: Value,
     pub created_at: DateTime<Utc>,
+    /// The member that made the transition.
+    pub member: Option<String>,
 }
 
 fn event_from_row(r: &tokio_postgres::Row) -> Result<EventRecord> {
@@ -114,6 +116,7 @@ fn event_from_row(r: &tokio_postgres::Row) -> Result<EventRecord> {
         attempt: r.get(3),
         data: r.get(4),
         created_at: r.get(5),
+        member: r.get(6),
     })
 }
 

@@ -97,6 +97,7 @@ async fn kill_9_a_worker_its_slots_move_to_the_survivors_within_2s() {
     let sampled = sampler.stop().await;
     check_invariants(&probe, &report.acked).await;
     sampled.assert_ok();
+    sampled.assert_only_owners_advanced(&probe).await;
 
     let (median, worst) = median_and_worst(&times);
     println!(
@@ -180,6 +181,7 @@ async fn sigstop_past_the_ttl_moves_the_slots_and_the_worker_rejoins_after_sigco
     let sampled = sampler.stop().await;
     check_invariants(&probe, &report.acked).await;
     sampled.assert_ok();
+    sampled.assert_only_owners_advanced(&probe).await;
     assert!(report.acked.len() >= 100, "too little load: {report:?}");
     assert!(
         took <= TTL + Duration::from_secs(2),
@@ -307,6 +309,7 @@ async fn blackholed_worker_loses_its_slots_and_the_others_complete_everything() 
     let sampled = sampler.stop().await;
     check_invariants(&probe, &report.acked).await;
     sampled.assert_ok();
+    sampled.assert_only_owners_advanced(&probe).await;
     assert!(report.acked.len() >= 60, "too little load: {report:?}");
     assert!(
         took <= TTL + Duration::from_secs(5),
@@ -378,6 +381,7 @@ async fn postgres_restart_fast_and_immediate_workers_recover_by_themselves() {
     let sampled = sampler.stop().await;
     check_invariants(&probe, &report.acked).await;
     sampled.assert_ok();
+    sampled.assert_only_owners_advanced(&probe).await;
     assert!(report.acked.len() >= 100, "too little load: {report:?}");
     drop(workers);
 }
@@ -446,6 +450,7 @@ async fn a_fourth_worker_joins_under_load_and_takes_a_quarter_of_the_slots() {
     let sampled = sampler.stop().await;
     check_invariants(&probe, &report.acked).await;
     sampled.assert_ok();
+    sampled.assert_only_owners_advanced(&probe).await;
     let slowest: f64 = probe
         .query(
             "SELECT max(extract(epoch FROM ended_at - created_at))::float8 FROM stead.instances",

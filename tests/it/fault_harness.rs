@@ -7,8 +7,10 @@
 //!   steady pace over HTTP, round-robin across the processes marked up in
 //!   [`Targets`], and records every acknowledged (201/200) id;
 //! - [`Sampler`]: samples `stead.slot_owners` every 50ms from its own
-//!   connection, and `GET /v1/cluster` of every live process, and records
-//!   any slot seen with two owners at once;
+//!   connection, and `GET /v1/cluster` of every live process, records any
+//!   slot seen with two owners at once, and keeps the owners over time, so
+//!   that [`SamplerReport::assert_only_owners_advanced`] can check every
+//!   history entry against who held its slot when it was written;
 //! - [`Probe`]: a self-reconnecting database connection for the checks
 //!   (it survives a PostgreSQL restart) and [`check_invariants`];
 //! - [`Proxy`]: a TCP proxy that can blackhole a connection (stop
@@ -26,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use stead::embedded::{Cluster, PgBinaries, RunAs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -547,7 +550,14 @@ pub struct SamplerReport {
     pub api_samples: u64,
     pub api_errors: u64,
     pub violations: Vec<String>,
+    /// Database time of each pg_locks sample, and slot -> owner (a member's
+    /// name, or `?pid` for a session that is no member) in it.
+    pub owners: Vec<(DateTime<Utc>, BTreeMap<i32, String>)>,
 }
+
+/// The most two samples around an event may be apart for it to be judged:
+/// ownership cannot change twice within it.
+const MAX_SAMPLE_GAP_MS: i64 = 500;
 
 impl SamplerReport {
     pub fn assert_ok(&self) {
@@ -573,6 +583,77 @@ impl SamplerReport {
     }
 }
 
+impl SamplerReport {
+    /// Checks every history entry written while sampling against the slot
+    /// owners around it: the member that wrote it must be the one holding
+    /// its instance's slot, measured from the members' own side (the
+    /// `member` each advancer writes) against what PostgreSQL granted.
+    /// Entries whose surrounding samples disagree or are far apart (an
+    /// ownership change, a restart) are not judged; enough others must be.
+    pub async fn assert_only_owners_advanced(&self, probe: &Probe) {
+        let (Some(first), Some(last)) = (self.owners.first(), self.owners.last()) else {
+            panic!("no ownership samples: {self:?}");
+        };
+        let rows = probe
+            .query(
+                "SELECT e.created_at, i.slot, e.member, e.instance_id, e.seq \
+                 FROM stead.events e JOIN stead.instances i ON i.id = e.instance_id \
+                 WHERE e.created_at BETWEEN $1 AND $2",
+                &[&first.0, &last.0],
+            )
+            .await
+            .expect("reading the history");
+        let (mut judged, mut wrong) = (0, Vec::new());
+        for r in &rows {
+            let (at, slot): (DateTime<Utc>, i32) = (r.get(0), r.get(1));
+            let member: Option<String> = r.get(2);
+            let Some(owner) = self.owner_around(at, slot) else {
+                continue;
+            };
+            judged += 1;
+            if member.as_deref() != Some(owner) {
+                wrong.push(format!(
+                    "{} #{} (slot {slot}) written by {member:?} at {at} while {owner} held the slot",
+                    r.get::<_, String>(3),
+                    r.get::<_, i32>(4)
+                ));
+            }
+        }
+        println!(
+            "slot exclusivity: {judged} of {} history entries judged against {} ownership \
+             samples, {} written by a member not holding the slot",
+            rows.len(),
+            self.owners.len(),
+            wrong.len()
+        );
+        assert!(
+            wrong.is_empty(),
+            "members advanced instances of slots they did not hold: {:#?}",
+            &wrong[..wrong.len().min(20)]
+        );
+        assert!(
+            judged >= 100,
+            "too few history entries judged ({judged} of {}) for the check to mean anything",
+            rows.len()
+        );
+    }
+
+    /// The owner of `slot` in the samples just before and after `at`, if
+    /// both agree and are close together.
+    fn owner_around(&self, at: DateTime<Utc>, slot: i32) -> Option<&str> {
+        let after = self.owners.partition_point(|(t, _)| *t < at);
+        let (before, after) = (
+            self.owners.get(after.checked_sub(1)?)?,
+            self.owners.get(after)?,
+        );
+        if (after.0 - before.0).num_milliseconds() > MAX_SAMPLE_GAP_MS {
+            return None;
+        }
+        let owner = before.1.get(&slot)?;
+        (after.1.get(&slot) == Some(owner)).then_some(owner.as_str())
+    }
+}
+
 impl Sampler {
     pub fn start(db_url: &str, targets: Targets) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
@@ -584,8 +665,17 @@ impl Sampler {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 while !stop.load(Ordering::SeqCst) {
                     tick.tick().await;
+                    // One row, whatever is held: the sample's database time
+                    // and, per held slot lock, its backend and owner.
                     let rows = probe
-                        .query("SELECT slot, backend_pid FROM stead.slot_owners", &[])
+                        .query(
+                            "SELECT clock_timestamp(), \
+                                    coalesce(array_agg(slot), '{}'), \
+                                    coalesce(array_agg(backend_pid), '{}'), \
+                                    coalesce(array_agg(coalesce(owner, '?' || backend_pid)), '{}') \
+                             FROM stead.slot_owners",
+                            &[],
+                        )
                         .await;
                     let mut r = report.lock().unwrap();
                     let Ok(rows) = rows else {
@@ -593,10 +683,16 @@ impl Sampler {
                         continue;
                     };
                     r.db_samples += 1;
+                    let row = &rows[0];
+                    let (slots, backends, names): (Vec<i32>, Vec<i32>, Vec<String>) =
+                        (row.get(1), row.get(2), row.get(3));
                     let mut pids: BTreeMap<i32, BTreeSet<i32>> = BTreeMap::new();
-                    for row in &rows {
-                        pids.entry(row.get(0)).or_default().insert(row.get(1));
+                    let mut owners = BTreeMap::new();
+                    for ((slot, pid), name) in slots.into_iter().zip(backends).zip(names) {
+                        pids.entry(slot).or_default().insert(pid);
+                        owners.insert(slot, name);
                     }
+                    r.owners.push((row.get(0), owners));
                     for (slot, p) in pids.iter().filter(|(_, p)| p.len() > 1) {
                         r.violations
                             .push(format!("pg_locks: slot {slot} held by backends {p:?}"));

@@ -26,6 +26,8 @@ use plan::Plan;
 
 #[derive(Debug, Clone)]
 pub(crate) struct AdvancerConfig {
+    /// The member whose slots this advancer works (kept on its events).
+    pub member: String,
     /// Most instances one transaction locks and advances.
     pub batch_size: usize,
 }
@@ -75,7 +77,7 @@ impl Service for Advancer {
                 unreadable,
             });
         }
-        let mut plan = Plan::new(batch.now);
+        let mut plan = Plan::new(batch.now, &self.config.member);
         // StdRng rather than thread_rng: the future must stay Send.
         let mut rng = rand::rngs::StdRng::from_entropy();
         let mut random = || rng.gen::<f64>();

@@ -103,10 +103,12 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    pub(super) fn new(now: DateTime<Utc>) -> Self {
+    /// A plan of `member`'s batch, decided at `now`.
+    pub(super) fn new(now: DateTime<Utc>, member: &str) -> Self {
         Plan {
             writes: AdvanceWrites {
                 now,
+                member: member.to_string(),
                 ..AdvanceWrites::default()
             },
             observed: Observations::default(),

@@ -35,7 +35,7 @@ async fn decide_now(store: &Store, def: &Definition) -> AdvanceWrites {
     let tx = store.begin_advance().await.unwrap();
     let batch = tx.lock_due(10, &slots).await.unwrap();
     assert_eq!(batch.instances.len(), 1, "the instance is due");
-    let mut plan = Plan::new(batch.now);
+    let mut plan = Plan::new(batch.now, "m-1");
     let mut random = || 0.5;
     let mut ctx = Context {
         now: batch.now,

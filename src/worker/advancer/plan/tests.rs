@@ -85,7 +85,7 @@ fn awaiting_a(results: Vec<FinishedTask>) -> DueInstance {
 }
 
 fn planned(def: &Definition, due: &DueInstance) -> Plan {
-    let mut plan = Plan::new(now());
+    let mut plan = Plan::new(now(), "m-1");
     let mut random = || 0.5;
     let mut ctx = Context {
         now: now(),
@@ -170,7 +170,7 @@ fn rows_land_on_their_steps_and_become_events_in_order() {
 fn a_start_writes_the_first_task_its_step_history_and_a_fenced_update() {
     let plan = planned(&def(), &due(InstanceStatus::Pending));
     let w = &plan.writes;
-    assert_eq!(w.now, now());
+    assert_eq!((w.now, w.member.as_str()), (now(), "m-1"));
     assert_eq!(w.tasks.len(), 1);
     let task = &w.tasks[0];
     assert_eq!(
@@ -294,7 +294,7 @@ fn commands_become_their_rows() {
         changed_steps: Vec::new(),
         wake_at: Some(now() + Duration::minutes(5)),
     };
-    let mut plan = Plan::new(now());
+    let mut plan = Plan::new(now(), "m-1");
     plan.record(&def, &d, &[StepStatus::Pending; 2], state, decision);
     let w = &plan.writes;
     assert_eq!(
