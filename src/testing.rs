@@ -12,7 +12,7 @@ use crate::store::{Store, StoreConfig};
 pub(crate) const SLOTS: u32 = 16;
 
 struct SharedPg {
-    _cluster: Cluster,
+    cluster: Cluster,
     /// URL of the server's `postgres` database.
     admin_url: String,
     base: String,
@@ -52,11 +52,23 @@ fn start() -> Result<SharedPg, String> {
         .block_on(cluster.start_child())
         .map_err(|e| e.to_string())?;
     let base = admin_url.trim_end_matches("/postgres").to_string();
+    // SAFETY: registers a plain function, run once at process exit.
+    unsafe {
+        libc::atexit(stop_at_exit);
+    }
     Ok(SharedPg {
-        _cluster: cluster,
+        cluster,
         admin_url,
         base,
     })
+}
+
+/// At exit: the server stops and its directory goes.
+extern "C" fn stop_at_exit() {
+    if let Some(Ok(pg)) = PG.get() {
+        let _ = pg.cluster.stop();
+        let _ = std::fs::remove_dir_all(&pg.cluster.data_dir);
+    }
 }
 
 /// Removes `stead-unit-<pid>` directories of test processes that are gone.

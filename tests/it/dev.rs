@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::harness::ClusterDir;
 use crate::support::greet_workflow;
 use crate::{wait_until, ServeProcess};
 
@@ -46,11 +47,9 @@ async fn interrupt(dev: &ServeProcess) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_runs_the_quickstart_and_keeps_its_data() {
-    let data_dir = std::env::temp_dir().join(format!(
-        "stead-dev-test-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    ));
+    // Stops the PostgreSQL that `stead dev` starts even if this test fails.
+    let cluster_dir = ClusterDir::new("dev");
+    let data_dir = cluster_dir.path.clone();
     let http = reqwest::Client::new();
 
     let dev = ServeProcess::spawn_command(dev_command(&data_dir), "dev").await;
@@ -136,5 +135,4 @@ async fn dev_runs_the_quickstart_and_keeps_its_data() {
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["status"], "completed");
     interrupt(&dev).await;
-    let _ = std::fs::remove_dir_all(&data_dir);
 }

@@ -21,9 +21,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +35,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 
-use crate::support::{check_histories, echo_chain_workflow, pid_alive};
+use crate::harness::{pg_ctl, ClusterDir};
+use crate::support::{check_histories, echo_chain_workflow};
 use crate::{wait_until, ServeProcess};
 
 /// Membership TTL of [`FAST`].
@@ -1075,37 +1073,26 @@ pub fn port_of(url: &str) -> u16 {
 // A private PostgreSQL that can be restarted
 // ---------------------------------------------------------------------------
 
-static PRIVATE_PG_COUNTER: AtomicU64 = AtomicU64::new(0);
-const PRIVATE_PG_PREFIX: &str = "stead-fault-pg-";
-
-/// A PostgreSQL of its own under the temp dir, run by `pg_ctl` (not as our
-/// child: `pg_ctl restart` must be able to replace it). Stopped
-/// (`-m immediate`) and removed on drop; directories left by dead test
-/// processes are cleaned up on the next start.
+/// A PostgreSQL of its own, run by `pg_ctl` (not as our child: `pg_ctl
+/// restart` must be able to replace it), in a [`ClusterDir`] that stops it
+/// and removes it on drop.
 pub struct PrivatePg {
     pub cluster: Cluster,
     pub bins: PgBinaries,
     pub run_as: RunAs,
     /// URL of its database `stead`.
     pub url: String,
+    dir: ClusterDir,
 }
 
 impl PrivatePg {
     pub async fn start() -> PrivatePg {
-        let tmp = std::env::temp_dir();
-        let dir = tmp.join(format!(
-            "{PRIVATE_PG_PREFIX}{}-{}",
-            std::process::id(),
-            PRIVATE_PG_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
+        let dir = ClusterDir::new("fault");
+        let path = dir.path.clone();
         let (cluster, bins, run_as) = tokio::task::spawn_blocking(move || {
             let bins = PgBinaries::find().expect("PostgreSQL binaries");
             let run_as = RunAs::detect().expect("whom to run PostgreSQL as");
-            remove_dead_private_pgs(&tmp, &bins, &run_as);
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir).unwrap();
-            }
-            let cluster = Cluster::init(&bins, &run_as, &dir).expect("initdb");
+            let cluster = Cluster::init(&bins, &run_as, &path).expect("initdb");
             (cluster, bins, run_as)
         })
         .await
@@ -1115,6 +1102,7 @@ impl PrivatePg {
             bins,
             run_as,
             url: String::new(),
+            dir,
         };
         pg.url = pg.cluster.start().await.expect("pg_ctl start");
         pg
@@ -1125,7 +1113,7 @@ impl PrivatePg {
         let cmd = pg_ctl(
             &self.bins,
             &self.run_as,
-            &self.cluster.data_dir,
+            &self.dir.path,
             &[
                 "restart",
                 "-D",
@@ -1153,83 +1141,5 @@ impl PrivatePg {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-}
-
-impl Drop for PrivatePg {
-    fn drop(&mut self) {
-        stop_immediate(&self.bins, &self.run_as, &self.cluster.data_dir);
-        let _ = std::fs::remove_dir_all(&self.cluster.data_dir);
-    }
-}
-
-fn pg_ctl(bins: &PgBinaries, run_as: &RunAs, data_dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bins.pg_ctl());
-    cmd.args(args)
-        .current_dir(data_dir)
-        .env("HOME", data_dir)
-        .stdin(Stdio::null());
-    for var in [
-        "PGDATA",
-        "PGPORT",
-        "PGHOST",
-        "PGHOSTADDR",
-        "PGUSER",
-        "PGDATABASE",
-        "PGOPTIONS",
-    ] {
-        cmd.env_remove(var);
-    }
-    if let RunAs::User { name, uid, gid } = run_as {
-        cmd.uid(*uid)
-            .gid(*gid)
-            .env("USER", name)
-            .env("LOGNAME", name);
-    }
-    cmd
-}
-
-fn stop_immediate(bins: &PgBinaries, run_as: &RunAs, data_dir: &Path) {
-    let pgdata: PathBuf = data_dir.join("pgdata");
-    if !pgdata.join("postmaster.pid").exists() {
-        return;
-    }
-    let _ = pg_ctl(
-        bins,
-        run_as,
-        data_dir,
-        &[
-            "stop",
-            "-D",
-            &pgdata.to_string_lossy(),
-            "-m",
-            "immediate",
-            "-w",
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .status();
-}
-
-/// Stops and removes private clusters of test processes that are gone.
-fn remove_dead_private_pgs(tmp: &Path, bins: &PgBinaries, run_as: &RunAs) {
-    let Ok(entries) = std::fs::read_dir(tmp) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(PRIVATE_PG_PREFIX))
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        if pid as u32 != std::process::id() && !pid_alive(pid) {
-            stop_immediate(bins, run_as, &entry.path());
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
     }
 }

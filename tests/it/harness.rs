@@ -67,7 +67,20 @@ fn start_shared_pg() -> Result<SharedPg, String> {
     let base_url = rt
         .block_on(cluster.start_child())
         .map_err(|e| e.to_string())?;
+    // SAFETY: registers a plain function, run once at process exit.
+    unsafe {
+        libc::atexit(stop_shared_pg);
+    }
     Ok(SharedPg { cluster, base_url })
+}
+
+/// At exit: the server stops (it would die with us anyway) and its
+/// directory goes, so a test run leaves nothing behind.
+extern "C" fn stop_shared_pg() {
+    if let Some(Ok(pg)) = PG.get() {
+        let _ = pg.cluster.stop();
+        let _ = std::fs::remove_dir_all(&pg.cluster.data_dir);
+    }
 }
 
 /// Remove `stead-test-<pid>` directories of processes that are gone.
@@ -90,11 +103,49 @@ fn remove_dead_test_dirs(tmp: &Path) {
     }
 }
 
-/// A fresh database in the test process's private PostgreSQL.
+/// A fresh database in the test process's private PostgreSQL, dropped
+/// (with whatever is still connected to it) when the last clone goes.
 #[derive(Debug, Clone)]
 pub struct TestDb {
     pub url: String,
     pub name: String,
+    _dropped_with: Arc<DropDatabase>,
+}
+
+/// Drops its database on drop.
+#[derive(Debug)]
+struct DropDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        // A plain thread with a runtime of its own: this may run inside a
+        // test's runtime, which cannot block on another future.
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let conn = tokio::spawn(conn);
+                let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                let result = client.batch_execute(&sql).await.map_err(|e| e.to_string());
+                drop(client);
+                let _ = conn.await;
+                result
+            })
+        })
+        .join();
+        if let Ok(Err(e)) | Err(e) = dropped.map_err(|_| "panicked".to_string()) {
+            eprintln!("dropping test database {}: {e}", self.name);
+        }
+    }
 }
 
 impl TestDb {
@@ -119,6 +170,10 @@ impl TestDb {
         let _ = conn.await;
         TestDb {
             url: pg.cluster.url(&name),
+            _dropped_with: Arc::new(DropDatabase {
+                admin_url: pg.base_url.clone(),
+                name: name.clone(),
+            }),
             name,
         }
     }
@@ -508,6 +563,123 @@ where
 /// Where the test PostgreSQL keeps its files (for debugging).
 pub fn test_pg_dir() -> PathBuf {
     shared_pg().cluster.data_dir.clone()
+}
+
+// ---------------------------------------------------------------------------
+// Directories of PostgreSQL servers run by pg_ctl
+// ---------------------------------------------------------------------------
+
+const CLUSTER_DIR_PREFIX: &str = "stead-pg-";
+
+/// The directory of a PostgreSQL cluster that outlives its starter (run by
+/// `pg_ctl`, as `stead dev` and [`crate::fault_harness::PrivatePg`] do). On
+/// drop, even when the test panics, its server is stopped (`-m immediate`)
+/// and the directory removed; those of test processes that died are cleaned
+/// up by the next [`ClusterDir::new`].
+pub struct ClusterDir {
+    pub path: PathBuf,
+}
+
+impl ClusterDir {
+    pub fn new(what: &str) -> ClusterDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let tmp = std::env::temp_dir();
+        remove_dead_cluster_dirs(&tmp);
+        let path = tmp.join(format!(
+            "{CLUSTER_DIR_PREFIX}{}-{what}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        if path.exists() {
+            stop_immediate(&path);
+            let _ = std::fs::remove_dir_all(&path);
+        }
+        ClusterDir { path }
+    }
+}
+
+impl Drop for ClusterDir {
+    fn drop(&mut self) {
+        stop_immediate(&self.path);
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// `pg_ctl ARGS` as the user that runs the server, without libpq variables
+/// of ours leaking into it.
+pub fn pg_ctl(bins: &PgBinaries, run_as: &RunAs, data_dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bins.pg_ctl());
+    cmd.args(args)
+        .current_dir(data_dir)
+        .env("HOME", data_dir)
+        .stdin(Stdio::null());
+    for var in [
+        "PGDATA",
+        "PGPORT",
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGUSER",
+        "PGDATABASE",
+        "PGOPTIONS",
+    ] {
+        cmd.env_remove(var);
+    }
+    if let RunAs::User { name, uid, gid } = run_as {
+        cmd.uid(*uid)
+            .gid(*gid)
+            .env("USER", name)
+            .env("LOGNAME", name);
+    }
+    cmd
+}
+
+/// Stops the server of `data_dir` at once, if one runs.
+fn stop_immediate(data_dir: &Path) {
+    let pgdata: PathBuf = data_dir.join("pgdata");
+    if !pgdata.join("postmaster.pid").exists() {
+        return;
+    }
+    let (Ok(bins), Ok(run_as)) = (PgBinaries::find(), RunAs::detect()) else {
+        return;
+    };
+    let _ = pg_ctl(
+        &bins,
+        &run_as,
+        data_dir,
+        &[
+            "stop",
+            "-D",
+            &pgdata.to_string_lossy(),
+            "-m",
+            "immediate",
+            "-w",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .status();
+}
+
+/// Stops and removes the cluster directories of test processes that are gone.
+fn remove_dead_cluster_dirs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(CLUSTER_DIR_PREFIX))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if pid as u32 != std::process::id() && !pid_alive(pid) {
+            stop_immediate(&entry.path());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! condition is staged. `promtool` checks the exposition, rules and config.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -163,7 +164,26 @@ impl Prometheus {
             None,
         );
         let log = dir.join("prometheus.log");
-        let child = Command::new(tool("prometheus"))
+        let mut cmd = Command::new(tool("prometheus"));
+        // SAFETY: only async-signal-safe calls. Prometheus dies with this
+        // thread (the test's own, which lives as long as the test), even if
+        // the test process is killed.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg(format!("--config.file={}", config_path.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
