@@ -226,27 +226,38 @@ async fn blackholed_worker_loses_its_slots_and_the_others_complete_everything() 
     let in_tx = format!("stead {cut}");
     let in_tx = &in_tx;
     let probe_ref = &probe;
-    let aimed = tokio::time::timeout(Duration::from_secs(5), async move {
-        loop {
-            let rows = probe_ref
-                .query(
-                    "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 \
-                     AND state = 'idle in transaction' AND backend_xid IS NOT NULL",
-                    &[in_tx],
-                )
-                .await;
-            if rows.is_ok_and(|r| !r.is_empty()) {
-                return;
-            }
+    let in_locking_tx = || async move {
+        probe_ref
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 \
+                 AND state = 'idle in transaction' AND backend_xid IS NOT NULL",
+                &[in_tx],
+            )
+            .await
+            .is_ok_and(|r| !r.is_empty())
+    };
+    // The cut landed mid-transaction if, once the proxy holds everything,
+    // the server still shows that session inside it. A message already
+    // through the proxy may end the transaction first: then heal and aim
+    // again.
+    let mut aims = 0;
+    let t = loop {
+        aims += 1;
+        assert!(aims <= 50, "could not cut {cut} off inside a transaction");
+        wait_until(
+            &format!("{cut} is inside a transaction holding locks"),
+            Duration::from_secs(60),
+            in_locking_tx,
+        )
+        .await;
+        let t = Instant::now();
+        proxy.blackhole(true);
+        if in_locking_tx().await {
+            break t;
         }
-    })
-    .await
-    .is_ok();
-    let t = Instant::now();
-    proxy.blackhole(true);
-    println!(
-        "blackholed {cut} (while one of its sessions was in a transaction holding locks: {aimed})"
-    );
+        proxy.blackhole(false);
+    };
+    println!("blackholed {cut} inside a transaction holding row locks (aim {aims})");
     let took = measure(
         &format!("{others:?} own every slot while {cut} is blackholed"),
         t,
@@ -439,6 +450,11 @@ async fn a_fourth_worker_joins_under_load_and_takes_a_quarter_of_the_slots() {
         report.attempted,
         report.acked.len(),
         report.errors
+    );
+    // No fault here: every start was acknowledged.
+    assert!(
+        report.errors.is_empty(),
+        "starts were refused while j4 joined: {report:?}"
     );
     // No instance stalls: all complete soon after the last start.
     let t_done = Instant::now();

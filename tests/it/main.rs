@@ -12,6 +12,7 @@ mod fan_out;
 mod fault;
 mod fault_harness;
 mod harness;
+mod hold_server;
 mod http_steps;
 mod logs;
 mod membership;

@@ -234,14 +234,16 @@ async fn compensations_follow_completion_order_not_definition_order() {
     let id = node.start_instance("saga_order", json!({})).await;
     let node_ref = &node;
     let id_ref = id.as_str();
+    let held_ref = &held;
+    // Both run at once: wait until first's handler holds and second is done.
     wait_until(
         "second completes while first is held",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         || async move {
             let (_, body) = node_ref
                 .call("GET", &format!("/v1/instances/{id_ref}"), None)
                 .await;
-            step(&body, "second")["status"] == "completed"
+            step(&body, "second")["status"] == "completed" && held_ref.load(Ordering::SeqCst) == 1
         },
     )
     .await;

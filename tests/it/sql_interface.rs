@@ -271,25 +271,32 @@ async fn operator_views_show_instances_and_queue_depth() {
 
     // Queue depth: three ready tasks nobody takes.
     let c = &client;
-    let (ready, leased, delayed, age) = wait_until(
+    let (ready, leased, delayed, age, expected_age) = wait_until(
         "queue_depth shows 3 ready tasks on queue nobody",
-        Duration::from_secs(15),
+        Duration::from_secs(60),
         || async move {
+            // The view's age against the oldest ready task itself, at one now().
             let row = c
                 .query_opt(
-                    "SELECT ready, leased, delayed, extract(epoch FROM oldest_ready_age)::float8 \
+                    "SELECT ready, leased, delayed, extract(epoch FROM oldest_ready_age)::float8, \
+                            extract(epoch FROM now() - (SELECT min(run_at) FROM stead.tasks \
+                                   WHERE queue = 'nobody' AND status = 'ready'))::float8 \
                      FROM stead.queue_depth WHERE queue = 'nobody'",
                     &[],
                 )
                 .await
                 .unwrap()?;
-            let v: (i64, i64, i64, f64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+            let v: (i64, i64, i64, f64, f64) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
             (v.0 == 3).then_some(v)
         },
     )
     .await;
     assert_eq!((ready, leased, delayed), (3, 0, 0));
-    assert!(age >= 0.0, "oldest_ready_age {age}");
+    assert_eq!(
+        age, expected_age,
+        "oldest_ready_age is the age of the oldest ready task"
+    );
     // The echo queue, worked by the node, holds nothing once all is done.
     let echo: Option<i64> = client
         .query_opt(
