@@ -183,6 +183,7 @@ async fn wait_for_end(state: &AppState, id: &str, wait_ms: u64) -> ApiResult<Ins
         }
         let poll = tokio::time::Instant::now() + std::time::Duration::from_millis(WAIT_POLL_MS);
         let until = poll.min(deadline);
+        let _parked = state.inner.metrics.long_poll("instance");
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => break,

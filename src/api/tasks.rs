@@ -88,6 +88,7 @@ pub(crate) async fn claim(
         }
         let until =
             deadline.min(tokio::time::Instant::now() + Duration::from_millis(CLAIM_POLL_MS));
+        let _parked = state.inner.metrics.long_poll("claim");
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => break,

@@ -38,9 +38,35 @@ pub struct BenchArgs {
     /// temporary directory, removed afterwards).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Measure failover instead: kill -9 and SIGSTOP real `stead serve`
+    /// processes on a private PostgreSQL and time how long their slots take
+    /// to move.
+    #[arg(long)]
+    pub failover: bool,
+    /// Failover: `stead serve` processes to run.
+    #[arg(long, default_value_t = 3)]
+    pub processes: usize,
+    /// Failover: kills (and as many freezes) to time.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Failover: the processes' --heartbeat-ms.
+    #[arg(long, default_value_t = 1_000)]
+    pub heartbeat_ms: u64,
+    /// Failover: the processes' --member-ttl-ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub member_ttl_ms: u64,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.failover {
+        return super::failover::run(super::failover::FailoverArgs {
+            processes: args.processes,
+            rounds: args.rounds,
+            heartbeat_ms: args.heartbeat_ms,
+            member_ttl_ms: args.member_ttl_ms,
+        })
+        .await;
+    }
     if args.instances == 0 || args.steps == 0 || args.concurrency == 0 {
         bail!("--instances, --steps and --concurrency must be at least 1");
     }

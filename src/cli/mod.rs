@@ -6,6 +6,7 @@
 mod bench;
 mod client;
 mod dev;
+mod failover;
 mod options;
 mod shutdown;
 

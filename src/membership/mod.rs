@@ -1,7 +1,8 @@
 //! Membership and slot ownership. Each worker member keeps a dedicated
 //! session: it registers in `members`, heartbeats every `heartbeat_ms`,
 //! removes members past their TTL (or whose session is gone) and terminates
-//! their sessions, computes the slot assignment from the live members with
+//! their sessions (every member does: so a frozen holder of the maintenance
+//! duty is removed too), computes the slot assignment from the live members with
 //! `ring::owned_by`, releases slots it no longer owns and takes newly owned
 //! ones with `pg_try_advisory_lock` as they free up.
 //!
@@ -184,9 +185,13 @@ impl Membership {
         Ok(Heartbeat { removed, slots })
     }
 
-    /// Removing dead members (and terminating their sessions) is a
-    /// singleton duty: one member at a time holds it, by the same kind of
-    /// lock as the slots. Returns the members removed.
+    /// Takes the maintenance duty if it is free (one member at a time holds
+    /// it, by the same kind of lock as the slots; it runs the cluster
+    /// gauges), and removes dead members, terminating their sessions.
+    /// Every member removes the dead, not only the duty's holder: a frozen
+    /// or partitioned holder must be removed too, and its session ended, or
+    /// neither its slots nor the duty would ever move. Returns the members
+    /// this member removed.
     async fn maintain(&mut self, session: &MemberSession) -> Result<Vec<String>, StoreError> {
         let name = &self.config.name;
         if !self.holds_maintenance {
@@ -195,9 +200,6 @@ impl Membership {
                 self.process_duty.store(true, Ordering::SeqCst);
                 tracing::info!(member = %name, "holds the maintenance duty");
             }
-        }
-        if !self.holds_maintenance {
-            return Ok(Vec::new());
         }
         let reaped = session.reap_members(name).await?;
         for (dead, silent_s) in &reaped {

@@ -18,6 +18,16 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// A parked long-poll, counted in `stead_http_long_polls_waiting` while it
+/// lives.
+pub(crate) struct LongPoll(IntGauge);
+
+impl Drop for LongPoll {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// What failed when `stead_db_errors_total` counts an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Component {
@@ -99,6 +109,7 @@ pub(crate) struct Metrics {
     // ---- HTTP API ----
     pub(crate) http_requests: IntCounterVec,
     pub(crate) http_request_duration: HistogramVec,
+    pub(crate) long_polls_waiting: IntGaugeVec,
 }
 
 /// The label values of a vector without labels.
@@ -329,13 +340,32 @@ impl Metrics {
                 ),
                 &["method", "route"]
             )),
+            long_polls_waiting: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "stead_http_long_polls_waiting",
+                    "Long-polls of this process parked, waiting for their event: claims \
+                     (kind claim) and instance waits (kind instance)."
+                ),
+                &["kind"]
+            )),
             registry,
         };
-        // Every component's error counter exists from the start at 0.
+        // Every component's error counter exists from the start at 0, and
+        // both kinds of long-poll.
         for component in Component::ALL {
             metrics.db_errors.with_label_values(&[component.as_str()]);
         }
+        for kind in ["claim", "instance"] {
+            metrics.long_polls_waiting.with_label_values(&[kind]);
+        }
         metrics
+    }
+
+    /// Counts a long-poll of `kind` as parked until the guard drops.
+    pub(crate) fn long_poll(&self, kind: &'static str) -> LongPoll {
+        let gauge = self.long_polls_waiting.with_label_values(&[kind]);
+        gauge.inc();
+        LongPoll(gauge)
     }
 
     /// Counts one failed database operation of `component`.

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 
-use crate::harness::{pg_ctl, ClusterDir};
+use crate::harness::{pg_ctl, ClusterDir, SANITY_LIMIT};
 use crate::support::{check_histories, echo_chain_workflow};
 use crate::{wait_until, ServeProcess};
 
@@ -384,8 +384,8 @@ impl Probe {
 }
 
 /// Polls `check` every 20ms until it is Ok and returns the time since
-/// `since`; panics (with the last error) once `deadline` has passed since
-/// `since`.
+/// `since`; panics (with the last error) once `deadline` (at least
+/// [`SANITY_LIMIT`]) has passed since `since`.
 pub async fn measure<F, Fut>(
     what: &str,
     since: Instant,
@@ -396,6 +396,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
+    let deadline = deadline.max(SANITY_LIMIT);
     loop {
         let left = deadline.saturating_sub(since.elapsed());
         let last = match tokio::time::timeout(left, check()).await {

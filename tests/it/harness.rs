@@ -533,15 +533,22 @@ impl<T, E: Debug> Outcome for Result<T, E> {
     }
 }
 
+/// The least time any wait of the suite allows: a deadline is a sanity
+/// limit against a hang, never a speed requirement (speed is measured by
+/// `stead bench`), so a loaded machine cannot make a test fail.
+pub const SANITY_LIMIT: Duration = Duration::from_secs(60);
+
 /// Poll `f` every ~50ms until it returns `true` / `Some(v)` / `Ok(v)` and
 /// return `()` / `v`; panic naming `what` (and the last `Err`) after
-/// `deadline`. A call of `f` that hangs is cut off at the deadline too.
+/// `deadline` (at least [`SANITY_LIMIT`]). A call of `f` that hangs is cut
+/// off at the deadline too.
 pub async fn wait_until<F, Fut, O>(what: &str, deadline: Duration, mut f: F) -> O::Value
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = O>,
     O: Outcome,
 {
+    let deadline = deadline.max(SANITY_LIMIT);
     let start = Instant::now();
     let until = start + deadline;
     loop {

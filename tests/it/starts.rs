@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
+use crate::support::wait_parked;
 use crate::{pretty, wait_until, TestDb, TestNode};
 
 async fn start(node: &TestNode, workflow: &str, body: Value) -> (u16, Value) {
@@ -432,7 +433,7 @@ async fn long_poll_returns_as_soon_as_the_instance_ends() {
     )
     .await;
     let id = node.start_instance("gated", json!(42)).await;
-    tokio::time::timeout(Duration::from_secs(15), entered.notified())
+    tokio::time::timeout(Duration::from_secs(60), entered.notified())
         .await
         .expect("the handler was called");
 
@@ -450,23 +451,21 @@ async fn long_poll_returns_as_soon_as_the_instance_ends() {
         t.elapsed()
     );
 
-    // A long-poll of 5s is in flight when the handler is let go: it answers
-    // `completed` well before its 5s are up.
-    let poll = send_get(&node.url, &format!("/v1/instances/{id}?wait=5s")).await;
+    // A long-poll of 60s is parked when the handler is let go: it answers
+    // `completed` well before its wait is up.
+    let poll = send_get(&node.url, &format!("/v1/instances/{id}?wait=60s")).await;
     let sent = Instant::now();
     let reader = tokio::spawn(read_answer(poll));
+    wait_parked(&node, "instance", 1).await;
     release.notify_one();
-    let (status, body) = tokio::time::timeout(Duration::from_secs(10), reader)
-        .await
-        .expect("the long-poll answered")
-        .unwrap();
+    let (status, body) = reader.await.unwrap();
     let took = sent.elapsed();
     assert_eq!(status, 200, "{}", pretty(&body));
     assert_eq!(body["status"], "completed", "{}", pretty(&body));
     assert_eq!(body["output"], json!({"released": 42}));
     assert!(
-        took < Duration::from_millis(4_000),
-        "the long-poll answered {took:?} after the release; it should not wait out its 5s"
+        took < Duration::from_secs(55),
+        "the long-poll answered {took:?} after it was sent; it should not wait out its 60s"
     );
     node.shutdown().await;
 }

@@ -295,3 +295,16 @@ pub async fn task_call(node: &TestNode, task: &Value, action: &str, body: Value)
     )
     .await
 }
+
+/// Waits until `node` has `n` long-polls of `kind` (`claim`, `instance`)
+/// parked, so that what the test does next finds them waiting.
+pub async fn wait_parked(node: &TestNode, kind: &str, n: usize) {
+    let key = format!("stead_http_long_polls_waiting{{kind=\"{kind}\"}}");
+    let key = &key;
+    wait_until(
+        &format!("{n} {kind} long-poll(s) parked"),
+        Duration::from_secs(60),
+        || async move { scrape(node).await.get(key).copied() == Some(n as f64) },
+    )
+    .await;
+}
