@@ -11,6 +11,7 @@ mod dev;
 mod fan_out;
 mod fault;
 mod fault_harness;
+mod guarantees;
 mod harness;
 mod hold_server;
 mod http_steps;

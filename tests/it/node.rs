@@ -17,9 +17,14 @@ pub struct TestNode {
 impl TestNode {
     /// A config for `db` with test-friendly intervals.
     pub fn config(db: &TestDb) -> Config {
-        let mut config = Config::new(db.url.clone());
+        Self::config_for(&db.url, &db.name)
+    }
+
+    /// A config for the database at `url` with test-friendly intervals.
+    pub fn config_for(url: &str, name: &str) -> Config {
+        let mut config = Config::new(url.to_string());
         config.listen = "127.0.0.1:0".into();
-        config.name = format!("test-{}", db.name);
+        config.name = format!("test-{name}");
         config.tuning.poll_interval_ms = 100;
         config.tuning.reap_interval_ms = 100;
         config.tuning.heartbeat_ms = 200;
