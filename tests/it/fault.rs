@@ -36,6 +36,18 @@ async fn start_workers(db_url: &str, names: &[String]) -> Workers {
     Workers::start(&specs).await
 }
 
+/// A probe of the database at `url` and its slot count, once `all` share
+/// the slots.
+async fn balanced(url: &str, all: &[String]) -> (Probe, i64) {
+    let probe = Probe::new(url);
+    let slots = probe.slot_count().await;
+    wait_until("the members share the slots", SANITY_LIMIT, || {
+        probe.balanced(all, slots)
+    })
+    .await;
+    (probe, slots)
+}
+
 /// Let the load run (time passing, not synchronisation).
 async fn run_load_for(d: Duration) {
     tokio::time::sleep(d).await;
@@ -51,12 +63,7 @@ async fn kill_9_a_worker_its_slots_move_to_the_survivors() {
     let db = TestDb::new().await;
     let all = names("k", 3);
     let mut workers = start_workers(&db.url, &all).await;
-    let probe = Probe::new(&db.url);
-    let slots = probe.slot_count().await;
-    wait_until("three balanced members", Duration::from_secs(20), || {
-        probe.balanced(&all, slots)
-    })
-    .await;
+    let (probe, slots) = balanced(&db.url, &all).await;
     let sampler = Sampler::start(&db.url, workers.targets.clone());
     let load = Load::start(workers.targets.clone(), "kill", RATE);
 
@@ -118,12 +125,7 @@ async fn sigstop_past_the_ttl_moves_the_slots_and_the_worker_rejoins_after_sigco
     let db = TestDb::new().await;
     let all = names("s", 3);
     let workers = start_workers(&db.url, &all).await;
-    let probe = Probe::new(&db.url);
-    let slots = probe.slot_count().await;
-    wait_until("three balanced members", Duration::from_secs(20), || {
-        probe.balanced(&all, slots)
-    })
-    .await;
+    let (probe, slots) = balanced(&db.url, &all).await;
     let sampler = Sampler::start(&db.url, workers.targets.clone());
     let load = Load::start(workers.targets.clone(), "stop", RATE);
     run_load_for(Duration::from_secs(1)).await;
@@ -198,12 +200,7 @@ async fn blackholed_worker_loses_its_slots_and_the_others_complete_everything() 
         (cut.as_str(), via_proxy.as_str()),
     ];
     let workers = Workers::start(&specs).await;
-    let probe = Probe::new(&db.url);
-    let slots = probe.slot_count().await;
-    wait_until("three balanced members", Duration::from_secs(20), || {
-        probe.balanced(&all, slots)
-    })
-    .await;
+    let (probe, slots) = balanced(&db.url, &all).await;
     let sampler = Sampler::start(&db.url, workers.targets.clone());
     let load = Load::start(workers.targets.clone(), "hole", RATE);
     run_load_for(Duration::from_secs(1)).await;
@@ -330,12 +327,7 @@ async fn postgres_restart_fast_and_immediate_workers_recover_by_themselves() {
     let pg = PrivatePg::start().await;
     let all = names("p", 3);
     let workers = start_workers(&pg.url, &all).await;
-    let probe = Probe::new(&pg.url);
-    let slots = probe.slot_count().await;
-    wait_until("three balanced members", Duration::from_secs(20), || {
-        probe.balanced(&all, slots)
-    })
-    .await;
+    let (probe, slots) = balanced(&pg.url, &all).await;
     let sampler = Sampler::start(&pg.url, workers.targets.clone());
     let load = Load::start(workers.targets.clone(), "restart", RATE);
 
@@ -392,12 +384,7 @@ async fn a_fourth_worker_joins_under_load_and_takes_a_quarter_of_the_slots() {
     let db = TestDb::new().await;
     let mut all = names("j", 3);
     let mut workers = start_workers(&db.url, &all).await;
-    let probe = Probe::new(&db.url);
-    let slots = probe.slot_count().await;
-    wait_until("three balanced members", Duration::from_secs(20), || {
-        probe.balanced(&all, slots)
-    })
-    .await;
+    let (probe, slots) = balanced(&db.url, &all).await;
     let sampler = Sampler::start(&db.url, workers.targets.clone());
     let load = Load::start(workers.targets.clone(), "join", RATE);
     run_load_for(Duration::from_secs(2)).await;
@@ -513,12 +500,7 @@ async fn the_maintenance_duty_moves_when_its_holder_is_killed_or_frozen() {
     let db = TestDb::new().await;
     let all = names("d", 3);
     let mut workers = start_workers(&db.url, &all).await;
-    let probe = Probe::new(&db.url);
-    let slots = probe.slot_count().await;
-    wait_until("three balanced members", Duration::from_secs(20), || {
-        probe.balanced(&all, slots)
-    })
-    .await;
+    let (probe, slots) = balanced(&db.url, &all).await;
     let load = Load::start(workers.targets.clone(), "duty", RATE);
 
     // kill -9 of the holder: its session ends, the others remove its row
