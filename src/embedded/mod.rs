@@ -20,11 +20,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 mod binaries;
+mod suites;
 #[cfg(test)]
 mod tests;
 
 pub use binaries::{install_command, PgBinaries};
 use binaries::{is_executable, which};
+pub use suites::{remove_dead_test_dirs, shared_test_server, stop_now, SharedServer};
 
 /// How long we wait for a server to accept connections or to stop.
 const START_DEADLINE: Duration = Duration::from_secs(30);

@@ -503,44 +503,39 @@ async fn the_maintenance_duty_moves_when_its_holder_is_killed_or_frozen() {
     let (probe, slots) = balanced(&db.url, &all).await;
     let load = Load::start(workers.targets.clone(), "duty", RATE);
 
-    // kill -9 of the holder: its session ends, the others remove its row
-    // and one of them takes the duty.
-    let holder = duty_holder(&probe).await.expect("a duty holder");
-    let others = workers.others(&holder);
-    let t = Instant::now();
-    workers.kill9(&holder);
-    let took = measure(
-        &format!("the duty and the slots of {holder} move after kill -9"),
-        t,
-        SANITY_LIMIT,
-        || duty_and_slots_moved(&probe, &holder, &others, slots),
-    )
-    .await;
-    println!("duty moved from {holder} (kill -9) in {}", secs(took));
-    workers.respawn(&holder).await;
-    wait_until("the respawned worker rebalances", SANITY_LIMIT, || {
-        probe.balanced(&all, slots)
-    })
-    .await;
-
-    // SIGSTOP of the holder: nobody but the others can remove it now.
-    let holder = duty_holder(&probe).await.expect("a duty holder");
-    let others = workers.others(&holder);
-    let t = Instant::now();
-    workers.freeze(&holder);
-    let took = measure(
-        &format!("the duty and the slots of {holder} move while it is stopped"),
-        t,
-        SANITY_LIMIT,
-        || duty_and_slots_moved(&probe, &holder, &others, slots),
-    )
-    .await;
-    println!("duty moved from {holder} (SIGSTOP) in {}", secs(took));
-    workers.thaw(&holder);
-    wait_until("the thawed worker rejoins", SANITY_LIMIT, || {
-        probe.balanced(&all, slots)
-    })
-    .await;
+    // kill -9 of the holder ends its session; SIGSTOP leaves it, and only
+    // the others can remove the holder and end it. Either way the others
+    // remove its row, one of them takes the duty, and they take its slots.
+    for frozen in [false, true] {
+        let holder = duty_holder(&probe).await.expect("a duty holder");
+        let others = workers.others(&holder);
+        let t = Instant::now();
+        if frozen {
+            workers.freeze(&holder);
+        } else {
+            workers.kill9(&holder);
+        }
+        let took = measure(
+            &format!("the duty and the slots of {holder} move (frozen: {frozen})"),
+            t,
+            SANITY_LIMIT,
+            || duty_and_slots_moved(&probe, &holder, &others, slots),
+        )
+        .await;
+        println!(
+            "duty moved from {holder} (frozen: {frozen}) in {}",
+            secs(took)
+        );
+        if frozen {
+            workers.thaw(&holder);
+        } else {
+            workers.respawn(&holder).await;
+        }
+        wait_until("the holder rejoins", SANITY_LIMIT, || {
+            probe.balanced(&all, slots)
+        })
+        .await;
+    }
 
     let report = load.stop().await;
     wait_all_completed(&probe, &report.acked, SANITY_LIMIT).await;

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 
-use crate::harness::{pg_ctl, ClusterDir, SANITY_LIMIT};
+use crate::harness::{ClusterDir, SANITY_LIMIT};
 use crate::support::{check_histories, echo_chain_workflow};
 use crate::{wait_until, ServeProcess};
 
@@ -1079,8 +1079,6 @@ pub fn port_of(url: &str) -> u16 {
 /// and removes it on drop.
 pub struct PrivatePg {
     pub cluster: Cluster,
-    pub bins: PgBinaries,
-    pub run_as: RunAs,
     /// URL of its database `stead`.
     pub url: String,
     dir: ClusterDir,
@@ -1090,18 +1088,15 @@ impl PrivatePg {
     pub async fn start() -> PrivatePg {
         let dir = ClusterDir::new("fault");
         let path = dir.path.clone();
-        let (cluster, bins, run_as) = tokio::task::spawn_blocking(move || {
+        let cluster = tokio::task::spawn_blocking(move || {
             let bins = PgBinaries::find().expect("PostgreSQL binaries");
             let run_as = RunAs::detect().expect("whom to run PostgreSQL as");
-            let cluster = Cluster::init(&bins, &run_as, &path).expect("initdb");
-            (cluster, bins, run_as)
+            Cluster::init(&bins, &run_as, &path).expect("initdb")
         })
         .await
         .unwrap();
         let mut pg = PrivatePg {
             cluster,
-            bins,
-            run_as,
             url: String::new(),
             dir,
         };
@@ -1111,36 +1106,10 @@ impl PrivatePg {
 
     /// `pg_ctl restart -m MODE -w` (the server keeps its options and port).
     pub async fn restart(&self, mode: &str) {
-        let cmd = pg_ctl(
-            &self.bins,
-            &self.run_as,
-            &self.dir.path,
-            &[
-                "restart",
-                "-D",
-                &self.cluster.pgdata().to_string_lossy(),
-                "-m",
-                mode,
-                "-w",
-                "-t",
-                "60",
-                "-l",
-                &self.cluster.log_path().to_string_lossy(),
-            ],
-        );
-        let out = tokio::task::spawn_blocking(move || {
-            let mut cmd = cmd;
-            cmd.output()
-        })
-        .await
-        .unwrap()
-        .expect("running pg_ctl restart");
-        assert!(
-            out.status.success(),
-            "pg_ctl restart -m {mode}: {}\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (cluster, m) = (self.cluster.clone(), mode.to_string());
+        tokio::task::spawn_blocking(move || cluster.restart(&m))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("pg_ctl restart -m {mode}: {e}"));
     }
 }

@@ -17,6 +17,11 @@ use crate::{pretty, wait_until, TestDb, TestNode};
 /// pickup by polling is told apart from one by a wake-up.
 const POLL_INTERVAL_MS: u64 = 2_000;
 
+/// The one number `sql` selects.
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 async fn listen_sessions(client: &tokio_postgres::Client) -> Vec<i32> {
     client
         .query(
@@ -148,16 +153,9 @@ async fn concurrent_claimers_get_disjoint_tasks() {
     }
     let client = db.client().await;
     let c = &client;
+    let ready = "SELECT count(*) FROM stead.tasks WHERE queue = 'ext.race' AND status = 'ready'";
     wait_until("every task is ready", SANITY_LIMIT, || async move {
-        let ready: i64 = c
-            .query_one(
-                "SELECT count(*) FROM stead.tasks WHERE queue = 'ext.race' AND status = 'ready'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        ready == TASKS as i64
+        count(c, ready).await == TASKS as i64
     })
     .await;
 
@@ -197,16 +195,9 @@ async fn concurrent_claimers_get_disjoint_tasks() {
         let (status, answer) = task_call(&node, t, "complete", body).await;
         assert_eq!(status, 200, "{answer}");
     }
+    let open = "SELECT count(*) FROM stead.instances WHERE status <> 'completed'";
     wait_until("every instance completes", SANITY_LIMIT, || async move {
-        let open: i64 = c
-            .query_one(
-                "SELECT count(*) FROM stead.instances WHERE status <> 'completed'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        open == 0
+        count(c, open).await == 0
     })
     .await;
     node.shutdown().await;
@@ -226,13 +217,14 @@ async fn signals_sent_as_their_step_starts_waiting_survive_a_kill() {
         {"id": "work", "task": {"queue": "stead.echo", "input": "${input}"}},
         {"id": "wait", "signal": {"name": "go"}}
     ], "output": "${steps.wait.output}"});
-    let put = http
-        .put(format!("{api}/v1/workflows/signalled"))
+    let put = http.put(format!("{api}/v1/workflows/signalled"));
+    assert!(put
         .json(&workflow)
         .send()
         .await
-        .unwrap();
-    assert!(put.status().is_success());
+        .unwrap()
+        .status()
+        .is_success());
 
     // Start them all, and signal each after a delay of its own: the first
     // ones before their step waits, later ones as it starts, the last after.
@@ -305,14 +297,10 @@ async fn signals_sent_as_their_step_starts_waiting_survive_a_kill() {
         (INSTANCES as i64, INSTANCES as i64, INSTANCES as i64),
         "one signal per instance, each consumed once by its waiting step"
     );
-    let taken: i64 = probe
-        .query(
-            "SELECT count(*) FROM stead.events WHERE type = 'step_completed' AND step_id = 'wait'",
-            &[],
-        )
-        .await
-        .unwrap()[0]
-        .get(0);
+    let client = db.client().await;
+    let completions = "SELECT count(*) FROM stead.events \
+                       WHERE type = 'step_completed' AND step_id = 'wait'";
+    let taken = count(&client, completions).await;
     assert_eq!(taken, INSTANCES as i64, "each waiting step completed once");
     drop(workers);
 }

@@ -10,97 +10,22 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use stead::embedded::{Cluster, PgBinaries, RunAs};
-
-use crate::support::pid_alive;
+use stead::embedded::{remove_dead_test_dirs, shared_test_server, stop_now, SharedServer};
 
 // ---------------------------------------------------------------------------
 // PostgreSQL
 // ---------------------------------------------------------------------------
 
-struct SharedPg {
-    cluster: Cluster,
-    base_url: String,
-}
-
-/// Started once per test process, by whichever test comes first. Each
-/// `#[tokio::test]` has its own runtime, so the server must not belong to
-/// any of them: it is started from a plain thread with a runtime of its own
-/// (the server itself is supervised by a std thread inside `stead::embedded`
-/// and dies with this process). A failure is kept, so every test reports it
-/// instead of each trying again.
-static PG: OnceLock<Result<SharedPg, String>> = OnceLock::new();
-
-fn shared_pg() -> &'static SharedPg {
-    let pg = PG.get_or_init(|| {
-        std::thread::spawn(start_shared_pg)
-            .join()
-            .unwrap_or_else(|_| Err("starting the test PostgreSQL panicked".into()))
-    });
-    match pg {
-        Ok(pg) => pg,
-        Err(e) => panic!("test PostgreSQL is not available: {e}"),
-    }
-}
-
-fn start_shared_pg() -> Result<SharedPg, String> {
-    let tmp = std::env::temp_dir();
-    remove_dead_test_dirs(&tmp);
-    let dir = tmp.join(format!("stead-test-{}", std::process::id()));
-    if dir.exists() {
-        // A dead process with our pid left it.
-        std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
-    }
-    let bins = PgBinaries::find().map_err(|e| e.to_string())?;
-    let run_as = RunAs::detect().map_err(|e| e.to_string())?;
-    let mut cluster = Cluster::init(&bins, &run_as, &dir).map_err(|e| e.to_string())?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let base_url = rt
-        .block_on(cluster.start_child())
-        .map_err(|e| e.to_string())?;
-    // SAFETY: registers a plain function, run once at process exit.
-    unsafe {
-        libc::atexit(stop_shared_pg);
-    }
-    Ok(SharedPg { cluster, base_url })
-}
-
-/// At exit: the server stops (it would die with us anyway) and its
-/// directory goes, so a test run leaves nothing behind.
-extern "C" fn stop_shared_pg() {
-    if let Some(Ok(pg)) = PG.get() {
-        let _ = pg.cluster.stop();
-        let _ = std::fs::remove_dir_all(&pg.cluster.data_dir);
-    }
-}
-
-/// Remove `stead-test-<pid>` directories of processes that are gone.
-fn remove_dead_test_dirs(tmp: &Path) {
-    let Ok(entries) = std::fs::read_dir(tmp) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("stead-test-"))
-            .and_then(|p| p.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        if pid as u32 != std::process::id() && !pid_alive(pid) {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
+/// The test process's private PostgreSQL (`stead::embedded`'s shared test
+/// server: started by whichever test comes first, gone with the process).
+fn shared_pg() -> &'static SharedServer {
+    shared_test_server().unwrap_or_else(|e| panic!("test PostgreSQL is not available: {e}"))
 }
 
 /// A fresh database in the test process's private PostgreSQL, dropped
@@ -156,11 +81,9 @@ impl TestDb {
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("t_{n}_{:08x}", random_u64() as u32);
-        let (client, conn) = tokio_postgres::connect(&pg.base_url, tokio_postgres::NoTls)
+        let (client, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls)
             .await
-            .unwrap_or_else(|e| {
-                panic!("connecting to the test PostgreSQL at {}: {e}", pg.base_url)
-            });
+            .unwrap_or_else(|e| panic!("connecting to the test PostgreSQL at {}: {e}", pg.url));
         let conn = tokio::spawn(conn);
         client
             .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -171,7 +94,7 @@ impl TestDb {
         TestDb {
             url: pg.cluster.url(&name),
             _dropped_with: Arc::new(DropDatabase {
-                admin_url: pg.base_url.clone(),
+                admin_url: pg.url.clone(),
                 name: name.clone(),
             }),
             name,
@@ -180,7 +103,7 @@ impl TestDb {
 
     /// URL of the server's `postgres` database (for admin work).
     pub fn admin_url(&self) -> String {
-        shared_pg().base_url.clone()
+        shared_pg().url.clone()
     }
 
     /// A connected client; its connection runs on the current runtime.
@@ -590,15 +513,14 @@ pub struct ClusterDir {
 impl ClusterDir {
     pub fn new(what: &str) -> ClusterDir {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let tmp = std::env::temp_dir();
-        remove_dead_cluster_dirs(&tmp);
-        let path = tmp.join(format!(
+        remove_dead_test_dirs(CLUSTER_DIR_PREFIX);
+        let path = std::env::temp_dir().join(format!(
             "{CLUSTER_DIR_PREFIX}{}-{what}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         if path.exists() {
-            stop_immediate(&path);
+            stop_now(&path);
             let _ = std::fs::remove_dir_all(&path);
         }
         ClusterDir { path }
@@ -607,85 +529,8 @@ impl ClusterDir {
 
 impl Drop for ClusterDir {
     fn drop(&mut self) {
-        stop_immediate(&self.path);
+        stop_now(&self.path);
         let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-/// `pg_ctl ARGS` as the user that runs the server, without libpq variables
-/// of ours leaking into it.
-pub fn pg_ctl(bins: &PgBinaries, run_as: &RunAs, data_dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bins.pg_ctl());
-    cmd.args(args)
-        .current_dir(data_dir)
-        .env("HOME", data_dir)
-        .stdin(Stdio::null());
-    for var in [
-        "PGDATA",
-        "PGPORT",
-        "PGHOST",
-        "PGHOSTADDR",
-        "PGUSER",
-        "PGDATABASE",
-        "PGOPTIONS",
-    ] {
-        cmd.env_remove(var);
-    }
-    if let RunAs::User { name, uid, gid } = run_as {
-        cmd.uid(*uid)
-            .gid(*gid)
-            .env("USER", name)
-            .env("LOGNAME", name);
-    }
-    cmd
-}
-
-/// Stops the server of `data_dir` at once, if one runs.
-fn stop_immediate(data_dir: &Path) {
-    let pgdata: PathBuf = data_dir.join("pgdata");
-    if !pgdata.join("postmaster.pid").exists() {
-        return;
-    }
-    let (Ok(bins), Ok(run_as)) = (PgBinaries::find(), RunAs::detect()) else {
-        return;
-    };
-    let _ = pg_ctl(
-        &bins,
-        &run_as,
-        data_dir,
-        &[
-            "stop",
-            "-D",
-            &pgdata.to_string_lossy(),
-            "-m",
-            "immediate",
-            "-w",
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .status();
-}
-
-/// Stops and removes the cluster directories of test processes that are gone.
-fn remove_dead_cluster_dirs(tmp: &Path) {
-    let Ok(entries) = std::fs::read_dir(tmp) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(CLUSTER_DIR_PREFIX))
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        if pid as u32 != std::process::id() && !pid_alive(pid) {
-            stop_immediate(&entry.path());
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
     }
 }
 

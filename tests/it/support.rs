@@ -143,13 +143,6 @@ impl Gate {
     }
 }
 
-/// Whether process `pid` exists (also when it is not ours to signal).
-pub fn pid_alive(pid: libc::pid_t) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
 /// The workflow of the crash and fault tests: three `stead.echo` tasks in a
 /// row carrying `input.n` along; the output is `{"n": <input.n>, "at": 3}`.
 pub fn echo_chain_workflow() -> Value {
