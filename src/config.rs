@@ -46,6 +46,8 @@ pub struct Limits {
     pub max_page: usize,
     /// Longest lease a claim or heartbeat may ask for.
     pub max_lease_ms: u64,
+    /// Most items one batch start (`POST .../instances/batch`) may hold.
+    pub max_batch_start: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +59,7 @@ impl Default for Limits {
             max_claim: 1000,
             max_page: 1000,
             max_lease_ms: 3_600_000,
+            max_batch_start: 1000,
         }
     }
 }

@@ -132,16 +132,27 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let doc = ProblemDocument {
+impl ApiError {
+    fn document(&self) -> ProblemDocument<'_> {
+        ProblemDocument {
             kind: format!("urn:stead:problem:{}", self.kind),
             title: self.title,
             status: self.status.as_u16(),
             detail: &self.detail,
             errors: &self.errors,
-        };
-        let body = serde_json::to_vec(&doc).unwrap_or_default();
+        }
+    }
+
+    /// The problem document as a JSON value, for a response that reports
+    /// several problems (one per item of a batch).
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.document()).unwrap_or_default()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&self.document()).unwrap_or_default();
         let mut response = (self.status, body).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -87,8 +87,13 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
         // field itself.
         for prefix in ["missing field `", "unknown field `"] {
             if let Some(rest) = message.strip_prefix(prefix) {
-                if let Some(field) = rest.split('`').next() {
-                    path = format!("{path}.{field}");
+                match rest.split('`').next() {
+                    // ... unless the path already ends with it (as for an
+                    // unknown field inside an array element).
+                    Some(field) if !path.ends_with(&format!(".{field}")) => {
+                        path = format!("{path}.{field}");
+                    }
+                    _ => {}
                 }
             }
         }

@@ -39,14 +39,7 @@ pub(crate) async fn start(
     if let Some(id) = &req.id {
         check_id("$.id", id)?;
     }
-    if let Some(v) = req.version {
-        if v < 1 {
-            return Err(ApiError::unprocessable_field(
-                "$.version",
-                "must be a positive integer",
-            ));
-        }
-    }
+    check_version(req.version)?;
     let store = &state.inner.store;
     let (id, created) = store
         .start_instance(&name, req.version, &req.input, req.id.as_deref())
@@ -66,6 +59,17 @@ pub(crate) async fn start(
         StatusCode::OK
     };
     Ok((status, Json(body)).into_response())
+}
+
+/// A start's `version`, when given, names one: it is positive.
+pub(crate) fn check_version(version: Option<i32>) -> ApiResult<()> {
+    match version {
+        Some(v) if v < 1 => Err(ApiError::unprocessable_field(
+            "$.version",
+            "must be a positive integer",
+        )),
+        _ => Ok(()),
+    }
 }
 
 pub(crate) fn instance_json(r: &InstanceRecord) -> Value {

@@ -2,6 +2,7 @@
 //! Handlers validate input, call the store, and shape JSON; they hold no
 //! workflow logic.
 
+mod batch;
 mod error;
 mod extract;
 mod instances;
@@ -66,6 +67,10 @@ pub(crate) fn router(state: AppState) -> Router {
             get(workflows::get_version),
         )
         .route("/v1/workflows/{name}/instances", post(instances::start))
+        .route(
+            "/v1/workflows/{name}/instances/batch",
+            post(batch::start_batch),
+        )
         .route("/v1/instances", get(instances::list))
         .route("/v1/instances/{id}", get(instances::get))
         .route("/v1/instances/{id}/history", get(instances::history))

@@ -85,6 +85,21 @@ impl ApiClient {
             .await
     }
 
+    /// `POST .../instances/batch` with `items` (`{input, id?}` each).
+    pub async fn start_batch(
+        &self,
+        workflow: &str,
+        items: &[Value],
+        version: Option<i32>,
+    ) -> anyhow::Result<Value> {
+        let mut body = json!({ "items": items });
+        if let Some(v) = version {
+            body["version"] = json!(v);
+        }
+        let url = format!("{}/v1/workflows/{workflow}/instances/batch", self.base);
+        Ok(self.ok(self.http.post(url).json(&body)).await?.1)
+    }
+
     pub async fn instance(&self, id: &str, wait: Option<&str>) -> anyhow::Result<Value> {
         let mut url = format!("{}/v1/instances/{id}", self.base);
         if let Some(w) = wait {

@@ -3,6 +3,7 @@
 //! uses only the library's public API; `client.rs` is the HTTP client of the
 //! client subcommands and `bench`.
 
+mod batch;
 mod bench;
 mod client;
 mod dev;
@@ -65,7 +66,7 @@ pub enum ClientCommand {
     /// Register or list workflow definitions.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
-    /// Start an instance of a workflow.
+    /// Start an instance of a workflow (or, with --batch, one per line of a file).
     Start(StartArgs),
     /// Show an instance with its steps.
     Show(ShowArgs),
@@ -137,6 +138,10 @@ pub struct StartArgs {
     /// Instance id (idempotency key); default: generated.
     #[arg(long)]
     pub id: Option<String>,
+    /// Start one instance per line of this JSON Lines file (`-` for stdin),
+    /// each line `{"input": ..., "id"?: "..."}`, 1000 per request.
+    #[arg(long, conflicts_with_all = ["input", "id", "wait"])]
+    pub batch: Option<PathBuf>,
     /// Definition version (default: latest).
     #[arg(long)]
     pub version: Option<i32>,
@@ -258,8 +263,11 @@ async fn call_api(command: ClientCommand) -> anyhow::Result<Value> {
             ApiClient::new(&server.server)?.list_workflows().await
         }
         ClientCommand::Start(args) => {
-            let input = read_json_arg("--input", &args.input)?;
             let client = ApiClient::new(&args.server.server)?;
+            if let Some(file) = &args.batch {
+                return batch::start_file(&client, &args.workflow, args.version, file).await;
+            }
+            let input = read_json_arg("--input", &args.input)?;
             let (_, body) = client
                 .start(&args.workflow, &input, args.id.as_deref(), args.version)
                 .await?;

@@ -50,6 +50,9 @@ pub struct NodeArgs {
     /// Most steps a definition may have.
     #[arg(long, env = "STEAD_MAX_STEPS", default_value_t = 1000)]
     pub max_steps: usize,
+    /// Most items one batch start may hold.
+    #[arg(long, env = "STEAD_MAX_BATCH_START", default_value_t = 1000)]
+    pub max_batch_start: usize,
     /// How often each worker member heartbeats, in milliseconds.
     #[arg(long, env = "STEAD_HEARTBEAT_MS", default_value_t = 1_000)]
     pub heartbeat_ms: u64,
@@ -77,6 +80,7 @@ impl NodeArgs {
         config.limits = Limits {
             body_limit_bytes: self.body_limit_bytes,
             max_steps: self.max_steps,
+            max_batch_start: self.max_batch_start,
             ..Limits::default()
         };
         config.tuning = Tuning {

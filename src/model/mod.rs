@@ -234,6 +234,21 @@ vocabulary! {
     }
 }
 
+vocabulary! {
+    /// What a start did with one item of a batch
+    /// (`start_instances(...).outcome`).
+    StartOutcome {
+        /// Inserted now.
+        Created = "created",
+        /// Already there with the same workflow and input.
+        Existing = "existing",
+        /// Already there with a different workflow, version or input.
+        Conflict = "conflict",
+        /// The id is not 1-200 characters of `[A-Za-z0-9._:@-]`.
+        Invalid = "invalid",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +271,7 @@ mod tests {
         round_trips::<Ending>();
         round_trips::<EventType>();
         round_trips::<AttemptOutcome>();
+        round_trips::<StartOutcome>();
         assert_eq!(EventType::ALL.len(), 22);
     }
 

@@ -6,9 +6,11 @@ use serde_json::Value;
 
 use super::advance::{step_from_row, StoredStep};
 use super::{decode, Result, Store};
-use crate::model::{EventType, InstanceStatus};
+use crate::model::{EventType, InstanceStatus, StartOutcome};
 
 const START_INSTANCE: &str = "SELECT instance_id, created FROM start_instance($1, $2, $3, $4)";
+const START_INSTANCES: &str =
+    "SELECT instance_id, outcome FROM start_instances($1, $2, $3::jsonb[], $4::text[])";
 const GET_INSTANCE: &str = "
     SELECT id, workflow_name, workflow_version, status, input, output, error,
            created_at, started_at, updated_at, ended_at, parent_id
@@ -135,6 +137,27 @@ impl Store {
             .query_one(START_INSTANCE, &[&workflow, &version, input, &id])
             .await?;
         Ok((row.get(0), row.get(1)))
+    }
+
+    /// Starts one instance per item (`(input, id)`), each idempotent on its
+    /// id, in one round trip; returns each item's id and outcome in item
+    /// order. Bad items are outcomes, not errors; an unknown workflow or
+    /// version is `NotFound`.
+    pub(crate) async fn start_instances(
+        &self,
+        workflow: &str,
+        version: Option<i32>,
+        items: &[(Value, Option<String>)],
+    ) -> Result<Vec<(String, StartOutcome)>> {
+        let inputs: Vec<&Value> = items.iter().map(|(input, _)| input).collect();
+        let ids: Vec<Option<&str>> = items.iter().map(|(_, id)| id.as_deref()).collect();
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(START_INSTANCES, &[&workflow, &version, &inputs, &ids])
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), decode("start_instances.outcome", r.get(1))?)))
+            .collect()
     }
 
     pub(crate) async fn get_instance(&self, id: &str) -> Result<Option<InstanceRecord>> {

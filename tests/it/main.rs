@@ -2,6 +2,7 @@
 //! real nodes. One file per feature.
 
 mod api_validation;
+mod batch_start;
 mod bench;
 mod cancel;
 mod children;

@@ -1,0 +1,119 @@
+//! Starting many instances at once: `POST /v1/workflows/{name}/instances/batch`.
+//!
+//! A body of the wrong shape starts nothing (one problem document naming the
+//! field, as everywhere). A well-formed batch is started in one transaction
+//! and answered item by item: the good items start even when others are
+//! refused (an invalid id, or an id that exists with a different input),
+//! each refusal carrying its own problem document.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, ApiResult};
+use super::extract::{check_id, ApiJson, ApiPath};
+use super::instances::check_version;
+use super::AppState;
+use crate::model::StartOutcome;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BatchStartRequest {
+    items: Vec<BatchItem>,
+    version: Option<i32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem {
+    #[serde(default)]
+    input: Value,
+    id: Option<String>,
+}
+
+pub(crate) async fn start_batch(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<BatchStartRequest>,
+) -> ApiResult<Json<Value>> {
+    check_id("name", &name)?;
+    check_version(req.version)?;
+    let max_items = state.inner.limits.max_batch_start;
+    if req.items.len() > max_items {
+        return Err(ApiError::unprocessable_field(
+            "$.items",
+            format!("at most {max_items} items per batch; send the rest in another"),
+        ));
+    }
+    let items: Vec<(Value, Option<String>)> =
+        req.items.into_iter().map(|i| (i.input, i.id)).collect();
+    let outcomes = state
+        .inner
+        .store
+        .start_instances(&name, req.version, &items)
+        .await?;
+    if outcomes.iter().any(|(_, o)| *o == StartOutcome::Created) {
+        state.inner.notifier.request();
+    }
+    Ok(Json(batch_json(&outcomes)))
+}
+
+/// `{results: [{index, id, outcome, problem?}], created, existing, rejected}`.
+fn batch_json(outcomes: &[(String, StartOutcome)]) -> Value {
+    let count = |wanted: StartOutcome| outcomes.iter().filter(|(_, o)| *o == wanted).count();
+    let results: Vec<Value> = outcomes
+        .iter()
+        .enumerate()
+        .map(|(index, (id, outcome))| {
+            let mut item = json!({"index": index, "id": id, "outcome": outcome});
+            if let Some(problem) = item_problem(index, id, *outcome) {
+                item["problem"] = problem.to_json();
+            }
+            item
+        })
+        .collect();
+    let created = count(StartOutcome::Created);
+    let existing = count(StartOutcome::Existing);
+    json!({
+        "results": results,
+        "created": created,
+        "existing": existing,
+        "rejected": outcomes.len() - created - existing,
+    })
+}
+
+fn item_problem(index: usize, id: &str, outcome: StartOutcome) -> Option<ApiError> {
+    match outcome {
+        StartOutcome::Created | StartOutcome::Existing => None,
+        StartOutcome::Conflict => Some(ApiError::conflict(format!(
+            "$.items[{index}]: instance \"{id}\" already exists with a different workflow or input"
+        ))),
+        StartOutcome::Invalid => check_id(&format!("$.items[{index}].id"), id).err(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refused_item_carries_its_own_problem_naming_it() {
+        let body = batch_json(&[
+            ("a".into(), StartOutcome::Created),
+            ("b".into(), StartOutcome::Existing),
+            ("c".into(), StartOutcome::Conflict),
+            ("bad id".into(), StartOutcome::Invalid),
+        ]);
+        assert_eq!(
+            (body["created"].as_u64(), body["existing"].as_u64()),
+            (Some(1), Some(1))
+        );
+        assert_eq!(body["rejected"], 2);
+        assert!(body["results"][0].get("problem").is_none());
+        assert_eq!(body["results"][2]["problem"]["status"], 409);
+        let invalid = &body["results"][3]["problem"];
+        assert_eq!(invalid["status"], 422);
+        assert_eq!(invalid["errors"][0]["path"], "$.items[3].id");
+    }
+}
