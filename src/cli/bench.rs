@@ -38,6 +38,30 @@ pub struct BenchArgs {
     /// temporary directory, removed afterwards).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Measure the side-by-side way instead: pre-fill --instances with the
+    /// batch start, ANALYZE, then time a node's workers draining them (and
+    /// the idle latency); see the README's Benchmarks section.
+    #[arg(long, conflicts_with_all = ["server", "failover"])]
+    pub prefill: bool,
+    /// Prefill: run on this PostgreSQL (e.g. `$(../shared/bench/pg.sh url
+    /// postgres)`) in a schema `stead_bench` that is dropped before and
+    /// after; default: a private PostgreSQL of its own.
+    #[arg(long, requires = "prefill")]
+    pub database_url: Option<String>,
+    /// Prefill: drain one unmeasured round first and measure the second, so
+    /// that every table was analysed at volume.
+    #[arg(long, requires = "prefill")]
+    pub warm: bool,
+    /// Prefill: measured runs (each on a fresh schema); medians and ranges
+    /// are printed.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Prefill: how instances are started.
+    #[arg(long, value_enum, default_value = "sql")]
+    pub enqueue: super::prefill::Enqueue,
+    /// Prefill: idle-latency samples after the runs (0: none).
+    #[arg(long, default_value_t = 300)]
+    pub latency_samples: usize,
     /// Measure failover instead: kill -9 and SIGSTOP real `stead serve`
     /// processes on a private PostgreSQL and time how long their slots take
     /// to move.
@@ -64,6 +88,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             rounds: args.rounds,
             heartbeat_ms: args.heartbeat_ms,
             member_ttl_ms: args.member_ttl_ms,
+        })
+        .await;
+    }
+    if args.prefill {
+        if args.instances == 0 || args.steps == 0 || args.steps > 1000 {
+            bail!("--instances must be at least 1 and --steps from 1 to 1000");
+        }
+        return super::prefill::run(super::prefill::PrefillArgs {
+            instances: args.instances,
+            steps: args.steps,
+            workers: args.workers,
+            pool_size: args.pool_size,
+            database_url: args.database_url,
+            data_dir: args.data_dir,
+            warm: args.warm,
+            runs: args.runs,
+            enqueue: args.enqueue,
+            latency_samples: args.latency_samples,
         })
         .await;
     }

@@ -118,6 +118,11 @@ impl ApiClient {
             .1)
     }
 
+    pub async fn cluster(&self) -> anyhow::Result<Value> {
+        let url = format!("{}/v1/cluster", self.base);
+        Ok(self.ok(self.http.get(url)).await?.1)
+    }
+
     pub async fn history(&self, id: &str) -> anyhow::Result<Value> {
         Ok(self
             .ok(self

@@ -9,6 +9,7 @@ mod client;
 mod dev;
 mod failover;
 mod options;
+mod prefill;
 mod shutdown;
 
 use std::path::PathBuf;
