@@ -1,4 +1,55 @@
--- stead schema, version 5: starting many instances at once.
+-- stead schema, version 5: starting many instances at once, and starts
+-- that cost less.
+
+-- Whether an id is 1-200 characters of [A-Za-z0-9._:@-]. (A bounded
+-- repetition like {1,200} makes PostgreSQL's regex engine slow, about 70 us
+-- a call; a length test and a negated class are not.)
+CREATE FUNCTION valid_id(id text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN length(id) BETWEEN 1 AND 200 AND id !~ '[^A-Za-z0-9._:@-]';
+
+-- The same start as version 1's, with the faster id check.
+CREATE OR REPLACE FUNCTION start_instance(p_workflow text, p_version integer, p_input jsonb, p_id text)
+RETURNS TABLE (instance_id text, created boolean)
+LANGUAGE plpgsql
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_version integer := p_version;
+    v_id      text := coalesce(p_id, gen_random_uuid()::text);
+    v_input   jsonb := coalesce(p_input, 'null'::jsonb);
+    v_existing instances%ROWTYPE;
+BEGIN
+    IF NOT valid_id(v_id) THEN
+        RAISE EXCEPTION 'stead: instance id must be 1-200 characters of [A-Za-z0-9._:@-]'
+            USING ERRCODE = '22023';
+    END IF;
+    IF v_version IS NULL THEN
+        SELECT max(w.version) INTO v_version FROM workflows w WHERE w.name = p_workflow;
+        IF v_version IS NULL THEN
+            RAISE EXCEPTION 'stead: workflow "%" is not registered', p_workflow USING ERRCODE = 'ST404';
+        END IF;
+    ELSIF NOT EXISTS (SELECT 1 FROM workflows w WHERE w.name = p_workflow AND w.version = v_version) THEN
+        RAISE EXCEPTION 'stead: workflow "%" has no version %', p_workflow, v_version USING ERRCODE = 'ST404';
+    END IF;
+
+    INSERT INTO instances (id, workflow_name, workflow_version, slot, input, wake_at)
+    VALUES (v_id, p_workflow, v_version, slot_for(v_id), v_input, now())
+    ON CONFLICT (id) DO NOTHING;
+    IF FOUND THEN
+        RETURN QUERY SELECT v_id, true;
+        RETURN;
+    END IF;
+
+    SELECT * INTO v_existing FROM instances i WHERE i.id = v_id;
+    IF v_existing.workflow_name <> p_workflow OR v_existing.input <> v_input
+       OR (p_version IS NOT NULL AND v_existing.workflow_version <> p_version) THEN
+        RAISE EXCEPTION 'stead: instance "%" already exists with a different workflow or input', v_id
+            USING ERRCODE = 'ST409';
+    END IF;
+    RETURN QUERY SELECT v_id, false;
+END
+$$;
 
 -- Starts one instance per element of p_inputs (ids from p_ids, or generated
 -- where p_ids or its element is null), all of one workflow version, in two
@@ -21,6 +72,7 @@ DECLARE
     v_version integer := p_version;
     v_ids     text[];
     v_created text[];
+    v_slots   integer := (SELECT slot_count FROM cluster);
 BEGIN
     IF p_ids IS NOT NULL AND cardinality(p_ids) <> cardinality(p_inputs) THEN
         RAISE EXCEPTION 'stead: ids must have one element per input (% ids for % inputs)',
@@ -44,10 +96,13 @@ BEGIN
     -- Statement 1: insert the valid ids, the first occurrence of each.
     WITH inserted AS (
         INSERT INTO instances (id, workflow_name, workflow_version, slot, input, wake_at)
-        SELECT DISTINCT ON (t.id) t.id, p_workflow, v_version, slot_for(t.id),
+        -- slot_for(id), inlined: a function call per row costs more than
+        -- the insert.
+        SELECT DISTINCT ON (t.id) t.id, p_workflow, v_version,
+               (('x' || lpad(substr(md5(t.id), 1, 8), 16, '0'))::bit(64)::bigint % v_slots)::integer,
                coalesce(t.input, 'null'::jsonb), now()
         FROM unnest(v_ids, p_inputs) WITH ORDINALITY AS t(id, input, o)
-        WHERE t.id ~ '^[A-Za-z0-9._:@-]{1,200}$'
+        WHERE valid_id(t.id)
         ORDER BY t.id, t.o
         ON CONFLICT (id) DO NOTHING
         RETURNING id
@@ -60,7 +115,7 @@ BEGIN
     SELECT t.o::integer,
            t.id,
            CASE
-               WHEN t.id !~ '^[A-Za-z0-9._:@-]{1,200}$' THEN 'invalid'
+               WHEN NOT valid_id(t.id) THEN 'invalid'
                WHEN c.id IS NOT NULL
                     AND t.o = min(t.o) OVER (PARTITION BY t.id) THEN 'created'
                WHEN e.workflow_name = p_workflow

@@ -122,7 +122,7 @@ impl Store {
         pg_config.options(format!(
             "-c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={} \
              -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 \
-             -c tcp_user_timeout=10000",
+             -c tcp_user_timeout=10000 -c plan_cache_mode=force_custom_plan",
             config.schema, config.statement_timeout_ms, config.idle_in_transaction_timeout_ms
         ));
         pg_config.application_name(&config.application_name);

@@ -192,6 +192,15 @@ async fn sql_batch_is_all_or_nothing_and_rolls_back_with_the_caller() {
     for (id, input) in started.iter().zip(&inputs) {
         assert_eq!(&node.wait_ended(id).await["output"], input);
     }
+    // The batch computes each slot itself; it must be slot_for's.
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM stead.instances WHERE slot <> stead.slot_for(id)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 0, "every slot is slot_for(id)");
     // Idempotent per id: the same call again starts only the id-less item.
     let again = client.query(START_MANY, &[&inputs, &ids]).await.unwrap();
     assert_eq!(again[0].get::<_, String>(0), "s-1");
