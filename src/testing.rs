@@ -13,6 +13,11 @@ pub(crate) const SLOTS: u32 = 16;
 /// A fresh database with stead's schema: the store, and a plain client on
 /// the same database (for what a test reads or changes behind its back).
 pub(crate) async fn fresh_database() -> (Store, tokio_postgres::Client) {
+    fresh_database_at(None).await
+}
+
+/// A fresh database migrated up to `version` (all migrations for `None`).
+pub(crate) async fn fresh_database_at(version: Option<u32>) -> (Store, tokio_postgres::Client) {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let server = tokio::task::spawn_blocking(shared_test_server)
         .await
@@ -37,7 +42,7 @@ pub(crate) async fn fresh_database() -> (Store, tokio_postgres::Client) {
         application_name: "stead unit test".into(),
     })
     .expect("a store");
-    store.migrate(SLOTS).await.expect("migrations");
+    store.migrate_to(SLOTS, version).await.expect("migrations");
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .expect("connecting to the test database");

@@ -10,7 +10,7 @@ use deadpool_postgres::Object;
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
-use super::notify::{NOTIFY_ADVANCE, NOTIFY_ENDED, NOTIFY_QUEUES};
+use super::notify::{ended_payloads, NOTIFY_ADVANCE, NOTIFY_ENDED, NOTIFY_QUEUES};
 use super::workflows::GET_WORKFLOW_VERSION;
 use super::{decode, decode_json, Result, Store, StoreError};
 use crate::model::{
@@ -144,10 +144,12 @@ const START_CHILDREN: &str = "
         cancel_reason = CASE WHEN instances.status IN ('failed', 'cancelled')
                              THEN NULL ELSE instances.cancel_reason END";
 
-const INSERT_EVENTS: &str = "
-    INSERT INTO events (instance_id, seq, type, step_id, attempt, data, created_at, member)
-    SELECT *, $7::timestamptz, $8::text
-    FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::int[], $6::jsonb[])";
+/// One history row per instance of the batch: its events since the last
+/// decision, first sequence number $2.
+const INSERT_HISTORY: &str = "
+    INSERT INTO history (instance_id, seq, events, created_at, member)
+    SELECT *, $4::timestamptz, $5::text
+    FROM unnest($1::text[], $2::int[], $3::jsonb[])";
 
 const CONSUME_SIGNALS: &str = "
     UPDATE signals s SET consumed_at = now(), consumed_by = d.step_id
@@ -320,6 +322,7 @@ pub(crate) struct NewChild {
     pub input: Value,
 }
 
+/// One event of the history (stored inside its transition's row).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct NewEvent {
     pub instance_id: String,
@@ -328,6 +331,55 @@ pub(crate) struct NewEvent {
     pub step_id: Option<String>,
     pub attempt: Option<i32>,
     pub data: Value,
+    /// When it happened, if after the batch's clock (a step run inside the
+    /// transition); `None`: at the batch's clock.
+    pub at: Option<DateTime<Utc>>,
+}
+
+impl NewEvent {
+    /// The stored form: `{type, step_id?, attempt?, data, at?}`.
+    fn to_json(&self) -> Value {
+        let mut event = serde_json::Map::with_capacity(5);
+        event.insert("type".into(), Value::from(self.kind.as_str()));
+        if let Some(step) = &self.step_id {
+            event.insert("step_id".into(), Value::from(step.as_str()));
+        }
+        if let Some(attempt) = self.attempt {
+            event.insert("attempt".into(), Value::from(attempt));
+        }
+        event.insert("data".into(), self.data.clone());
+        if let Some(at) = self.at {
+            event.insert("at".into(), json(&at));
+        }
+        Value::Object(event)
+    }
+}
+
+/// A history row: an instance's consecutive events, from sequence `seq`.
+struct HistoryRow<'a> {
+    instance_id: &'a str,
+    seq: i32,
+    events: Value,
+}
+
+/// Groups each instance's run of events into one row.
+fn history_rows(events: &[NewEvent]) -> Vec<HistoryRow<'_>> {
+    let mut rows: Vec<HistoryRow<'_>> = Vec::new();
+    for e in events {
+        match rows.last_mut() {
+            Some(row) if row.instance_id == e.instance_id => {
+                if let Value::Array(list) = &mut row.events {
+                    list.push(e.to_json());
+                }
+            }
+            _ => rows.push(HistoryRow {
+                instance_id: &e.instance_id,
+                seq: e.seq,
+                events: Value::Array(vec![e.to_json()]),
+            }),
+        }
+    }
+    rows
 }
 
 /// An instance's new state, applied only if it is still at
@@ -713,10 +765,14 @@ fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
         p.push(START_CHILDREN, child_columns(&w.children));
     }
     if !w.events.is_empty() {
-        let mut params = event_columns(&w.events);
+        let rows = history_rows(&w.events);
+        let ids: Vec<&'a str> = rows.iter().map(|r| r.instance_id).collect();
+        let seqs: Vec<i32> = rows.iter().map(|r| r.seq).collect();
+        let events: Vec<Value> = rows.into_iter().map(|r| r.events).collect();
+        let mut params: Vec<Param<'a>> = vec![Box::new(ids), Box::new(seqs), Box::new(events)];
         params.push(Box::new(w.now));
         params.push(Box::new(w.member.as_str()));
-        p.push(INSERT_EVENTS, params);
+        p.push(INSERT_HISTORY, params);
     }
     if !w.consumed_signals.is_empty() {
         let s = &w.consumed_signals;
@@ -741,7 +797,10 @@ fn plan_notifications<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
         p.push(NOTIFY_QUEUES, vec![Box::new(&w.notify_queues)]);
     }
     if !w.ended_instances.is_empty() {
-        p.push(NOTIFY_ENDED, vec![Box::new(&w.ended_instances)]);
+        p.push(
+            NOTIFY_ENDED,
+            vec![Box::new(ended_payloads(&w.ended_instances))],
+        );
     }
     if !w.children.is_empty() || !w.ended_instances.is_empty() {
         p.push(NOTIFY_ADVANCE, vec![]);
@@ -796,17 +855,6 @@ fn child_columns(ch: &[NewChild]) -> Vec<Param<'_>> {
         col(ch, |r| r.version),
         col(ch, |r| &r.input),
         col(ch, |r| r.parent_slot),
-    ]
-}
-
-fn event_columns(e: &[NewEvent]) -> Vec<Param<'_>> {
-    vec![
-        col(e, |r| r.instance_id.as_str()),
-        col(e, |r| r.seq),
-        col(e, |r| r.kind.as_str()),
-        col(e, |r| r.step_id.as_deref()),
-        col(e, |r| r.attempt),
-        col(e, |r| &r.data),
     ]
 }
 

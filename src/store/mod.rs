@@ -48,7 +48,7 @@ pub(crate) use error::{Cause, StoreError};
 pub(crate) use instances::{InstanceFilter, InstanceRecord, StepRecord};
 pub(crate) use members::{ClusterCounts, MemberSession};
 pub(crate) use migrations::latest_migration_version;
-pub(crate) use notify::Channel;
+pub(crate) use notify::{ended_ids, Channel};
 pub(crate) use queue::{ClaimedTask, QueueDepth, TaskOutcome};
 pub(crate) use workflows::WorkflowRecord;
 

@@ -12,8 +12,35 @@ const NOTIFY: &str = "SELECT pg_notify(channel($1), '')";
 pub(super) const NOTIFY_ADVANCE: &str = "SELECT pg_notify(channel('advance'), '')";
 pub(super) const NOTIFY_QUEUES: &str =
     "SELECT pg_notify(channel('tasks'), q) FROM unnest($1::text[]) AS q";
+/// One notification per payload of `ended_payloads`.
 pub(super) const NOTIFY_ENDED: &str =
-    "SELECT pg_notify(channel('ended'), id) FROM unnest($1::text[]) AS id";
+    "SELECT pg_notify(channel('ended'), p) FROM unnest($1::text[]) AS p";
+
+/// Largest payload of an `ended` notification (PostgreSQL allows 8000
+/// bytes).
+const ENDED_PAYLOAD_BYTES: usize = 7_900;
+
+/// The ids of instances that ended, space-separated (ids hold no spaces),
+/// as few notification payloads as fit: a notification per instance would
+/// cost more than the rest of the batch's writes.
+pub(super) fn ended_payloads(ids: &[String]) -> Vec<String> {
+    let mut payloads: Vec<String> = Vec::new();
+    for id in ids {
+        match payloads.last_mut() {
+            Some(p) if p.len() + 1 + id.len() <= ENDED_PAYLOAD_BYTES => {
+                p.push(' ');
+                p.push_str(id);
+            }
+            _ => payloads.push(id.clone()),
+        }
+    }
+    payloads
+}
+
+/// The instance ids of an `ended` payload.
+pub(crate) fn ended_ids(payload: &str) -> impl Iterator<Item = &str> {
+    payload.split(' ').filter(|id| !id.is_empty())
+}
 
 /// How many notifications a listening session buffers before it drops them
 /// (a dropped one only loses a latency hint).
@@ -108,5 +135,20 @@ impl Store {
             notifications,
             connection,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_ids_travel_in_few_payloads_within_the_limit() {
+        let ids: Vec<String> = (0..500).map(|i| format!("{i:0>36}")).collect();
+        let payloads = ended_payloads(&ids);
+        assert_eq!(payloads.len(), 3, "500 ids of 36 bytes fit in 3 payloads");
+        assert!(payloads.iter().all(|p| p.len() <= ENDED_PAYLOAD_BYTES));
+        let back: Vec<&str> = payloads.iter().flat_map(|p| ended_ids(p)).collect();
+        assert_eq!(back, ids.iter().map(String::as_str).collect::<Vec<_>>());
     }
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Chain;
 use crate::metrics::{Component, Metrics};
 use crate::service::Service;
-use crate::store::{Cause, Channel, Store, StoreError};
+use crate::store::{ended_ids, Cause, Channel, Store, StoreError};
 use crate::wakeups::Wakeups;
 
 pub(crate) struct Listener {
@@ -46,7 +46,9 @@ impl Service for Listener {
                     let _ = self.wakeups.tasks.send(Arc::from(n.payload));
                 }
                 Channel::Ended => {
-                    let _ = self.wakeups.ended.send(Arc::from(n.payload));
+                    for id in ended_ids(&n.payload) {
+                        let _ = self.wakeups.ended.send(Arc::from(id));
+                    }
                 }
             }
         }

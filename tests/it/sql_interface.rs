@@ -350,3 +350,65 @@ async fn operator_views_show_instances_and_queue_depth() {
     assert!(has_duration);
     node.shutdown().await;
 }
+
+/// The history is stored as one row per transition (`stead.history`); the
+/// `stead.events` view and the history API show every event of it, in
+/// order, the same.
+#[tokio::test]
+async fn history_rows_hold_whole_transitions_and_the_events_view_lists_each_event() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db).await;
+    node.put_workflow("sqlwf", echo_workflow()).await;
+    let id = node.start_instance("sqlwf", json!({"n": 1})).await;
+    node.wait_ended(&id).await;
+
+    let client = db.client().await;
+    let rows: i64 = client
+        .query_one(
+            "SELECT count(*) FROM stead.history WHERE instance_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let view = client
+        .query(
+            "SELECT seq, type FROM stead.events WHERE instance_id = $1 ORDER BY seq",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let from_view: Vec<(i32, String)> = view.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let seqs: Vec<i32> = from_view.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seqs,
+        (1..=from_view.len() as i32).collect::<Vec<_>>(),
+        "numbered 1..n"
+    );
+    assert!(
+        rows < from_view.len() as i64,
+        "{rows} history rows for {} events: transitions share rows",
+        from_view.len()
+    );
+    let api: Vec<(i32, String)> = node
+        .history(&id)
+        .await
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_i64().unwrap() as i32,
+                e["type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(api, from_view);
+    assert_eq!(
+        from_view.first().map(|e| e.1.as_str()),
+        Some("instance_started")
+    );
+    assert_eq!(
+        from_view.last().map(|e| e.1.as_str()),
+        Some("instance_completed")
+    );
+    node.shutdown().await;
+}

@@ -279,6 +279,7 @@ impl Plan {
                 step_id: h.step_id,
                 attempt: h.attempt.map(|a| a as i32),
                 data: h.data,
+                at: None,
             });
         }
         seq
