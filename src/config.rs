@@ -78,6 +78,12 @@ pub struct Tuning {
     pub idle_in_transaction_timeout_ms: u64,
     /// Most instances one advance transaction locks and decides.
     pub advance_batch_size: usize,
+    /// How long one advance transaction may run `task` attempts inline
+    /// (on the member owning the instance, without a task row) before the
+    /// ones still running are handed to the queue as leased tasks; 0 runs
+    /// every attempt through the queue. The batch's instances stay locked
+    /// meanwhile (signals and cancels to them wait), so keep it short.
+    pub inline_budget_ms: u64,
     /// Most tasks one in-process claim takes.
     pub claim_batch_size: usize,
     /// Most task results recorded in one statement.
@@ -133,6 +139,7 @@ impl Default for Tuning {
             statement_timeout_ms: 30_000,
             idle_in_transaction_timeout_ms: 5_000,
             advance_batch_size: 200,
+            inline_budget_ms: 50,
             claim_batch_size: 100,
             completion_batch_size: 500,
             worker_concurrency: 64,
@@ -181,6 +188,14 @@ impl Config {
             return Err(crate::Error::Config(format!(
                 "--member-ttl-ms ({}) must be at least twice --heartbeat-ms ({})",
                 t.member_ttl_ms, t.heartbeat_ms
+            )));
+        }
+        if t.inline_budget_ms >= t.idle_in_transaction_timeout_ms
+            && t.idle_in_transaction_timeout_ms > 0
+        {
+            return Err(crate::Error::Config(format!(
+                "--inline-budget-ms ({}) must be below --idle-in-transaction-timeout-ms ({}): the server would end the transaction that runs the attempts",
+                t.inline_budget_ms, t.idle_in_transaction_timeout_ms
             )));
         }
         if t.reconnect_min_ms > t.reconnect_max_ms {

@@ -17,7 +17,7 @@ use crate::service::{self, Never, Pacing, Service, Wake};
 use crate::store::{Store, StoreConfig};
 use crate::wakeups::Wakeups;
 use crate::worker::advancer::{Advancer, AdvancerConfig};
-use crate::worker::executor::{Executor, ExecutorConfig};
+use crate::worker::executor::{Executor, ExecutorConfig, LocalExecution};
 use crate::worker::listener::Listener;
 use crate::worker::notifier::{AdvanceNotifier, Notifier};
 use crate::worker::reaper::{Reaper, ReaperConfig};
@@ -234,24 +234,28 @@ fn spawn_workers(sup: &mut Supervisor, parts: &Parts, config: &Config, api_url: 
             backoff_max_ms: tuning.reconnect_max_ms,
         };
         sup.service(membership, heartbeats, Never);
-        spawn_engine(sup, parts, tuning, &name, ownership);
-        spawn_executor(sup, parts, tuning, name, handlers.clone());
+        let local = spawn_executor(sup, parts, tuning, name.clone(), handlers.clone());
+        spawn_engine(sup, parts, tuning, &name, ownership, local);
     }
 }
 
-/// A member's advancer and reaper, working the slots it owns.
+/// A member's advancer and reaper, working the slots it owns (the advancer
+/// runs attempts inline through the member's executor, if it has one).
 fn spawn_engine(
     sup: &mut Supervisor,
     parts: &Parts,
     tuning: &Tuning,
     member: &str,
     ownership: Ownership,
+    local: Option<LocalExecution>,
 ) {
     let advancer = Advancer {
         config: AdvancerConfig {
             member: member.to_string(),
             batch_size: tuning.advance_batch_size,
+            inline_budget_ms: tuning.inline_budget_ms,
         },
+        local,
         store: parts.store.clone(),
         definitions: parts.definitions.clone(),
         ownership: ownership.clone(),
@@ -277,9 +281,9 @@ fn spawn_executor(
     tuning: &Tuning,
     worker_name: String,
     handlers: crate::Handlers,
-) {
+) -> Option<LocalExecution> {
     if handlers.is_empty() {
-        return;
+        return None;
     }
     let config = ExecutorConfig {
         worker_name,
@@ -297,8 +301,10 @@ fn spawn_executor(
         parts.metrics.clone(),
         sup.token(),
     );
+    let local = executor.local();
     let polling = Pacing::every(tuning.poll_interval_ms, tuning.error_backoff_ms);
     sup.service(executor, polling, parts.wakeups.tasks.subscribe());
+    Some(local)
 }
 
 /// Owns every background task of a node; cancels and drains them together.

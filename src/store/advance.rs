@@ -94,6 +94,25 @@ const INSERT_TASKS: &str = "
          AS d(queue, kind, instance_id, step_id, slot, attempt, input, idempotency_key,
               delay_ms, timeout_ms, item, purpose)";
 
+/// Inserts promoted inline attempts: leased to member $15 since the attempt
+/// began, as if claimed then, under a lease of `lease_ms` from now (bounded
+/// by the attempt's timeout). Returns each row's id with its token.
+const INSERT_LEASED_TASKS: &str = "
+    INSERT INTO tasks (queue, kind, instance_id, step_id, slot, attempt, input, idempotency_key,
+                       run_at, timeout_ms, item, purpose, status, lease_token, leased_by,
+                       leased_at, attempt_deadline_at, lease_expires_at)
+    SELECT queue, kind, instance_id, step_id, slot, attempt, input, idempotency_key, started_at,
+           timeout_ms, item, purpose, 'leased', token, $15::text, started_at,
+           started_at + timeout_ms * interval '1 millisecond',
+           LEAST(now() + lease_ms * interval '1 millisecond',
+                 coalesce(started_at + timeout_ms * interval '1 millisecond', 'infinity'))
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
+                $7::jsonb[], $8::text[], $9::bigint[], $10::int[], $11::text[], $12::uuid[],
+                $13::timestamptz[], $14::float8[])
+         AS d(queue, kind, instance_id, step_id, slot, attempt, input, idempotency_key,
+              timeout_ms, item, purpose, token, started_at, lease_ms)
+    RETURNING id, lease_token";
+
 /// Starts child workflows: per child, a task row on the parent that stays
 /// leased (forever) until the child reports its end, and the child instance.
 /// A child of an unregistered workflow gets a failed task row instead. An
@@ -168,15 +187,15 @@ const UPDATE_INSTANCES: &str = "
                             AND u.status IN ('pending', 'running')
                        THEN now() ELSE u.wake_at END,
         ending = u.ending, deadline_at = u.deadline_at, retry_requested_at = NULL,
-        state_version = i.state_version + 1, updated_at = $10,
+        state_version = i.state_version + 1, updated_at = u.decided_at,
         started_at = CASE WHEN i.started_at IS NULL AND u.status <> 'pending'
                           THEN $10 ELSE i.started_at END,
         ended_at = CASE WHEN u.status IN ('completed', 'failed', 'cancelled')
-                        THEN coalesce(i.ended_at, $10) END
+                        THEN coalesce(i.ended_at, u.decided_at) END
     FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::jsonb[], $6::int[],
-                $7::timestamptz[], $8::text[], $9::timestamptz[])
+                $7::timestamptz[], $8::text[], $9::timestamptz[], $11::timestamptz[])
          AS u(id, expected_version, status, output, error, event_seq, wake_at, ending,
-              deadline_at)
+              deadline_at, decided_at)
     WHERE i.id = u.id AND i.state_version = u.expected_version";
 
 /// Reports ended children (among $1) to their parents' task rows.
@@ -307,6 +326,17 @@ pub(crate) struct NewTask {
     pub timeout_ms: Option<u64>,
     pub item: Option<i32>,
     pub purpose: TaskPurpose,
+    /// Set for an inline attempt promoted to the queue while it runs.
+    pub lease: Option<Lease>,
+}
+
+/// The lease of a promoted inline attempt: its row is inserted `leased` to
+/// the member running it, from when it began.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Lease {
+    pub token: uuid::Uuid,
+    pub started_at: DateTime<Utc>,
+    pub lease_ms: u64,
 }
 
 /// A child workflow to start (see `START_CHILDREN`).
@@ -395,6 +425,9 @@ pub(crate) struct InstanceUpdate {
     pub wake_at: Option<DateTime<Utc>>,
     pub ending: Option<Ending>,
     pub deadline_at: Option<DateTime<Utc>>,
+    /// When its last decision was taken (later than the batch's clock when
+    /// steps ran inline): its `updated_at`, and `ended_at` if it ended.
+    pub decided_at: DateTime<Utc>,
 }
 
 /// Everything one advance transaction writes.
@@ -407,6 +440,9 @@ pub(crate) struct AdvanceWrites {
     pub instances: Vec<InstanceUpdate>,
     pub steps: Vec<StepWrite>,
     pub tasks: Vec<NewTask>,
+    /// Promoted inline attempts (rows inserted leased to `member`, which
+    /// runs them).
+    pub leased_tasks: Vec<NewTask>,
     pub children: Vec<NewChild>,
     pub events: Vec<NewEvent>,
     /// Result rows the engine has read (recorded or stale): deleted.
@@ -554,14 +590,15 @@ impl AdvanceTx {
     /// Writes a batch of transitions and commits. Fails with
     /// `StoreError::Fenced` (and rolls back) if any instance moved on since
     /// it was read.
-    pub(crate) async fn commit(mut self, writes: &AdvanceWrites) -> Result<()> {
+    /// Returns the ids of the promoted attempts' rows, by lease token.
+    pub(crate) async fn commit(mut self, writes: &AdvanceWrites) -> Result<Vec<(uuid::Uuid, i64)>> {
         let mut pipeline = Pipeline::default();
         plan_statements(&mut pipeline, writes);
         let mut results = pipeline.run(self.client()).await?.into_iter();
         // The fenced update runs first. If it found an instance moved on,
         // whatever failed after it (a history number taken, say) failed
         // because of that: the batch is stale, not broken.
-        let updated = results.next().expect("the instance update")? as usize;
+        let updated = results.next().expect("the instance update")?.count as usize;
         let batch = writes.instances.len();
         if updated != batch {
             return Err(StoreError::Fenced {
@@ -569,12 +606,14 @@ impl AdvanceTx {
                 batch,
             });
         }
+        let mut leased = Vec::new();
         for result in results {
-            result?;
+            let ran = result?;
+            leased.extend(ran.rows.iter().map(|r| (r.get(1), r.get(0))));
         }
         self.client().batch_execute("COMMIT").await?;
         self.done = true;
-        Ok(())
+        Ok(leased)
     }
 
     /// Ends the transaction without writing anything.
@@ -704,32 +743,67 @@ fn json<T: serde::Serialize>(value: &T) -> Value {
 /// read, so a batch costs one round trip however many statements it has.
 #[derive(Default)]
 struct Pipeline<'a> {
-    statements: Vec<(&'static str, Vec<Param<'a>>)>,
+    statements: Vec<Statement<'a>>,
+}
+
+struct Statement<'a> {
+    text: &'static str,
+    params: Vec<Param<'a>>,
+    /// Read the rows it returns (otherwise only how many it affected).
+    returns_rows: bool,
+}
+
+/// What one statement of a pipeline did.
+struct Ran {
+    count: u64,
+    rows: Vec<tokio_postgres::Row>,
 }
 
 impl<'a> Pipeline<'a> {
     fn push(&mut self, text: &'static str, params: Vec<Param<'a>>) {
-        self.statements.push((text, params));
+        self.statements.push(Statement {
+            text,
+            params,
+            returns_rows: false,
+        });
     }
 
-    /// Runs every statement; returns, in order, the rows each affected or
-    /// its error.
-    async fn run(&self, c: &Object) -> Result<Vec<Result<u64, tokio_postgres::Error>>> {
+    fn push_rows(&mut self, text: &'static str, params: Vec<Param<'a>>) {
+        self.statements.push(Statement {
+            text,
+            params,
+            returns_rows: true,
+        });
+    }
+
+    /// Runs every statement; returns, in order, what each did or its error.
+    async fn run(&self, c: &Object) -> Result<Vec<Result<Ran, tokio_postgres::Error>>> {
         let mut prepared = Vec::with_capacity(self.statements.len());
-        for (text, _) in &self.statements {
-            prepared.push(c.prepare_cached(text).await?);
+        for statement in &self.statements {
+            prepared.push(c.prepare_cached(statement.text).await?);
         }
-        let runs = self
-            .statements
-            .iter()
-            .zip(&prepared)
-            .map(|((_, params), stmt)| {
-                let params: Vec<&(dyn ToSql + Sync)> = params
-                    .iter()
-                    .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-                    .collect();
-                async move { c.execute(stmt, &params).await }
-            });
+        let runs = self.statements.iter().zip(&prepared).map(|(st, stmt)| {
+            let params: Vec<&(dyn ToSql + Sync)> = st
+                .params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            async move {
+                if st.returns_rows {
+                    let rows = c.query(stmt, &params).await?;
+                    Ok(Ran {
+                        count: rows.len() as u64,
+                        rows,
+                    })
+                } else {
+                    let count = c.execute(stmt, &params).await?;
+                    Ok(Ran {
+                        count,
+                        rows: Vec::new(),
+                    })
+                }
+            }
+        });
         Ok(futures::future::join_all(runs).await)
     }
 }
@@ -742,6 +816,7 @@ impl<'a> Pipeline<'a> {
 fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
     let mut update = instance_columns(&w.instances);
     update.push(Box::new(w.now));
+    update.push(col(&w.instances, |r| r.decided_at));
     p.push(UPDATE_INSTANCES, update);
     if !w.cancel_children_of.is_empty() {
         p.push(CANCEL_CHILDREN, vec![Box::new(&w.cancel_children_of)]);
@@ -760,6 +835,12 @@ fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
     }
     if !w.tasks.is_empty() {
         p.push(INSERT_TASKS, task_columns(&w.tasks));
+    }
+    if !w.leased_tasks.is_empty() {
+        p.push_rows(
+            INSERT_LEASED_TASKS,
+            leased_task_columns(&w.leased_tasks, &w.member),
+        );
     }
     if !w.children.is_empty() {
         p.push(START_CHILDREN, child_columns(&w.children));
@@ -828,7 +909,8 @@ fn step_columns(s: &[StepWrite]) -> Vec<Param<'_>> {
     ]
 }
 
-fn task_columns(t: &[NewTask]) -> Vec<Param<'_>> {
+/// The columns every new task row starts with, queued or leased.
+fn task_identity_columns(t: &[NewTask]) -> Vec<Param<'_>> {
     vec![
         col(t, |r| r.queue.as_str()),
         col(t, |r| r.kind.as_str()),
@@ -838,11 +920,33 @@ fn task_columns(t: &[NewTask]) -> Vec<Param<'_>> {
         col(t, |r| r.attempt),
         col(t, |r| &r.input),
         col(t, |r| r.idempotency_key.as_str()),
+    ]
+}
+
+fn task_columns(t: &[NewTask]) -> Vec<Param<'_>> {
+    let mut columns = task_identity_columns(t);
+    columns.extend([
         col(t, |r| r.delay_ms as f64),
         col(t, |r| r.timeout_ms.map(|v| v as i64)),
         col(t, |r| r.item),
         col(t, |r| r.purpose.as_str()),
-    ]
+    ]);
+    columns
+}
+
+fn leased_task_columns<'a>(t: &'a [NewTask], worker: &'a str) -> Vec<Param<'a>> {
+    let lease = |r: &'a NewTask| r.lease.as_ref().expect("a promoted attempt has a lease");
+    let mut columns = task_identity_columns(t);
+    columns.extend([
+        col(t, |r| r.timeout_ms.map(|v| v as i64)),
+        col(t, |r| r.item),
+        col(t, |r| r.purpose.as_str()),
+        col(t, move |r| lease(r).token),
+        col(t, move |r| lease(r).started_at),
+        col(t, move |r| lease(r).lease_ms as f64),
+        Box::new(worker) as Param<'a>,
+    ]);
+    columns
 }
 
 fn child_columns(ch: &[NewChild]) -> Vec<Param<'_>> {

@@ -39,8 +39,8 @@ use tokio_postgres::NoTls;
 
 pub(crate) use admin::{can_connect, ensure_database};
 pub(crate) use advance::{
-    AdvanceTx, AdvanceWrites, DueInstance, FinishedTask, InstanceUpdate, NewChild, NewEvent,
-    NewTask, StepWrite,
+    AdvanceTx, AdvanceWrites, DueBatch, DueInstance, FinishedTask, InstanceUpdate, Lease, NewChild,
+    NewEvent, NewTask, StepWrite,
 };
 #[cfg(test)]
 pub(crate) use advance::{SignalRow, StoredStep};

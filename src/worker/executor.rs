@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +62,19 @@ pub(crate) struct Executor {
     cancel: CancellationToken,
 }
 
+/// The member's in-process execution, as its advancer uses it to run
+/// attempts inline: the same handlers, the same concurrency permits, and,
+/// for an attempt that outlasts the inline budget and is promoted to a
+/// leased task row, the same heartbeats and result recording as a claimed
+/// attempt.
+#[derive(Clone)]
+pub(crate) struct LocalExecution {
+    runner: Arc<Runner>,
+    room: Arc<Semaphore>,
+    results: mpsc::Sender<TaskOutcome>,
+    worker_name: String,
+}
+
 /// What a running attempt needs, shared by all of them.
 struct Runner {
     store: Store,
@@ -106,6 +119,85 @@ impl Executor {
             cancel,
         }
     }
+}
+
+impl Executor {
+    /// The handle the member's advancer runs inline attempts with.
+    pub(crate) fn local(&self) -> LocalExecution {
+        LocalExecution {
+            runner: self.runner.clone(),
+            room: self.room.clone(),
+            results: self.results.clone(),
+            worker_name: self.config.worker_name.clone(),
+        }
+    }
+}
+
+impl LocalExecution {
+    /// Whether this process has a handler for `queue`.
+    pub(crate) fn has_handler(&self, queue: &str) -> bool {
+        self.runner.handlers.get(queue).is_some()
+    }
+
+    /// The member's worker name (holder of promoted attempts' leases).
+    pub(crate) fn worker_name(&self) -> &str {
+        &self.worker_name
+    }
+
+    /// The lease a promoted attempt gets (heartbeated like a claimed one).
+    pub(crate) fn lease_ms(&self) -> u64 {
+        self.runner.lease_ms
+    }
+
+    /// `n` concurrency permits, or none if fewer are free: inline attempts
+    /// share the member's `worker_concurrency` with claimed ones.
+    pub(crate) fn try_permits(&self, n: usize) -> Option<Vec<OwnedSemaphorePermit>> {
+        let mut permits = Vec::with_capacity(n);
+        for _ in 0..n {
+            permits.push(self.room.clone().try_acquire_owned().ok()?);
+        }
+        Some(permits)
+    }
+
+    /// Starts one attempt in the background; it holds `permit` until it ends.
+    pub(crate) fn spawn(
+        &self,
+        permit: OwnedSemaphorePermit,
+        ctx: TaskContext,
+        timeout_ms: Option<u64>,
+    ) -> JoinHandle<TaskResult> {
+        let runner = self.runner.clone();
+        tokio::spawn(async move {
+            let result = runner.run_handler(ctx, timeout_ms).await;
+            drop(permit);
+            result
+        })
+    }
+
+    /// Takes over a promoted attempt whose leased task row has committed:
+    /// heartbeats its lease while it runs, then records its result like a
+    /// claimed attempt's.
+    pub(crate) fn adopt(&self, task: ClaimedTask, attempt: JoinHandle<TaskResult>) {
+        let runner = self.runner.clone();
+        let results = self.results.clone();
+        tokio::spawn(async move {
+            let Some(ended) = runner.heartbeating(&task, attempt).await else {
+                return;
+            };
+            let result = ended.unwrap_or_else(|e| TaskResult::Failed(panicked(&e)));
+            let outcome = TaskOutcome {
+                task_id: task.task_id,
+                lease_token: task.lease_token,
+                result,
+            };
+            let _ = results.send(outcome).await;
+        });
+    }
+}
+
+/// The failure of an attempt whose handler panicked (or was aborted).
+pub(crate) fn panicked(e: &tokio::task::JoinError) -> TaskFailure {
+    TaskFailure::new(format!("the handler did not finish: {e}"), true, None)
 }
 
 impl Service for Executor {
@@ -182,7 +274,7 @@ impl Runner {
     /// Runs one attempt, heartbeating its lease. `None` if the lease was
     /// lost (someone else owns the task now; reporting would be refused).
     async fn execute(&self, task: ClaimedTask) -> Option<TaskOutcome> {
-        let handler = self.handlers.get(&task.queue)?.clone();
+        self.handlers.get(&task.queue)?;
         let ctx = TaskContext {
             task_id: task.task_id,
             queue: task.queue.clone(),
@@ -192,13 +284,36 @@ impl Runner {
             idempotency_key: task.idempotency_key.clone(),
             input: task.input.clone(),
         };
+        let timeout_ms = task.timeout_ms.map(|ms| ms.max(0) as u64);
+        let result = self
+            .heartbeating(&task, self.run_handler(ctx, timeout_ms))
+            .await?;
+        Some(TaskOutcome {
+            task_id: task.task_id,
+            lease_token: task.lease_token,
+            result,
+        })
+    }
+
+    /// Runs the queue's handler on one attempt within its timeout, and
+    /// counts and logs how it went.
+    async fn run_handler(&self, ctx: TaskContext, timeout_ms: Option<u64>) -> TaskResult {
+        let Some(handler) = self.handlers.get(&ctx.queue).cloned() else {
+            return TaskResult::Failed(TaskFailure::new(
+                format!("no handler for queue {} in this process", ctx.queue),
+                true,
+                None,
+            ));
+        };
+        let (queue, instance, step, attempt) = (
+            ctx.queue.clone(),
+            ctx.instance_id.clone(),
+            ctx.step_id.clone(),
+            ctx.attempt,
+        );
         let started = Instant::now();
-        let attempt_timeout = task
-            .timeout_ms
-            .map(|ms| Duration::from_millis(ms.max(0) as u64))
-            .unwrap_or(Duration::MAX);
-        let work = tokio::time::timeout(attempt_timeout, handler(ctx));
-        let result = match self.heartbeating(&task, work).await? {
+        let attempt_timeout = timeout_ms.map_or(Duration::MAX, Duration::from_millis);
+        let result = match tokio::time::timeout(attempt_timeout, handler(ctx)).await {
             Ok(Ok(output)) => TaskResult::Completed(output),
             Ok(Err(e)) => TaskResult::Failed(e.into_failure()),
             Err(_) => TaskResult::Failed(TaskFailure::timed_out(attempt_timeout.as_millis())),
@@ -206,23 +321,19 @@ impl Runner {
         let outcome = result.outcome().as_str();
         let elapsed = started.elapsed();
         tracing::debug!(
-            instance = %task.instance_id,
-            step = %task.step_id,
-            attempt = task.attempt,
-            queue = %task.queue,
+            instance = %instance,
+            step = %step,
+            attempt,
+            queue = %queue,
             outcome,
             elapsed_ms = elapsed.as_millis() as u64,
             "task attempt finished"
         );
         self.metrics
             .task_duration
-            .with_label_values(&[&task.queue, outcome])
+            .with_label_values(&[&queue, outcome])
             .observe(elapsed.as_secs_f64());
-        Some(TaskOutcome {
-            task_id: task.task_id,
-            lease_token: task.lease_token,
-            result,
-        })
+        result
     }
 
     /// Drives `work` to its end, extending the lease meanwhile; `None` if

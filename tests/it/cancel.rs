@@ -88,7 +88,7 @@ async fn cancel_during_a_running_task_compensates_in_reverse_order() {
     .await;
     start_with_id(&node, "cancel_inproc", "cx-1", json!({})).await;
     block.wait_entered(1).await;
-    let (_, running) = node.call("GET", "/v1/instances/cx-1", None).await;
+    let running = node.wait_step("cx-1", "c", "running").await;
     assert_eq!(running["status"], "running", "{}", pretty(&running));
     assert_eq!(
         step(&running, "c")["status"],

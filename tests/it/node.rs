@@ -122,6 +122,24 @@ impl TestNode {
         }
     }
 
+    /// Waits until the API shows step `step_id` of instance `id` in
+    /// `status`; returns the instance. An in-process step runs inline
+    /// before its start is committed, so its `running` state becomes
+    /// visible only when the inline batch hands it over (within
+    /// `--inline-budget-ms`), not the moment its handler is entered.
+    pub async fn wait_step(&self, id: &str, step_id: &str, status: &str) -> Value {
+        let what = format!("step {step_id} of {id} to be {status}");
+        crate::wait_until(&what, Duration::from_secs(60), || async {
+            let (code, body) = self.call("GET", &format!("/v1/instances/{id}"), None).await;
+            let seen = body["steps"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["id"] == step_id))
+                .map(|s| s["status"] == status);
+            (code == 200 && seen == Some(true)).then_some(body)
+        })
+        .await
+    }
+
     pub async fn history(&self, id: &str) -> Vec<Value> {
         let (status, body) = self
             .call("GET", &format!("/v1/instances/{id}/history"), None)

@@ -83,6 +83,7 @@ async fn signal_sent_before_the_step_waits_is_buffered_then_consumed() {
     put_gated_approval(&node, "approve_http", "approved").await;
     start_with_id(&node, "approve_http", "sig-early", json!({})).await;
     gate.wait_entered(1).await;
+    node.wait_step("sig-early", "hold", "running").await;
 
     let payload = json!({"approved_by": "alice", "amount": 42});
     let (status, ctype, body) = post_raw(
@@ -116,7 +117,7 @@ async fn signal_sent_before_the_step_waits_is_buffered_then_consumed() {
         "{}",
         pretty(&now)
     );
-    assert_eq!(now["status"], "running");
+    assert_eq!(now["status"], "running", "{}", pretty(&now));
 
     gate.open();
     let done = node.wait_ended("sig-early").await;

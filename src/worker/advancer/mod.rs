@@ -5,23 +5,26 @@
 //! instance's state version. Metrics count the batch only once it commits
 //! (`observations.rs`).
 
+mod inline;
 mod observations;
 mod plan;
 #[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
 use super::DefinitionCache;
-use crate::engine::Context;
+use crate::engine::{self, Context};
 use crate::error::Chain;
 use crate::membership::Ownership;
 use crate::metrics::{Component, Metrics};
 use crate::service::{Next, Service};
-use crate::store::{Store, StoreError};
+use crate::store::{DueBatch, Store, StoreError};
+use crate::worker::executor::LocalExecution;
+use inline::{Handover, InlineRun, Working};
 use plan::Plan;
 
 #[derive(Debug, Clone)]
@@ -30,6 +33,8 @@ pub(crate) struct AdvancerConfig {
     pub member: String,
     /// Most instances one transaction locks and advances.
     pub batch_size: usize,
+    /// How long a batch may run attempts inline (0: never).
+    pub inline_budget_ms: u64,
 }
 
 pub(crate) struct Advancer {
@@ -38,6 +43,8 @@ pub(crate) struct Advancer {
     pub definitions: DefinitionCache,
     pub ownership: Ownership,
     pub metrics: Arc<Metrics>,
+    /// The member's in-process execution, for running attempts inline.
+    pub local: Option<LocalExecution>,
 }
 
 /// What one batch did.
@@ -48,6 +55,51 @@ pub(crate) struct Advanced {
     /// Instances left as they were: their rows hold what this version
     /// cannot read.
     pub unreadable: usize,
+}
+
+impl Advancer {
+    /// The engine's first decision for every locked instance.
+    async fn decide(
+        &self,
+        tx: &crate::store::AdvanceTx,
+        batch: &DueBatch,
+        random: &mut (dyn FnMut() -> f64 + Send),
+    ) -> Result<Vec<Working>, StoreError> {
+        let mut work = Vec::with_capacity(batch.instances.len());
+        for (i, due) in batch.instances.iter().enumerate() {
+            let (name, version) = (&due.workflow_name, due.workflow_version);
+            let Some(def) = self.definitions.get_in(tx, name, version).await? else {
+                tracing::error!(instance = %due.id, "instance refers to a missing or invalid definition");
+                continue;
+            };
+            let (mut state, events) = plan::engine_inputs(&def, due);
+            let steps_before = state.steps.iter().map(|s| s.status).collect();
+            let mut ctx = Context {
+                now: batch.now,
+                random: &mut *random,
+            };
+            let decision = engine::decide(&def, &mut state, &events, &mut ctx);
+            work.push(Working::new(def, i, state, steps_before, decision));
+        }
+        Ok(work)
+    }
+
+    /// Gives the executor the promoted attempts whose rows committed.
+    fn hand_over(&self, handovers: Vec<Handover>, leased: &[(uuid::Uuid, i64)]) {
+        let Some(local) = &self.local else { return };
+        for mut h in handovers {
+            match leased
+                .iter()
+                .find(|(token, _)| *token == h.task.lease_token)
+            {
+                Some((_, id)) => {
+                    h.task.task_id = *id;
+                    local.adopt(h.task, h.attempt);
+                }
+                None => h.attempt.abort(),
+            }
+        }
+    }
 }
 
 impl Service for Advancer {
@@ -77,23 +129,42 @@ impl Service for Advancer {
                 unreadable,
             });
         }
-        let mut plan = Plan::new(batch.now, &self.config.member);
+        let clock_start = Instant::now();
         // StdRng rather than thread_rng: the future must stay Send.
         let mut rng = rand::rngs::StdRng::from_entropy();
-        let mut random = || rng.gen::<f64>();
-        for due in &batch.instances {
-            let (name, version) = (&due.workflow_name, due.workflow_version);
-            let Some(def) = self.definitions.get_in(&tx, name, version).await? else {
-                tracing::error!(instance = %due.id, "instance refers to a missing or invalid definition");
-                continue;
-            };
-            let mut ctx = Context {
+        let mut random = move || rng.gen::<f64>();
+        let mut work = self.decide(&tx, &batch, &mut random).await?;
+        if let Some(local) = self
+            .local
+            .as_ref()
+            .filter(|_| self.config.inline_budget_ms > 0)
+        {
+            let mut run = InlineRun {
+                local,
+                batch: &batch.instances,
                 now: batch.now,
+                clock_start,
+                budget: Duration::from_millis(self.config.inline_budget_ms),
                 random: &mut random,
             };
-            plan.decide(&def, due, &mut ctx);
+            run.run(&mut work).await;
         }
-        tx.commit(plan.finish()).await?;
+        let mut plan = Plan::new(batch.now, &self.config.member);
+        let mut handovers = Vec::new();
+        for w in work {
+            let due = &batch.instances[w.due];
+            plan.record_inline(&w.def, due, &w.steps_before, w.state, w.decision, w.inline);
+            handovers.extend(w.handovers);
+        }
+        match tx.commit(plan.finish()).await {
+            Ok(leased) => self.hand_over(handovers, &leased),
+            Err(e) => {
+                for h in handovers {
+                    h.attempt.abort();
+                }
+                return Err(e);
+            }
+        }
         self.metrics
             .advance_batch_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -6,12 +6,14 @@ use chrono::{DateTime, Utc};
 
 use super::observations::{Attempt, InstanceEnded, Observations, StepEnded, StepLabels};
 use crate::definition::{Definition, StepKind};
+#[cfg(test)]
+use crate::engine::{self, Context};
 use crate::engine::{
-    self, Command, Context, Decision, Event, HistoryEntry, InstanceState, PendingSignal, HTTP_QUEUE,
+    Command, Decision, Event, HistoryEntry, InstanceState, PendingSignal, HTTP_QUEUE,
 };
 use crate::model::{InstanceStatus, StepStatus, TaskPurpose, TaskResult};
 use crate::store::{
-    AdvanceWrites, DueInstance, FinishedTask, InstanceUpdate, NewChild, NewEvent, NewTask,
+    AdvanceWrites, DueInstance, FinishedTask, InstanceUpdate, Lease, NewChild, NewEvent, NewTask,
     StepWrite,
 };
 
@@ -96,6 +98,31 @@ fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
     (to - from).num_milliseconds().max(0) as f64 / 1000.0
 }
 
+/// What running attempts inline adds to an instance's decision.
+#[derive(Debug, Default)]
+pub(super) struct Inline {
+    /// Per history entry of the decision, when it happened if after the
+    /// batch's clock (entries of later rounds).
+    pub history_at: Vec<Option<DateTime<Utc>>>,
+    /// When the decision's last round was taken.
+    pub decided_at: Option<DateTime<Utc>>,
+    /// The attempts that ran inline and finished.
+    pub attempts: Vec<InlineAttempt>,
+    /// Attempts still running when the inline budget ran out: queued as
+    /// task rows leased to this member (`EnqueueTask` commands).
+    pub promoted: Vec<(Command, Lease)>,
+}
+
+/// An attempt that ran inside the advance transaction.
+#[derive(Debug, Clone)]
+pub(super) struct InlineAttempt {
+    pub step: usize,
+    pub purpose: TaskPurpose,
+    pub queue: String,
+    pub attempt: u32,
+    pub result: TaskResult,
+}
+
 /// The writes and observations of one batch, instance by instance.
 pub(super) struct Plan {
     pub writes: AdvanceWrites,
@@ -115,7 +142,9 @@ impl Plan {
         }
     }
 
-    /// Rows → engine inputs → decision → writes, for one instance.
+    /// Rows → engine inputs → decision → writes, for one instance (the
+    /// advancer does this in steps, running attempts inline between them).
+    #[cfg(test)]
     pub(super) fn decide(&mut self, def: &Definition, due: &DueInstance, ctx: &mut Context<'_>) {
         let (mut state, events) = engine_inputs(def, due);
         let steps_before: Vec<StepStatus> = state.steps.iter().map(|s| s.status).collect();
@@ -125,6 +154,7 @@ impl Plan {
 
     /// The writes and observations of one decision. `steps_before` are the
     /// step statuses the decision started from.
+    #[cfg(test)]
     pub(super) fn record(
         &mut self,
         def: &Definition,
@@ -133,17 +163,59 @@ impl Plan {
         state: InstanceState,
         decision: Decision,
     ) {
+        self.record_inline(def, due, steps_before, state, decision, Inline::default());
+    }
+
+    /// `record`, for a decision whose attempts (some of them) ran inline.
+    pub(super) fn record_inline(
+        &mut self,
+        def: &Definition,
+        due: &DueInstance,
+        steps_before: &[StepStatus],
+        state: InstanceState,
+        decision: Decision,
+        inline: Inline,
+    ) {
         for r in &due.results {
             self.consume_result(def, due, r);
+        }
+        for a in &inline.attempts {
+            self.observe_inline(def, due, a);
         }
         for &i in &decision.changed_steps {
             self.write_step(def, due, i, steps_before[i], &state);
         }
         for command in decision.commands {
-            self.write_command(def, due, command);
+            self.write_command(def, due, command, None);
         }
-        let seq = self.write_history(due, decision.history);
-        self.write_instance(due, state, decision.wake_at, seq);
+        for (command, lease) in inline.promoted {
+            self.write_command(def, due, command, Some(lease));
+        }
+        let seq = self.write_history(due, decision.history, &inline.history_at);
+        let decided_at = inline.decided_at.unwrap_or(self.writes.now);
+        self.write_instance(due, state, decision.wake_at, seq, decided_at);
+    }
+
+    /// Counts an inline attempt like one whose result came from the queue.
+    fn observe_inline(&mut self, def: &Definition, due: &DueInstance, a: &InlineAttempt) {
+        let kind = attempt_kind(def, a.step, a.purpose);
+        if a.attempt > 1 {
+            self.observed.retries.push(labels(due, kind, &a.queue));
+        }
+        let failure = match &a.result {
+            TaskResult::Failed(f) => Some((
+                due.id.clone(),
+                def.steps[a.step].id.clone(),
+                a.attempt,
+                f.to_json(),
+            )),
+            TaskResult::Completed(_) => None,
+        };
+        self.observed.attempts.push(Attempt {
+            labels: labels(due, kind, &a.queue),
+            outcome: a.result.outcome(),
+            failure,
+        });
     }
 
     /// The writes of the whole batch.
@@ -206,7 +278,15 @@ impl Plan {
         });
     }
 
-    fn write_command(&mut self, def: &Definition, due: &DueInstance, command: Command) {
+    /// Carries out one command; an `EnqueueTask` with a `lease` is a
+    /// promoted inline attempt (a row leased to this member, no wake-up).
+    fn write_command(
+        &mut self,
+        def: &Definition,
+        due: &DueInstance,
+        command: Command,
+        lease: Option<Lease>,
+    ) {
         let w = &mut self.writes;
         match command {
             Command::EnqueueTask {
@@ -221,12 +301,14 @@ impl Plan {
                 timeout_ms,
                 idempotency_key,
             } => {
-                if attempt > 1 {
+                if attempt > 1 && lease.is_none() {
                     let kind = attempt_kind(def, step, purpose);
                     self.observed.retries.push(labels(due, kind, &queue));
                 }
-                w.notify_queues.push(queue.clone());
-                w.tasks.push(NewTask {
+                if lease.is_none() {
+                    w.notify_queues.push(queue.clone());
+                }
+                let task = NewTask {
                     queue,
                     kind,
                     instance_id: due.id.clone(),
@@ -239,7 +321,12 @@ impl Plan {
                     timeout_ms,
                     item: item.map(|k| k as i32),
                     purpose,
-                });
+                    lease,
+                };
+                match task.lease {
+                    Some(_) => w.leased_tasks.push(task),
+                    None => w.tasks.push(task),
+                }
             }
             Command::StartChild {
                 step,
@@ -268,9 +355,14 @@ impl Plan {
 
     /// Appends the decision's history after the instance's last event;
     /// returns the new last sequence number.
-    fn write_history(&mut self, due: &DueInstance, history: Vec<HistoryEntry>) -> i32 {
+    fn write_history(
+        &mut self,
+        due: &DueInstance,
+        history: Vec<HistoryEntry>,
+        at: &[Option<DateTime<Utc>>],
+    ) -> i32 {
         let mut seq = due.event_seq;
-        for h in history {
+        for (i, h) in history.into_iter().enumerate() {
             seq += 1;
             self.writes.events.push(NewEvent {
                 instance_id: due.id.clone(),
@@ -279,7 +371,7 @@ impl Plan {
                 step_id: h.step_id,
                 attempt: h.attempt.map(|a| a as i32),
                 data: h.data,
-                at: None,
+                at: at.get(i).copied().flatten(),
             });
         }
         seq
@@ -291,14 +383,18 @@ impl Plan {
         state: InstanceState,
         wake_at: Option<DateTime<Utc>>,
         event_seq: i32,
+        decided_at: DateTime<Utc>,
     ) {
-        if state.status.is_terminal() && !due.status.is_terminal() {
+        // Ended now: it had not ended, or it ran again on a retry (which,
+        // with its steps run inline, can end in the same transaction).
+        let ran = !due.status.is_terminal() || due.retry_requested;
+        if state.status.is_terminal() && ran {
             self.writes.ended_instances.push(due.id.clone());
             self.observed.ended.push(InstanceEnded {
                 id: due.id.clone(),
                 workflow: due.workflow_name.clone(),
                 status: state.status,
-                seconds: seconds_between(due.created_at, self.writes.now),
+                seconds: seconds_between(due.created_at, decided_at),
             });
         }
         if due.status == InstanceStatus::Pending && state.status != InstanceStatus::Pending {
@@ -314,6 +410,7 @@ impl Plan {
             wake_at,
             ending: state.ending,
             deadline_at: state.deadline_at,
+            decided_at,
         });
     }
 }
