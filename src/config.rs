@@ -84,6 +84,11 @@ pub struct Tuning {
     /// every attempt through the queue. The batch's instances stay locked
     /// meanwhile (signals and cancels to them wait), so keep it short.
     pub inline_budget_ms: u64,
+    /// How long a member that took a slot from a member that died holding
+    /// it runs that slot's attempts through task rows (counted before they
+    /// run) instead of inline, so an attempt that kills its process cannot
+    /// crash one member after another uncounted; 0 never does.
+    pub inline_quarantine_ms: u64,
     /// Most tasks one in-process claim takes.
     pub claim_batch_size: usize,
     /// Most task results recorded in one statement.
@@ -140,6 +145,7 @@ impl Default for Tuning {
             idle_in_transaction_timeout_ms: 5_000,
             advance_batch_size: 200,
             inline_budget_ms: 50,
+            inline_quarantine_ms: 10_000,
             claim_batch_size: 100,
             completion_batch_size: 500,
             worker_concurrency: 64,

@@ -21,7 +21,8 @@ use crate::model::TaskFailure;
 /// What a handler gets for one attempt of a task.
 #[derive(Debug, Clone)]
 pub struct TaskContext {
-    /// The task row (`stead.tasks.id`).
+    /// The task row (`stead.tasks.id`); 0 for an attempt run inline,
+    /// which has no row (see the README's "Inline execution").
     pub task_id: i64,
     /// The queue the task was claimed from.
     pub queue: String,
@@ -29,7 +30,8 @@ pub struct TaskContext {
     pub instance_id: String,
     /// The step (its `id` in the definition).
     pub step_id: String,
-    /// 1 for the first attempt, then 2, 3, ... on retries.
+    /// 1 for the first attempt, then 2, 3, ... on retries (an inline
+    /// attempt lost with a crashed worker runs again under its number).
     pub attempt: u32,
     /// Stable across retries of the step: use it to make side effects
     /// exactly-once.

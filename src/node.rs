@@ -220,6 +220,7 @@ fn spawn_workers(sup: &mut Supervisor, parts: &Parts, config: &Config, api_url: 
                 name: name.clone(),
                 ttl_ms: tuning.member_ttl_ms,
                 api_url: api_url.clone(),
+                inline_quarantine_ms: tuning.inline_quarantine_ms,
             },
             parts.store.clone(),
             ownership.clone(),

@@ -38,6 +38,15 @@ pub struct NodeArgs {
     /// Lease of in-process task attempts, in milliseconds (heartbeated).
     #[arg(long, env = "STEAD_LEASE_MS", default_value_t = 30_000)]
     pub lease_ms: u64,
+    /// How long one advance transaction may run in-process attempts inline
+    /// before it commits and hands the rest over as leased tasks, in
+    /// milliseconds; 0 runs every attempt through a task row.
+    #[arg(long, env = "STEAD_INLINE_BUDGET_MS", default_value_t = 50)]
+    pub inline_budget_ms: u64,
+    /// How long attempts of a slot taken from a member that died holding it
+    /// run through task rows instead of inline, in milliseconds.
+    #[arg(long, env = "STEAD_INLINE_QUARANTINE_MS", default_value_t = 10_000)]
+    pub inline_quarantine_ms: u64,
     /// Poll interval backing up LISTEN/NOTIFY, in milliseconds.
     #[arg(long, env = "STEAD_POLL_INTERVAL_MS", default_value_t = 500)]
     pub poll_interval_ms: u64,
@@ -89,6 +98,8 @@ impl NodeArgs {
             idle_in_transaction_timeout_ms: self.idle_in_transaction_timeout_ms,
             worker_concurrency: self.worker_concurrency,
             lease_ms: self.lease_ms,
+            inline_budget_ms: self.inline_budget_ms,
+            inline_quarantine_ms: self.inline_quarantine_ms,
             poll_interval_ms: self.poll_interval_ms,
             reap_interval_ms: self.reap_interval_ms,
             shutdown_timeout_ms: self.shutdown_timeout_ms,

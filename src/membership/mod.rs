@@ -32,6 +32,9 @@ pub(crate) struct MembershipConfig {
     pub ttl_ms: u64,
     /// Advertised in `members` for operators.
     pub api_url: Option<String>,
+    /// How long attempts of a slot taken from a member that died holding
+    /// it run through task rows instead of inline.
+    pub inline_quarantine_ms: u64,
 }
 
 /// The advisory-lock key of the maintenance duty (slots use 0..slot_count).
@@ -225,7 +228,7 @@ impl Membership {
         if !release.is_empty() {
             // Waits for batches in flight on these slots to finish.
             let mut slots = self.ownership.write().await;
-            session.unlock_slots(&release).await?;
+            session.unlock_slots(name, &release).await?;
             slots.retain(|s| !release.contains(s));
             self.metrics.slot_rebalances.inc();
             tracing::info!(member = %name, released = release.len(), "released slots");
@@ -239,10 +242,22 @@ impl Membership {
 
     async fn acquire(&mut self, session: &MemberSession, wanted: &[i32]) -> Result<(), StoreError> {
         let name = &self.config.name;
-        let got = session.try_lock_slots(wanted).await?;
-        if got.is_empty() {
+        let taken = session.try_lock_slots(name, wanted).await?;
+        if taken.is_empty() {
             return Ok(());
         }
+        let inherited: Vec<i32> = taken
+            .iter()
+            .filter(|t| t.holder_died)
+            .map(|t| t.slot)
+            .collect();
+        if !inherited.is_empty() {
+            let quarantine = Duration::from_millis(self.config.inline_quarantine_ms);
+            self.ownership
+                .quarantine(inherited.iter().copied(), Instant::now() + quarantine);
+            tracing::info!(member = %name, slots = inherited.len(), quarantine_ms = self.config.inline_quarantine_ms, "took slots whose holder died: their attempts run through task rows for a while");
+        }
+        let got: Vec<i32> = taken.iter().map(|t| t.slot).collect();
         {
             let mut slots = self.ownership.write().await;
             slots.extend(&got);

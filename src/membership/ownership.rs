@@ -1,6 +1,7 @@
 //! Which slots a member may work, shared by its membership service (which
 //! takes and releases them) and its advancer and reaper (which read them).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,6 +18,9 @@ struct OwnershipInner {
     slots: RwLock<Vec<i32>>,
     /// Until when the last heartbeat vouches for our membership.
     healthy_until: Mutex<Option<Instant>>,
+    /// Slots taken from a member that died holding them, and until when
+    /// their attempts must not run inline (the poison-pill guard).
+    quarantined_until: Mutex<HashMap<i32, Instant>>,
 }
 
 /// A read guard on the owned slots: while it is held, the member does not
@@ -59,6 +63,21 @@ impl Ownership {
     /// flight on them to finish.
     pub(super) async fn write(&self) -> RwLockWriteGuard<'_, Vec<i32>> {
         self.inner.slots.write().await
+    }
+
+    /// Attempts of these slots run through task rows until `until`: their
+    /// previous holder died holding them, perhaps killed by an attempt it
+    /// ran inline, which must now be counted before it runs again.
+    pub(super) fn quarantine(&self, slots: impl IntoIterator<Item = i32>, until: Instant) {
+        let mut q = self.inner.quarantined_until.lock().expect("ownership lock");
+        q.retain(|_, t| Instant::now() < *t);
+        q.extend(slots.into_iter().map(|s| (s, until)));
+    }
+
+    /// Whether the slot's attempts may run inline now.
+    pub(crate) fn inline_allowed(&self, slot: i32) -> bool {
+        let q = self.inner.quarantined_until.lock().expect("ownership lock");
+        q.get(&slot).map_or(true, |t| Instant::now() >= *t)
     }
 
     pub(super) fn vouch(&self, until: Instant) {

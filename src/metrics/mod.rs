@@ -77,6 +77,7 @@ pub(crate) struct Metrics {
     // ---- steps ----
     pub(crate) step_attempts: IntCounterVec,
     pub(crate) step_retries: IntCounterVec,
+    pub(crate) inline_attempts: IntCounterVec,
     pub(crate) step_duration: HistogramVec,
     // ---- queues and tasks ----
     pub(crate) tasks_claimed: IntCounterVec,
@@ -189,6 +190,15 @@ impl Metrics {
                     "Step attempts scheduled after a failed attempt (attempt 2 and later)."
                 ),
                 &["workflow", "kind", "queue"]
+            )),
+            inline_attempts: reg!(IntCounterVec::new(
+                Opts::new(
+                    "stead_inline_attempts_total",
+                    "In-process attempts run inline by the advancer, by outcome: recorded (the \
+                     result committed with the batch) or handed_over (still running at the \
+                     inline budget, handed to the queue as a leased task)."
+                ),
+                &["workflow", "kind", "queue", "outcome"]
             )),
             step_duration: reg!(HistogramVec::new(
                 histogram(

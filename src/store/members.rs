@@ -57,10 +57,30 @@ const LIVE_MEMBERS: &str = "
 
 /// Takes a singleton duty's lock for this session.
 const TRY_LOCK_DUTY: &str = "SELECT pg_try_advisory_lock($1, $2)";
-const TRY_LOCK_SLOTS: &str =
-    "SELECT s FROM unnest($2::int[]) AS s WHERE pg_try_advisory_lock($1, s)";
-const UNLOCK_SLOTS: &str = "SELECT s FROM unnest($2::int[]) AS s WHERE pg_advisory_unlock($1, s)";
-const LEAVE_MEMBER: &str = "DELETE FROM members WHERE name = $1 AND backend_pid = pg_backend_pid()";
+/// Takes the slots' locks that are free and claims them for member $3;
+/// returns each slot taken and whether its previous holder died holding it
+/// (it never released it).
+const TRY_LOCK_SLOTS: &str = "
+    WITH got AS MATERIALIZED (
+        SELECT s FROM unnest($2::int[]) AS s WHERE pg_try_advisory_lock($1, s)
+    ), prior AS (
+        SELECT c.slot, c.released FROM slot_claims c WHERE c.slot IN (SELECT s FROM got)
+    ), claimed AS (
+        INSERT INTO slot_claims (slot, member) SELECT s, $3 FROM got
+        ON CONFLICT (slot) DO UPDATE
+        SET member = excluded.member, claimed_at = now(), released = false
+    )
+    SELECT got.s, coalesce(NOT prior.released, false)
+    FROM got LEFT JOIN prior ON prior.slot = got.s";
+/// Releases member $3's slots $2, marking them released first.
+const UNLOCK_SLOTS: &str = "
+    WITH released AS (
+        UPDATE slot_claims SET released = true WHERE slot = ANY($2) AND member = $3
+    )
+    SELECT s FROM unnest($2::int[]) AS s WHERE pg_advisory_unlock($1, s)";
+const LEAVE_MEMBER: &str = "
+    WITH released AS (UPDATE slot_claims SET released = true WHERE member = $1)
+    DELETE FROM members WHERE name = $1 AND backend_pid = pg_backend_pid()";
 
 const CLUSTER_MEMBERS: &str = "
     SELECT name, alive, heartbeat_at, extract(epoch FROM since_heartbeat)::float8, ttl_ms,
@@ -73,6 +93,15 @@ const CLUSTER_COUNTS: &str = "
     SELECT (SELECT count(*) FROM members_overview WHERE alive),
            (SELECT slot_count FROM cluster)::bigint,
            (SELECT count(DISTINCT slot) FROM slot_owners WHERE owner IS NOT NULL)";
+
+/// A slot whose lock a member took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotTaken {
+    pub slot: i32,
+    /// Its previous holder never released it: it died holding it, maybe in
+    /// the middle of inline attempts.
+    pub holder_died: bool,
+}
 
 #[derive(Debug, Clone)]
 pub(crate) struct MemberRecord {
@@ -219,22 +248,30 @@ impl MemberSession {
         Ok(row.get(0))
     }
 
-    /// Tries to take the slots' locks; returns the slots it got.
-    pub(crate) async fn try_lock_slots(&self, slots: &[i32]) -> Result<Vec<i32>> {
+    /// Tries to take the slots' locks for member `name`; returns the slots
+    /// it got, each with whether its previous holder died holding it.
+    pub(crate) async fn try_lock_slots(&self, name: &str, slots: &[i32]) -> Result<Vec<SlotTaken>> {
         if slots.is_empty() {
             return Ok(Vec::new());
         }
         let rows = self
             .client
-            .query(TRY_LOCK_SLOTS, &[&self.lock_class, &slots])
+            .query(TRY_LOCK_SLOTS, &[&self.lock_class, &slots, &name])
             .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows
+            .iter()
+            .map(|r| SlotTaken {
+                slot: r.get(0),
+                holder_died: r.get(1),
+            })
+            .collect())
     }
 
-    pub(crate) async fn unlock_slots(&self, slots: &[i32]) -> Result<()> {
+    /// Releases member `name`'s locks on `slots`, recording a clean release.
+    pub(crate) async fn unlock_slots(&self, name: &str, slots: &[i32]) -> Result<()> {
         if !slots.is_empty() {
             self.client
-                .query(UNLOCK_SLOTS, &[&self.lock_class, &slots])
+                .query(UNLOCK_SLOTS, &[&self.lock_class, &slots, &name])
                 .await?;
         }
         Ok(())

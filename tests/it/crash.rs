@@ -46,6 +46,33 @@ fn workflow(server: &HoldServer) -> Value {
     })
 }
 
+/// Registers the `crash` workflow on the node at `base_url`.
+async fn put_workflow(base_url: &str, server: &HoldServer) {
+    let resp = reqwest::Client::new()
+        .put(format!("{base_url}/v1/workflows/crash"))
+        .json(&workflow(server))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201, "{:?}", resp.text().await);
+}
+
+/// Releases the held calls and starts a second process, `b`; returns it
+/// once all `instances` have completed.
+async fn recover(db: &TestDb, server: &HoldServer, instances: i64) -> ServeProcess {
+    server.release();
+    let second = ServeProcess::spawn(&db.url, "b", FAST_RECOVERY).await;
+    let client = db.client().await;
+    let c = &client;
+    wait_until(
+        "every instance completes on the second process",
+        Duration::from_secs(120),
+        || async move { completed(c).await == instances },
+    )
+    .await;
+    second
+}
+
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -68,26 +95,11 @@ async fn kill_9_mid_run_loses_nothing_and_records_each_step_once() {
     let t0 = Instant::now();
     let mut first = ServeProcess::spawn(&db.url, "a", FAST_RECOVERY).await;
 
-    let http = reqwest::Client::new();
-    let resp = http
-        .put(format!("{}/v1/workflows/crash", first.base_url))
-        .json(&workflow(&server))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 201, "{:?}", resp.text().await);
+    put_workflow(&first.base_url, &server).await;
 
     // All starts commit at once, straight from SQL.
     let client = db.client().await;
-    let started = client
-        .query(
-            "SELECT stead.start_workflow('crash', jsonb_build_object('n', g), 'crash-' || g) \
-             FROM generate_series(1, $1::int) g",
-            &[&(INSTANCES as i32)],
-        )
-        .await
-        .unwrap();
-    assert_eq!(started.len() as i64, INSTANCES);
+    start_wave(&client, 1, INSTANCES).await;
 
     let c = &client;
     wait_until(
@@ -138,14 +150,7 @@ async fn kill_9_mid_run_loses_nothing_and_records_each_step_once() {
         "the attempts in flight are leased: {leased} leased, {in_flight:?} held"
     );
 
-    server.release();
-    let second = ServeProcess::spawn(&db.url, "b", FAST_RECOVERY).await;
-    wait_until(
-        "every instance completes on the second process",
-        Duration::from_secs(120),
-        || async move { completed(c).await == INSTANCES },
-    )
-    .await;
+    let second = recover(&db, &server, INSTANCES).await;
     eprintln!("all completed after {:?}", t0.elapsed());
 
     // Every instance ended completed, with its own output.
@@ -209,3 +214,197 @@ async fn kill_9_mid_run_loses_nothing_and_records_each_step_once() {
         "the second process stops on SIGTERM: {status:?}"
     );
 }
+
+/// Instances of the second wave whose `one` calls are held: the first
+/// process has them running inline, with nothing of them committed, at the
+/// kill.
+const HELD_INLINE: std::ops::RangeInclusive<i64> = 1_300..=1_303;
+
+/// A budget far longer than the test needs to kill the process, so the held
+/// attempts are still inline (not handed over as task rows) when it dies.
+const LONG_INLINE: &[&str] = &[
+    "--inline-budget-ms",
+    "30000",
+    "--idle-in-transaction-timeout-ms",
+    "60000",
+];
+
+async fn start_wave(client: &tokio_postgres::Client, from: i64, count: i64) {
+    let started = client
+        .query(
+            "SELECT stead.start_workflow('crash', jsonb_build_object('n', g), 'crash-' || g) \
+             FROM generate_series($1::int, $2::int) g",
+            &[&(from as i32), &((from + count - 1) as i32)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(started.len() as i64, count);
+}
+
+/// `kill -9` a process while in-process attempts run inline (their results
+/// live only in its open advance transaction) under load: every instance
+/// completes on the next process, the attempts lost with the transaction
+/// run again with the same idempotency key, and no step result is recorded
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_inline_execution_loses_nothing_and_records_each_step_once() {
+    let db = TestDb::new().await;
+    let server = HoldServer::start().await;
+    server.hold_where(|body| body["n"].as_i64().is_some_and(|n| HELD_INLINE.contains(&n)));
+    let args: Vec<&str> = FAST_RECOVERY.iter().chain(LONG_INLINE).copied().collect();
+    let mut first = ServeProcess::spawn(&db.url, "a", &args).await;
+    put_workflow(&first.base_url, &server).await;
+
+    // A first wave runs while the second, with the held calls, arrives.
+    let client = db.client().await;
+    start_wave(&client, 1, 400).await;
+    let c = &client;
+    wait_until(
+        "some instances complete on the first process",
+        Duration::from_secs(60),
+        || async move { completed(c).await >= KILL_AFTER },
+    )
+    .await;
+    start_wave(&client, 1_001, 400).await;
+    let s = &server;
+    wait_until(
+        "the held calls are in flight",
+        Duration::from_secs(60),
+        || async move { s.waiting() == HELD_INLINE.count() },
+    )
+    .await;
+    // Inline: the held attempts have no task row and their instances no
+    // committed step.
+    let held_ids: Vec<String> = HELD_INLINE.map(|n| format!("crash-{n}")).collect();
+    let durable: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM stead.tasks WHERE instance_id = ANY($1)) \
+                  + (SELECT count(*) FROM stead.steps WHERE instance_id = ANY($1))",
+            &[&held_ids],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        durable, 0,
+        "the held attempts run inline, nothing of them committed"
+    );
+    tokio::task::block_in_place(|| first.kill9());
+    let at_kill = completed(&client).await;
+    eprintln!("killed the first process with {at_kill}/800 completed");
+    assert!(
+        (KILL_AFTER..800).contains(&at_kill),
+        "the kill must land mid-run: {at_kill}/800 were completed"
+    );
+
+    let second = recover(&db, &server, 800).await;
+
+    // The held attempts, and the others of their batch, ran again with the
+    // same key.
+    let mut calls: BTreeMap<i64, Vec<Option<String>>> = BTreeMap::new();
+    for seen in server.seen() {
+        let n = seen.body["n"].as_i64().unwrap();
+        calls.entry(n).or_default().push(seen.key);
+    }
+    for (n, keys) in &calls {
+        let expected = Some(format!("crash-{n}:one"));
+        assert!(keys.iter().all(|k| *k == expected), "crash-{n}: {keys:?}");
+    }
+    let again: Vec<i64> = calls
+        .iter()
+        .filter(|(_, keys)| keys.len() >= 2)
+        .map(|(n, _)| *n)
+        .collect();
+    for n in HELD_INLINE {
+        assert!(again.contains(&n), "crash-{n} ran again after the kill");
+    }
+    assert!(
+        again.len() > HELD_INLINE.count(),
+        "the batch lost with the kill ran its other attempts again too: {again:?}"
+    );
+    let wrong = client
+        .query(
+            "SELECT id FROM stead.instances \
+             WHERE output IS DISTINCT FROM jsonb_build_object('n', input->'n', 'at', 3)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        wrong.is_empty(),
+        "{} instances with a wrong output",
+        wrong.len()
+    );
+    check_histories(&Probe::new(&db.url), 3).await;
+    drop(second);
+}
+
+/// The poison-pill guard. An attempt run inline leaves no trace until its
+/// batch commits, so one that kills its process would run again, uncounted,
+/// on every member inheriting the slot. A member that takes a slot whose
+/// holder died holding it runs the slot's attempts through task rows for a
+/// while: the rerun is leased (counted) before it runs, and when it kills
+/// that member too, the next one runs it as attempt 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_whose_node_dies_inline_is_counted_on_the_next_one() {
+    let db = TestDb::new().await;
+    let server = HoldServer::start().await;
+    server.hold_where(|body| body["n"] == 1);
+    let args: Vec<&str> = FAST_RECOVERY.iter().chain(LONG_INLINE).copied().collect();
+    let mut first = ServeProcess::spawn(&db.url, "a", &args).await;
+    put_workflow(&first.base_url, &server).await;
+    let client = db.client().await;
+    start_wave(&client, 1, 1).await;
+    let task_rows = || async {
+        client
+            .query(
+                "SELECT status, attempt FROM stead.tasks WHERE instance_id = 'crash-1'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)))
+            .collect::<Vec<_>>()
+    };
+
+    // On the first member the attempt runs inline: no task row.
+    let s = &server;
+    let calls = |n: usize| async move { s.seen().len() == n && s.waiting() == 1 };
+    wait_until("the first call is in flight", SANITY, || calls(1)).await;
+    assert_eq!(task_rows().await, vec![], "the first run is inline");
+    tokio::task::block_in_place(|| first.kill9());
+
+    // The next member inherits the slot from a dead holder: the rerun is a
+    // leased task row, attempt 1, before the call is made.
+    let mut second = ServeProcess::spawn(&db.url, "b", &args).await;
+    wait_until("the second call is in flight", SANITY, || calls(2)).await;
+    assert_eq!(task_rows().await, vec![("leased".to_string(), 1)]);
+    tokio::task::block_in_place(|| second.kill9());
+
+    // Its lease expires on the third member, which runs attempt 2.
+    server.release();
+    let third = ServeProcess::spawn(&db.url, "c", FAST_RECOVERY).await;
+    let c = &client;
+    wait_until("the instance completes", SANITY, || async move {
+        completed(c).await == 1
+    })
+    .await;
+    let attempt: i32 = client
+        .query_one(
+            "SELECT attempt FROM stead.events WHERE instance_id = 'crash-1' \
+             AND step_id = 'one' AND type = 'step_completed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        attempt, 2,
+        "the attempt that died on the second member counted"
+    );
+    check_histories(&Probe::new(&db.url), 3).await;
+    drop(third);
+}
+
+const SANITY: Duration = Duration::from_secs(60);

@@ -1,7 +1,7 @@
 //! Running attempts inline: inside the advance transaction, on the member
 //! that owns the instance, without a task row (Temporal's "local
-//! activities"). When a decision asks only for `task` attempts whose queue
-//! has a handler in this process (and no delay), the advancer runs them at
+//! activities"). When a decision asks only for `task` or `http` attempts
+//! whose queue has a handler in this process (and no delay), the advancer runs them at
 //! once, feeds their results straight back to the engine and decides again,
 //! so a workflow of such steps can finish in the transaction that started
 //! it: one instance update, one step row per step and one history row.
@@ -32,6 +32,7 @@ use super::plan::{Inline, InlineAttempt};
 use crate::definition::Definition;
 use crate::engine::{self, Command, Context, Decision, Event, InstanceState, PendingSignal};
 use crate::handlers::TaskContext;
+use crate::membership::Ownership;
 use crate::model::{StepStatus, TaskKind, TaskResult};
 use crate::store::{ClaimedTask, DueInstance, Lease};
 use crate::worker::executor::{panicked, LocalExecution};
@@ -118,12 +119,13 @@ impl Working {
     }
 }
 
-/// Whether one command can run inline here: a `task` attempt without delay
-/// whose queue has a handler in this process.
+/// Whether one command can run inline here: a `task` or `http` attempt
+/// without delay whose queue has a handler in this process.
 pub(super) fn runs_inline(command: &Command, has_handler: impl Fn(&str) -> bool) -> bool {
     matches!(
         command,
-        Command::EnqueueTask { kind: TaskKind::Task, delay_ms: 0, queue, .. } if has_handler(queue)
+        Command::EnqueueTask { kind: TaskKind::Task | TaskKind::Http, delay_ms: 0, queue, .. }
+            if has_handler(queue)
     )
 }
 
@@ -178,6 +180,8 @@ pub(super) struct InlineRun<'a> {
     pub clock_start: Instant,
     pub budget: Duration,
     pub random: &'a mut (dyn FnMut() -> f64 + Send),
+    /// The slots whose attempts may run inline (not quarantined).
+    pub ownership: &'a Ownership,
 }
 
 impl InlineRun<'_> {
@@ -195,6 +199,7 @@ impl InlineRun<'_> {
     pub(super) async fn run(&mut self, work: &mut [Working]) {
         let deadline = tokio::time::Instant::now() + self.budget;
         let mut waiting: VecDeque<usize> = (0..work.len())
+            .filter(|&i| self.ownership.inline_allowed(self.batch[work[i].due].slot))
             .filter(|&i| decision_runs_inline(work[i].fresh_commands(), self.has_handler()))
             .collect();
         let mut running = FuturesUnordered::new();
@@ -452,7 +457,7 @@ mod tests {
     }
 
     #[test]
-    fn only_undelayed_task_attempts_of_local_queues_run_inline() {
+    fn only_undelayed_task_and_http_attempts_of_local_queues_run_inline() {
         let local = |q: &str| q == "here";
         assert!(runs_inline(&attempt(TaskKind::Task, "here", 0), local));
         assert!(!runs_inline(
@@ -460,7 +465,8 @@ mod tests {
             local
         ));
         assert!(!runs_inline(&attempt(TaskKind::Task, "here", 10), local));
-        assert!(!runs_inline(&attempt(TaskKind::Http, "here", 0), local));
+        assert!(runs_inline(&attempt(TaskKind::Http, "here", 0), local));
+        assert!(!runs_inline(&attempt(TaskKind::Workflow, "here", 0), local));
     }
 
     #[test]

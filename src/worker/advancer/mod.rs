@@ -146,6 +146,7 @@ impl Service for Advancer {
                 clock_start,
                 budget: Duration::from_millis(self.config.inline_budget_ms),
                 random: &mut random,
+                ownership: &self.ownership,
             };
             run.run(&mut work).await;
         }

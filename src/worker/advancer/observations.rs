@@ -41,6 +41,24 @@ pub(super) struct InstanceEnded {
     pub seconds: f64,
 }
 
+/// What became of an attempt run inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum InlineOutcome {
+    /// Finished within the budget: its result is recorded in the batch.
+    Recorded,
+    /// Still running at the budget: handed over as a leased task row.
+    HandedOver,
+}
+
+impl InlineOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            InlineOutcome::Recorded => "recorded",
+            InlineOutcome::HandedOver => "handed_over",
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(super) struct Observations {
     /// Workflow of each instance that began.
@@ -51,6 +69,8 @@ pub(super) struct Observations {
     /// Attempts scheduled after a failed one.
     pub retries: Vec<StepLabels>,
     pub steps_ended: Vec<StepEnded>,
+    /// Attempts run inline, and what became of each.
+    pub inline: Vec<(StepLabels, InlineOutcome)>,
 }
 
 impl Observations {
@@ -81,6 +101,11 @@ impl Observations {
         for l in &self.retries {
             m.step_retries
                 .with_label_values(&[&l.workflow, l.kind, &l.queue])
+                .inc();
+        }
+        for (l, outcome) in &self.inline {
+            m.inline_attempts
+                .with_label_values(&[&l.workflow, l.kind, &l.queue, outcome.as_str()])
                 .inc();
         }
         for s in &self.steps_ended {

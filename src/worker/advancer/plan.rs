@@ -4,7 +4,9 @@
 
 use chrono::{DateTime, Utc};
 
-use super::observations::{Attempt, InstanceEnded, Observations, StepEnded, StepLabels};
+use super::observations::{
+    Attempt, InlineOutcome, InstanceEnded, Observations, StepEnded, StepLabels,
+};
 use crate::definition::{Definition, StepKind};
 #[cfg(test)]
 use crate::engine::{self, Context};
@@ -211,6 +213,9 @@ impl Plan {
             )),
             TaskResult::Completed(_) => None,
         };
+        self.observed
+            .inline
+            .push((labels(due, kind, &a.queue), InlineOutcome::Recorded));
         self.observed.attempts.push(Attempt {
             labels: labels(due, kind, &a.queue),
             outcome: a.result.outcome(),
@@ -307,6 +312,12 @@ impl Plan {
                 }
                 if lease.is_none() {
                     w.notify_queues.push(queue.clone());
+                } else {
+                    let kind = attempt_kind(def, step, purpose);
+                    let labels = labels(due, kind, &queue);
+                    self.observed
+                        .inline
+                        .push((labels, InlineOutcome::HandedOver));
                 }
                 let task = NewTask {
                     queue,
