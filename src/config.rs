@@ -143,7 +143,7 @@ impl Default for Tuning {
             pool_wait_timeout_ms: 10_000,
             statement_timeout_ms: 30_000,
             idle_in_transaction_timeout_ms: 5_000,
-            advance_batch_size: 200,
+            advance_batch_size: 500,
             inline_budget_ms: 50,
             inline_quarantine_ms: 10_000,
             claim_batch_size: 100,

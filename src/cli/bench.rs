@@ -62,6 +62,14 @@ pub struct BenchArgs {
     /// Prefill: idle-latency samples after the runs (0: none).
     #[arg(long, default_value_t = 300)]
     pub latency_samples: usize,
+    /// With --prefill: run the steps on the queue `bench.external`, which no
+    /// node handles, through this many external workers over HTTP (claim,
+    /// then complete each task), and report tasks/s. 0: in-process handlers.
+    #[arg(long, default_value_t = 0, requires = "prefill")]
+    pub external_workers: usize,
+    /// With --external-workers: most tasks one claim takes.
+    #[arg(long, default_value_t = 100, requires = "prefill")]
+    pub claim_max: usize,
     /// Measure failover instead: kill -9 and SIGSTOP real `stead serve`
     /// processes on a private PostgreSQL and time how long their slots take
     /// to move.
@@ -106,6 +114,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             runs: args.runs,
             enqueue: args.enqueue,
             latency_samples: args.latency_samples,
+            external_workers: args.external_workers,
+            claim_max: args.claim_max,
         })
         .await;
     }

@@ -52,6 +52,10 @@ pub struct PrefillArgs {
     pub runs: usize,
     pub enqueue: Enqueue,
     pub latency_samples: usize,
+    /// External HTTP workers running the steps (0: in-process handlers).
+    pub external_workers: usize,
+    /// Most tasks one external claim takes.
+    pub claim_max: usize,
 }
 
 pub async fn run(args: PrefillArgs) -> anyhow::Result<()> {
@@ -181,7 +185,22 @@ async fn round(url: &str, sql: &Client, args: &PrefillArgs) -> anyhow::Result<Ro
     let node = stead::start(node_config(url, args.workers, args.pool_size)).await?;
     let node_start_s = started.elapsed().as_secs_f64();
     let api = node.api_url().context("the node serves no API")?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workers: Vec<_> = (0..args.external_workers)
+        .map(|k| {
+            tokio::spawn(external_worker(
+                api.clone(),
+                k,
+                args.claim_max,
+                stop.clone(),
+            ))
+        })
+        .collect();
     let drained = wait_drained(&api, args.instances, started).await;
+    stop.cancel();
+    for w in workers {
+        w.await??;
+    }
     node.shutdown().await;
     let drain_s = drained?;
     check_all_completed(sql, &workflow, args.instances).await?;
@@ -207,8 +226,13 @@ async fn prefill(
     let node = stead::start(node_config(url, 0, 4)).await?;
     let api = ApiClient::new(&node.api_url().context("the node serves no API")?)?;
     let result = async {
+        let queue = if args.external_workers > 0 {
+            EXTERNAL_QUEUE
+        } else {
+            "stead.echo"
+        };
         let steps: Vec<Value> = (1..=args.steps)
-            .map(|i| json!({"id": format!("s{i}"), "task": {"queue": "stead.echo"}}))
+            .map(|i| json!({"id": format!("s{i}"), "task": {"queue": queue}}))
             .collect();
         api.put_workflow(workflow, &json!({"steps": steps})).await?;
         let started = Instant::now();
@@ -246,6 +270,42 @@ async fn enqueue(
     };
     if started != expected {
         bail!("a batch start of {expected} started {started}");
+    }
+    Ok(())
+}
+
+/// The queue the external workers of `--external-workers` serve.
+const EXTERNAL_QUEUE: &str = "bench.external";
+
+/// An external worker over HTTP: claims up to `max` tasks (waiting up to a
+/// second for some), completes each with its input as output, all at once,
+/// and again, until `stop`.
+async fn external_worker(
+    api: String,
+    k: usize,
+    max: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let worker = format!("bench-external-{k}");
+    while !stop.is_cancelled() {
+        let claim = json!({"worker": worker, "max": max, "wait": "1s"});
+        let url = format!("{api}/v1/queues/{EXTERNAL_QUEUE}/claim");
+        let claimed: Value = http.post(url).json(&claim).send().await?.json().await?;
+        let tasks = claimed["tasks"].as_array().cloned().unwrap_or_default();
+        let completions = tasks.iter().map(|t| {
+            let url = format!("{api}/v1/tasks/{}/complete", t["task_id"]);
+            let body = json!({"lease_token": t["lease_token"], "output": t["input"]});
+            let request = http.post(url).json(&body).send();
+            async move {
+                let status = request.await?.status();
+                if !status.is_success() {
+                    bail!("completing a task: HTTP {status}");
+                }
+                Ok(())
+            }
+        });
+        futures::future::try_join_all(completions).await?;
     }
     Ok(())
 }
@@ -387,7 +447,7 @@ fn summary(rounds: &[Round], args: &PrefillArgs, mode: &str) -> String {
     format!(
         "  median of {} (range): {:.0} wf/s ({:.0}-{:.0}), {:.0} steps/s ({:.0}-{:.0}), \
          enqueue {:.0}/s ({:.0}-{:.0})\n\
-         RESULT stead steps={} n={} mode={mode} wf_per_s={:.0} steps_per_s={:.0} \
+         RESULT stead steps={} n={} mode={mode} external_workers={} wf_per_s={:.0} steps_per_s={:.0} \
          enqueue_per_s={:.0} commits_per_step={:.2} row_writes_per_step={:.2} wal_bytes_per_step={:.0}",
         rounds.len(),
         wf.0,
@@ -401,6 +461,7 @@ fn summary(rounds: &[Round], args: &PrefillArgs, mode: &str) -> String {
         enqueue.2,
         args.steps,
         args.instances,
+        args.external_workers,
         wf.0,
         steps.0,
         enqueue.0,

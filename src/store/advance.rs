@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Object;
 use serde_json::Value;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json, ToSql};
 
 use super::notify::{ended_payloads, NOTIFY_ADVANCE, NOTIFY_ENDED, NOTIFY_QUEUES};
 use super::workflows::GET_WORKFLOW_VERSION;
@@ -40,22 +40,33 @@ const LOCK_DUE_INSTANCES: &str = "
     LIMIT $1
     FOR UPDATE OF i SKIP LOCKED";
 
+// The loads look up each instance by its key, one index probe per id
+// (a LATERAL subquery behind OFFSET 0, which the planner cannot flatten into
+// a join): a plain `instance_id = ANY($1)` is planned from the table's
+// statistics, and on a table analysed while it was small (steps, at first)
+// that plan is a sequential scan of the whole table for every batch.
 const LOAD_STEPS: &str = "
-    SELECT instance_id, step_id, status, attempt, input, output, error,
-           scheduled_at, started_at, ended_at, wake_at, completion_order, items, compensation
-    FROM steps WHERE instance_id = ANY($1)";
+    SELECT s.instance_id, s.step_id, s.status, s.attempt, s.input, s.output, s.error,
+           s.scheduled_at, s.started_at, s.ended_at, s.wake_at, s.completion_order, s.items,
+           s.compensation
+    FROM unnest($1::text[]) AS k(id)
+    CROSS JOIN LATERAL (SELECT * FROM steps WHERE instance_id = k.id OFFSET 0) s";
 
 const LOAD_SIGNALS: &str = "
-    SELECT id, instance_id, name, payload FROM signals
-    WHERE instance_id = ANY($1) AND consumed_at IS NULL
-    ORDER BY id";
+    SELECT g.id, g.instance_id, g.name, g.payload
+    FROM unnest($1::text[]) AS k(id)
+    CROSS JOIN LATERAL (SELECT * FROM signals
+                        WHERE instance_id = k.id AND consumed_at IS NULL OFFSET 0) g
+    ORDER BY g.id";
 
 const LOAD_FINISHED_TASKS: &str = "
-    SELECT id, instance_id, step_id, attempt, status, output, error, leased_at, leased_by,
-           item, purpose, queue
-    FROM tasks
-    WHERE instance_id = ANY($1) AND status IN ('completed', 'failed')
-    ORDER BY finished_at, id";
+    SELECT t.id, t.instance_id, t.step_id, t.attempt, t.status, t.output, t.error, t.leased_at,
+           t.leased_by, t.item, t.purpose, t.queue
+    FROM unnest($1::text[]) AS k(id)
+    CROSS JOIN LATERAL (SELECT * FROM tasks
+                        WHERE instance_id = k.id AND status IN ('completed', 'failed')
+                        OFFSET 0) t
+    ORDER BY t.finished_at, t.id";
 
 /// Asks the running children of the instances $1 to cancel.
 const CANCEL_CHILDREN: &str = "
@@ -366,22 +377,30 @@ pub(crate) struct NewEvent {
     pub at: Option<DateTime<Utc>>,
 }
 
+/// The stored form of an event, `{type, step_id?, attempt?, data, at?}`,
+/// serialised straight from the event (no JSON tree is built or copied).
+#[derive(Debug, serde::Serialize)]
+struct StoredEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempt: Option<i32>,
+    data: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    at: Option<DateTime<Utc>>,
+}
+
 impl NewEvent {
-    /// The stored form: `{type, step_id?, attempt?, data, at?}`.
-    fn to_json(&self) -> Value {
-        let mut event = serde_json::Map::with_capacity(5);
-        event.insert("type".into(), Value::from(self.kind.as_str()));
-        if let Some(step) = &self.step_id {
-            event.insert("step_id".into(), Value::from(step.as_str()));
+    fn stored(&self) -> StoredEvent<'_> {
+        StoredEvent {
+            kind: self.kind.as_str(),
+            step_id: self.step_id.as_deref(),
+            attempt: self.attempt,
+            data: &self.data,
+            at: self.at,
         }
-        if let Some(attempt) = self.attempt {
-            event.insert("attempt".into(), Value::from(attempt));
-        }
-        event.insert("data".into(), self.data.clone());
-        if let Some(at) = self.at {
-            event.insert("at".into(), json(&at));
-        }
-        Value::Object(event)
     }
 }
 
@@ -389,7 +408,7 @@ impl NewEvent {
 struct HistoryRow<'a> {
     instance_id: &'a str,
     seq: i32,
-    events: Value,
+    events: Vec<StoredEvent<'a>>,
 }
 
 /// Groups each instance's run of events into one row.
@@ -397,15 +416,11 @@ fn history_rows(events: &[NewEvent]) -> Vec<HistoryRow<'_>> {
     let mut rows: Vec<HistoryRow<'_>> = Vec::new();
     for e in events {
         match rows.last_mut() {
-            Some(row) if row.instance_id == e.instance_id => {
-                if let Value::Array(list) = &mut row.events {
-                    list.push(e.to_json());
-                }
-            }
+            Some(row) if row.instance_id == e.instance_id => row.events.push(e.stored()),
             _ => rows.push(HistoryRow {
                 instance_id: &e.instance_id,
                 seq: e.seq,
-                events: Value::Array(vec![e.to_json()]),
+                events: vec![e.stored()],
             }),
         }
     }
@@ -527,16 +542,24 @@ impl AdvanceTx {
     async fn load_into(&self, batch: &mut DueBatch) -> Result<()> {
         let c = self.client();
         let ids: Vec<&str> = batch.instances.iter().map(|i| i.id.as_str()).collect();
+        // Steps and task rows are written only by advance transactions,
+        // which bump the state version: an instance still at version 0 (a
+        // fresh start) has none, so its lookups are skipped.
+        let advanced: Vec<&str> = batch
+            .instances
+            .iter()
+            .filter(|i| i.state_version > 0)
+            .map(|i| i.id.as_str())
+            .collect();
         let (steps, tasks, signals) = futures::try_join!(
             c.prepare_cached(LOAD_STEPS),
             c.prepare_cached(LOAD_FINISHED_TASKS),
             c.prepare_cached(LOAD_SIGNALS)
         )?;
-        let params: [&(dyn ToSql + Sync); 1] = [&ids];
         let (steps, tasks, signals) = futures::try_join!(
-            c.query(&steps, &params),
-            c.query(&tasks, &params),
-            c.query(&signals, &params)
+            query_by_ids(c, &steps, &advanced),
+            query_by_ids(c, &tasks, &advanced),
+            query_by_ids(c, &signals, &ids)
         )?;
         let index: HashMap<String, usize> = batch
             .instances
@@ -734,6 +757,18 @@ where
     Box::new(rows.iter().map(f).collect::<Vec<U>>())
 }
 
+/// Runs a lookup by instance ids; none when there are no ids.
+async fn query_by_ids(
+    c: &tokio_postgres::Client,
+    statement: &tokio_postgres::Statement,
+    ids: &[&str],
+) -> std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    c.query(statement, &[&ids]).await
+}
+
 /// A JSON column of typed state (plain structs always serialise).
 fn json<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).expect("engine state serialises to JSON")
@@ -849,7 +884,8 @@ fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
         let rows = history_rows(&w.events);
         let ids: Vec<&'a str> = rows.iter().map(|r| r.instance_id).collect();
         let seqs: Vec<i32> = rows.iter().map(|r| r.seq).collect();
-        let events: Vec<Value> = rows.into_iter().map(|r| r.events).collect();
+        let events: Vec<Json<Vec<StoredEvent<'a>>>> =
+            rows.into_iter().map(|r| Json(r.events)).collect();
         let mut params: Vec<Param<'a>> = vec![Box::new(ids), Box::new(seqs), Box::new(events)];
         params.push(Box::new(w.now));
         params.push(Box::new(w.member.as_str()));

@@ -133,8 +133,9 @@ impl Store {
         id: Option<&str>,
     ) -> Result<(String, bool)> {
         let conn = self.conn().await?;
+        let stmt = conn.prepare_cached(START_INSTANCE).await?;
         let row = conn
-            .query_one(START_INSTANCE, &[&workflow, &version, input, &id])
+            .query_one(&stmt, &[&workflow, &version, input, &id])
             .await?;
         Ok((row.get(0), row.get(1)))
     }
@@ -152,8 +153,9 @@ impl Store {
         let inputs: Vec<&Value> = items.iter().map(|(input, _)| input).collect();
         let ids: Vec<Option<&str>> = items.iter().map(|(_, id)| id.as_deref()).collect();
         let conn = self.conn().await?;
+        let stmt = conn.prepare_cached(START_INSTANCES).await?;
         let rows = conn
-            .query(START_INSTANCES, &[&workflow, &version, &inputs, &ids])
+            .query(&stmt, &[&workflow, &version, &inputs, &ids])
             .await?;
         rows.iter()
             .map(|r| Ok((r.get(0), decode("start_instances.outcome", r.get(1))?)))
@@ -162,7 +164,8 @@ impl Store {
 
     pub(crate) async fn get_instance(&self, id: &str) -> Result<Option<InstanceRecord>> {
         let conn = self.conn().await?;
-        let row = conn.query_opt(GET_INSTANCE, &[&id]).await?;
+        let stmt = conn.prepare_cached(GET_INSTANCE).await?;
+        let row = conn.query_opt(&stmt, &[&id]).await?;
         row.as_ref().map(instance_from_row).transpose()
     }
 
@@ -194,7 +197,8 @@ impl Store {
     /// The steps that have left `pending`, in definition order.
     pub(crate) async fn get_steps(&self, id: &str) -> Result<Vec<StepRecord>> {
         let conn = self.conn().await?;
-        let rows = conn.query(GET_STEPS, &[&id]).await?;
+        let stmt = conn.prepare_cached(GET_STEPS).await?;
+        let rows = conn.query(&stmt, &[&id]).await?;
         rows.iter()
             .map(|r| {
                 Ok(StepRecord {
@@ -208,7 +212,8 @@ impl Store {
     /// Delivers a signal; returns its id.
     pub(crate) async fn send_signal(&self, id: &str, name: &str, payload: &Value) -> Result<i64> {
         let conn = self.conn().await?;
-        let row = conn.query_one(SEND_SIGNAL, &[&id, &name, payload]).await?;
+        let stmt = conn.prepare_cached(SEND_SIGNAL).await?;
+        let row = conn.query_one(&stmt, &[&id, &name, payload]).await?;
         Ok(row.get(0))
     }
 

@@ -85,7 +85,7 @@ async fn prefill_bench_reports_drain_rates_per_step_costs_and_idle_latency() {
         "  run 1: enqueue",
         "  run 2: enqueue",
         "median of 2",
-        "RESULT stead steps=2 n=50 mode=warm wf_per_s=",
+        "RESULT stead steps=2 n=50 mode=warm external_workers=0 wf_per_s=",
         "row_writes_per_step=",
         "idle latency over 5 samples",
         "RESULT stead latency start_p50_ms=",
@@ -104,4 +104,38 @@ async fn prefill_bench_reports_drain_rates_per_step_costs_and_idle_latency() {
         .unwrap()
         .get(0);
     assert_eq!(schemas, 0);
+}
+
+/// `stead bench --prefill --external-workers N` runs the steps through N
+/// workers over HTTP (no node handles their queue): the drain ends only if
+/// they claim and complete every task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_bench_drains_through_external_http_workers() {
+    let db = TestDb::new().await;
+    let url = db.url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stead"))
+            .args(["bench", "--prefill", "--database-url", &url])
+            .args([
+                "--instances",
+                "60",
+                "--steps",
+                "2",
+                "--latency-samples",
+                "0",
+            ])
+            .args(["--external-workers", "3", "--claim-max", "7"])
+            .output()
+            .expect("running stead bench --prefill --external-workers")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "stead bench --prefill --external-workers failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let needle = "RESULT stead steps=2 n=60 mode=cold external_workers=3 wf_per_s=";
+    assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
 }
