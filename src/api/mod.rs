@@ -81,6 +81,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/tasks/{task_id}/heartbeat", post(tasks::heartbeat))
         .route("/v1/tasks/{task_id}/complete", post(tasks::complete))
         .route("/v1/tasks/{task_id}/fail", post(tasks::fail))
+        .route("/v1/tasks/results", post(tasks::results))
         .route("/v1/cluster", get(cluster))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))

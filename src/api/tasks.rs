@@ -1,4 +1,5 @@
-//! The external-worker protocol: claim, heartbeat, complete, fail.
+//! The external-worker protocol: claim, heartbeat, complete, fail, and the
+//! results of many tasks at once.
 
 use std::time::Duration;
 
@@ -246,4 +247,85 @@ async fn finish(
     }
     state.inner.notifier.request();
     Ok(Json(json!({ "task_id": task_id, "recorded": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResultsRequest {
+    results: Vec<ResultItem>,
+}
+
+/// One task's result: `output` completes it, `error` fails it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResultItem {
+    task_id: i64,
+    lease_token: Uuid,
+    output: Option<Value>,
+    error: Option<FailError>,
+}
+
+/// Records the results of up to `max_claim` tasks in one transaction, each
+/// exactly as its own complete or fail would: a result whose lease is not
+/// held is refused (`recorded: false`) and changes nothing, and the others
+/// are recorded all the same.
+pub(crate) async fn results(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<ResultsRequest>,
+) -> ApiResult<Json<Value>> {
+    let max = state.inner.limits.max_claim;
+    if req.results.is_empty() || req.results.len() > max {
+        return Err(ApiError::unprocessable_field(
+            "$.results",
+            format!("must hold from 1 to {max} results"),
+        ));
+    }
+    let mut outcomes = Vec::with_capacity(req.results.len());
+    let mut seen = std::collections::HashSet::with_capacity(req.results.len());
+    for (i, item) in req.results.into_iter().enumerate() {
+        if item.task_id < 1 {
+            return Err(ApiError::unprocessable_field(
+                format!("$.results[{i}].task_id"),
+                "must be a positive integer",
+            ));
+        }
+        if !seen.insert(item.task_id) {
+            return Err(ApiError::unprocessable_field(
+                format!("$.results[{i}].task_id"),
+                "appears twice: send one result per task",
+            ));
+        }
+        let result = match (item.output, item.error) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::unprocessable_field(
+                    format!("$.results[{i}]"),
+                    "has both output and error: send one",
+                ))
+            }
+            (_, Some(e)) => TaskResult::Failed(TaskFailure::new(e.message, e.retryable, e.details)),
+            (output, None) => TaskResult::Completed(output.unwrap_or(Value::Null)),
+        };
+        outcomes.push(TaskOutcome {
+            task_id: item.task_id,
+            lease_token: item.lease_token,
+            result,
+        });
+    }
+    let recorded = state.inner.store.finish_tasks(&outcomes).await?;
+    let refused = outcomes.len() - recorded.len();
+    if refused > 0 {
+        state.inner.metrics.stale_completions.inc_by(refused as u64);
+    }
+    if !recorded.is_empty() {
+        state.inner.notifier.request();
+    }
+    let items: Vec<Value> = outcomes
+        .iter()
+        .map(|o| json!({"task_id": o.task_id, "recorded": recorded.contains(&o.task_id)}))
+        .collect();
+    Ok(Json(json!({
+        "results": items,
+        "recorded": recorded.len(),
+        "refused": refused,
+    })))
 }

@@ -278,8 +278,8 @@ async fn enqueue(
 const EXTERNAL_QUEUE: &str = "bench.external";
 
 /// An external worker over HTTP: claims up to `max` tasks (waiting up to a
-/// second for some), completes each with its input as output, all at once,
-/// and again, until `stop`.
+/// second for some), and records their results (each its input) in one
+/// `POST /v1/tasks/results`, until `stop`.
 async fn external_worker(
     api: String,
     k: usize,
@@ -293,19 +293,19 @@ async fn external_worker(
         let url = format!("{api}/v1/queues/{EXTERNAL_QUEUE}/claim");
         let claimed: Value = http.post(url).json(&claim).send().await?.json().await?;
         let tasks = claimed["tasks"].as_array().cloned().unwrap_or_default();
-        let completions = tasks.iter().map(|t| {
-            let url = format!("{api}/v1/tasks/{}/complete", t["task_id"]);
-            let body = json!({"lease_token": t["lease_token"], "output": t["input"]});
-            let request = http.post(url).json(&body).send();
-            async move {
-                let status = request.await?.status();
-                if !status.is_success() {
-                    bail!("completing a task: HTTP {status}");
-                }
-                Ok(())
-            }
-        });
-        futures::future::try_join_all(completions).await?;
+        if tasks.is_empty() {
+            continue;
+        }
+        let results: Vec<Value> = tasks
+            .iter()
+            .map(|t| json!({"task_id": t["task_id"], "lease_token": t["lease_token"], "output": t["input"]}))
+            .collect();
+        let url = format!("{api}/v1/tasks/results");
+        let body = json!({ "results": results });
+        let answer = http.post(url).json(&body).send().await?;
+        if !answer.status().is_success() {
+            bail!("recording results: HTTP {}", answer.status());
+        }
     }
     Ok(())
 }

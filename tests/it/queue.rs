@@ -575,3 +575,85 @@ async fn claim_validation_names_the_field() {
     assert_eq!(body["tasks"], json!([]));
     node.shutdown().await;
 }
+
+/// POST /v1/tasks/results records many results at once, each as its own
+/// complete or fail would: a completion, a permanent failure and a stale
+/// token in one request give a completed instance, a failed one, and a
+/// refused item that changed nothing (its task is still leased). A bad item
+/// is named and records nothing.
+#[tokio::test]
+async fn results_of_many_tasks_are_recorded_at_once_item_by_item() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db).await;
+    put_single_task(&node, "many", "ext.many", json!({"max_attempts": 1})).await;
+    let ids = [
+        node.start_instance("many", json!({"n": 1})).await,
+        node.start_instance("many", json!({"n": 2})).await,
+        node.start_instance("many", json!({"n": 3})).await,
+    ];
+    let mut tasks = Vec::new();
+    while tasks.len() < 3 {
+        let body = json!({"worker": "w", "max": 3, "wait": "5s", "lease": "30s"});
+        tasks.extend(claim(&node, "ext.many", body).await);
+    }
+    let of = |id: &str| {
+        tasks
+            .iter()
+            .find(|t| t["instance_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let (done, failed, stale) = (of(&ids[0]), of(&ids[1]), of(&ids[2]));
+
+    let mut results = vec![
+        json!({"task_id": done["task_id"], "lease_token": done["lease_token"], "output": {"ok": 1}}),
+        json!({"task_id": failed["task_id"], "lease_token": failed["lease_token"],
+               "error": {"message": "no", "retryable": false}}),
+        json!({"task_id": stale["task_id"], "lease_token": "00000000-0000-0000-0000-000000000000",
+               "output": 3}),
+    ];
+    let twice =
+        json!({"task_id": stale["task_id"], "lease_token": stale["lease_token"], "output": 3});
+    let with_twice = [results.clone(), vec![twice]].concat();
+    let post = |results: Vec<Value>| {
+        node.call(
+            "POST",
+            "/v1/tasks/results",
+            Some(json!({ "results": results })),
+        )
+    };
+    let (status, body) = post(with_twice).await;
+    assert_eq!(status, 422, "a task twice is refused whole: {body}");
+    assert_eq!(body["errors"][0]["path"], "$.results[3].task_id", "{body}");
+
+    let (status, body) = post(std::mem::take(&mut results)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["recorded"].as_i64(), body["refused"].as_i64()),
+        (Some(2), Some(1)),
+        "{body}"
+    );
+    let recorded: Vec<bool> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["recorded"].as_bool().unwrap())
+        .collect();
+    assert_eq!(recorded, [true, true, false]);
+
+    let ended = node.wait_ended(&ids[0]).await;
+    assert_eq!(
+        (ended["status"].clone(), ended["output"].clone()),
+        (json!("completed"), json!({"ok": 1}))
+    );
+    assert_eq!(node.wait_ended(&ids[1]).await["status"], "failed");
+    let (_, third) = node
+        .call("GET", &format!("/v1/instances/{}", ids[2]), None)
+        .await;
+    assert_eq!(
+        step(&third, "work")["status"],
+        "running",
+        "{}",
+        pretty(&third)
+    );
+}
