@@ -115,8 +115,10 @@ impl Service for Advancer {
             return Ok(Advanced::default());
         }
         let started = Instant::now();
-        let tx = self.store.begin_advance().await?;
-        let batch = tx.lock_due(self.config.batch_size, owned.slots()).await?;
+        let (tx, batch) = self
+            .store
+            .begin_and_lock_due(self.config.batch_size, owned.slots())
+            .await?;
         for (id, e) in &batch.unreadable {
             tracing::error!(instance = %id, error = %Chain(e), "instance left as it is: it holds what this version of stead cannot read");
             self.metrics.db_error(Component::Advancer);
