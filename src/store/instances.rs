@@ -152,6 +152,9 @@ impl Store {
     ) -> Result<Vec<(String, StartOutcome)>> {
         let inputs: Vec<&Value> = items.iter().map(|(input, _)| input).collect();
         let ids: Vec<Option<&str>> = items.iter().map(|(_, id)| id.as_deref()).collect();
+        // No ids at all: a null array, which takes the function's one-insert
+        // path for generated ids.
+        let ids: Option<Vec<Option<&str>>> = ids.iter().any(Option::is_some).then_some(ids);
         let conn = self.conn().await?;
         let stmt = conn.prepare_cached(START_INSTANCES).await?;
         let rows = conn

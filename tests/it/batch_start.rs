@@ -166,6 +166,18 @@ async fn http_batch_of_the_wrong_shape_or_size_starts_nothing() {
     node.shutdown().await;
 }
 
+/// Batch starts compute each slot themselves: it must be `slot_for`'s.
+async fn assert_slots_are_slot_for(client: &tokio_postgres::Client) {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM stead.instances WHERE slot <> stead.slot_for(id)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 0, "every slot is slot_for(id)");
+}
+
 const START_MANY: &str = "SELECT stead.start_workflows('echo', $1::jsonb[], $2::text[])";
 
 #[tokio::test]
@@ -193,14 +205,7 @@ async fn sql_batch_is_all_or_nothing_and_rolls_back_with_the_caller() {
         assert_eq!(&node.wait_ended(id).await["output"], input);
     }
     // The batch computes each slot itself; it must be slot_for's.
-    let row = client
-        .query_one(
-            "SELECT count(*) FROM stead.instances WHERE slot <> stead.slot_for(id)",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, i64>(0), 0, "every slot is slot_for(id)");
+    assert_slots_are_slot_for(&client).await;
     // Idempotent per id: the same call again starts only the id-less item.
     let again = client.query(START_MANY, &[&inputs, &ids]).await.unwrap();
     assert_eq!(again[0].get::<_, String>(0), "s-1");
@@ -265,5 +270,54 @@ async fn stead_start_batch_sends_a_json_lines_file_in_requests_of_1000() {
     );
     assert_eq!(instance_count(&db).await, 1500);
     assert_eq!(node.wait_ended("f-1499").await["output"], json!(1499));
+    node.shutdown().await;
+}
+
+/// A batch without ids (from SQL with no ids array, or over HTTP with no
+/// item naming one) takes the one-insert path: every item is created, under
+/// a fresh id in input order, in the slot `slot_for` gives, and runs.
+#[tokio::test]
+async fn batches_without_ids_start_every_item_under_a_fresh_id() {
+    let db = TestDb::new().await;
+    let node = node_with_echo(&db).await;
+    let client = db.client().await;
+    let inputs: Vec<Value> = (0..50).map(|n| json!({ "n": n })).collect();
+    let rows = client
+        .query(
+            "SELECT stead.start_workflows('echo', $1::jsonb[])",
+            &[&inputs],
+        )
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+
+    let items: Vec<Value> = (50..60).map(|n| json!({"input": {"n": n}})).collect();
+    let (status, body) = node
+        .call(
+            "POST",
+            "/v1/workflows/echo/instances/batch",
+            Some(json!({ "items": items })),
+        )
+        .await;
+    assert_eq!(status, 200, "{}", pretty(&body));
+    assert_eq!(body["created"], 10, "{}", pretty(&body));
+    for (i, r) in body["results"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(
+            (r["index"].as_u64(), &r["outcome"]),
+            (Some(i as u64), &json!("created"))
+        );
+        ids.push(r["id"].as_str().unwrap().to_string());
+    }
+
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 60, "every id is fresh");
+    for (n, id) in ids.iter().enumerate() {
+        assert_eq!(
+            node.wait_ended(id).await["output"],
+            json!({ "n": n }),
+            "{id}"
+        );
+    }
+    assert_slots_are_slot_for(&client).await;
     node.shutdown().await;
 }
