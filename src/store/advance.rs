@@ -30,16 +30,24 @@ const LOCK_DUE_INSTANCES: &str = "
         (SELECT DISTINCT instance_id FROM tasks
          WHERE status IN ('completed', 'failed') AND slot = ANY($2) LIMIT $1)
     )
-    SELECT i.id, i.workflow_name, i.workflow_version, i.slot, i.status, i.input, i.output,
-           i.error, i.state_version, i.event_seq, statement_timestamp(), i.ending, i.deadline_at,
-           CASE WHEN i.cancel_requested_at IS NOT NULL
-                THEN coalesce(i.cancel_reason, 'cancelled') END,
-           i.retry_requested_at IS NOT NULL, i.created_at,
-           EXISTS (SELECT 1 FROM signals g WHERE g.instance_id = i.id AND g.consumed_at IS NULL)
-    FROM instances i
-    WHERE i.id IN (SELECT id FROM due)
-    LIMIT $1
-    FOR UPDATE OF i SKIP LOCKED";
+    -- Each due instance is locked by its key (a LATERAL probe, which the
+    -- planner cannot turn into a hash join over the whole table).
+    SELECT i.*
+    FROM due d
+    CROSS JOIN LATERAL (
+        SELECT i.id, i.workflow_name, i.workflow_version, i.slot, i.status, i.input, i.output,
+               i.error, i.state_version, i.event_seq, statement_timestamp(), i.ending,
+               i.deadline_at,
+               CASE WHEN i.cancel_requested_at IS NOT NULL
+                    THEN coalesce(i.cancel_reason, 'cancelled') END,
+               i.retry_requested_at IS NOT NULL, i.created_at,
+               EXISTS (SELECT 1 FROM signals g
+                       WHERE g.instance_id = i.id AND g.consumed_at IS NULL)
+        FROM instances i
+        WHERE i.id = d.id
+        FOR UPDATE OF i SKIP LOCKED
+    ) i
+    LIMIT $1";
 
 // The loads look up each instance by its key, one index probe per id
 // (a LATERAL subquery behind OFFSET 0, which the planner cannot flatten into
