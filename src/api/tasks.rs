@@ -1,6 +1,7 @@
 //! The external-worker protocol: claim, heartbeat, complete, fail, and the
 //! results of many tasks at once.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, State};
@@ -214,16 +215,20 @@ pub(crate) async fn fail(
     TaskId(task_id): TaskId,
     ApiJson(req): ApiJson<FailRequest>,
 ) -> ApiResult<Json<Value>> {
-    // `expired` is not a field a worker may send: only the reaper sets it.
-    let e = req.error;
-    let failure = TaskFailure::new(e.message, e.retryable, e.details);
     finish(
         &state,
         task_id,
         req.lease_token,
-        TaskResult::Failed(failure),
+        TaskResult::Failed(req.error.into()),
     )
     .await
+}
+
+impl From<FailError> for TaskFailure {
+    /// `expired` is not a field a worker may send: only the reaper sets it.
+    fn from(e: FailError) -> Self {
+        TaskFailure::new(e.message, e.retryable, e.details)
+    }
 }
 
 async fn finish(
@@ -232,21 +237,35 @@ async fn finish(
     lease_token: Uuid,
     result: TaskResult,
 ) -> ApiResult<Json<Value>> {
-    let recorded = state
-        .inner
-        .store
-        .finish_tasks(&[TaskOutcome {
-            task_id,
-            lease_token,
-            result,
-        }])
-        .await?;
-    if recorded.is_empty() {
-        state.inner.metrics.stale_completions.inc();
+    let outcome = TaskOutcome {
+        task_id,
+        lease_token,
+        result,
+    };
+    if record(state, &[outcome]).await?.is_empty() {
         return Err(lease_lost(task_id));
     }
-    state.inner.notifier.request();
     Ok(Json(json!({ "task_id": task_id, "recorded": true })))
+}
+
+/// Records results whose leases are still held; returns their task ids.
+/// The refused ones are counted as stale; any recorded one wakes the engine.
+async fn record(state: &AppState, outcomes: &[TaskOutcome]) -> ApiResult<HashSet<i64>> {
+    let recorded: HashSet<i64> = state
+        .inner
+        .store
+        .finish_tasks(outcomes)
+        .await?
+        .into_iter()
+        .collect();
+    let refused = outcomes.len() - recorded.len();
+    if refused > 0 {
+        state.inner.metrics.stale_completions.inc_by(refused as u64);
+    }
+    if !recorded.is_empty() {
+        state.inner.notifier.request();
+    }
+    Ok(recorded)
 }
 
 #[derive(Deserialize)]
@@ -281,7 +300,7 @@ pub(crate) async fn results(
         ));
     }
     let mut outcomes = Vec::with_capacity(req.results.len());
-    let mut seen = std::collections::HashSet::with_capacity(req.results.len());
+    let mut seen = HashSet::with_capacity(req.results.len());
     for (i, item) in req.results.into_iter().enumerate() {
         if item.task_id < 1 {
             return Err(ApiError::unprocessable_field(
@@ -302,7 +321,7 @@ pub(crate) async fn results(
                     "has both output and error: send one",
                 ))
             }
-            (_, Some(e)) => TaskResult::Failed(TaskFailure::new(e.message, e.retryable, e.details)),
+            (_, Some(e)) => TaskResult::Failed(e.into()),
             (output, None) => TaskResult::Completed(output.unwrap_or(Value::Null)),
         };
         outcomes.push(TaskOutcome {
@@ -311,14 +330,8 @@ pub(crate) async fn results(
             result,
         });
     }
-    let recorded = state.inner.store.finish_tasks(&outcomes).await?;
+    let recorded = record(&state, &outcomes).await?;
     let refused = outcomes.len() - recorded.len();
-    if refused > 0 {
-        state.inner.metrics.stale_completions.inc_by(refused as u64);
-    }
-    if !recorded.is_empty() {
-        state.inner.notifier.request();
-    }
     let items: Vec<Value> = outcomes
         .iter()
         .map(|o| json!({"task_id": o.task_id, "recorded": recorded.contains(&o.task_id)}))

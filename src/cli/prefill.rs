@@ -103,9 +103,7 @@ async fn run_on(url: &str, args: &PrefillArgs, where_: &str) -> anyhow::Result<(
         let latency = idle_latency(url, args).await?;
         println!("{latency}");
     }
-    sql.batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-        .await?;
-    Ok(())
+    reset_schema(&sql).await
 }
 
 async fn connect(url: &str) -> anyhow::Result<Client> {

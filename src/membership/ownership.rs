@@ -74,10 +74,14 @@ impl Ownership {
         q.extend(slots.into_iter().map(|s| (s, until)));
     }
 
-    /// Whether the slot's attempts may run inline now.
-    pub(crate) fn inline_allowed(&self, slot: i32) -> bool {
+    /// The slots whose attempts may not run inline now (usually none).
+    pub(crate) fn quarantined(&self) -> Vec<i32> {
         let q = self.inner.quarantined_until.lock().expect("ownership lock");
-        q.get(&slot).map_or(true, |t| Instant::now() >= *t)
+        let now = Instant::now();
+        q.iter()
+            .filter(|(_, t)| now < **t)
+            .map(|(s, _)| *s)
+            .collect()
     }
 
     pub(super) fn vouch(&self, until: Instant) {

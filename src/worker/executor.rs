@@ -152,11 +152,15 @@ impl LocalExecution {
     /// `n` concurrency permits, or none if fewer are free: inline attempts
     /// share the member's `worker_concurrency` with claimed ones.
     pub(crate) fn try_permits(&self, n: usize) -> Option<Vec<OwnedSemaphorePermit>> {
-        let mut permits = Vec::with_capacity(n);
-        for _ in 0..n {
-            permits.push(self.room.clone().try_acquire_owned().ok()?);
-        }
+        let mut all = self.room.clone().try_acquire_many_owned(n as u32).ok()?;
+        let mut permits: Vec<OwnedSemaphorePermit> = (1..n).filter_map(|_| all.split(1)).collect();
+        permits.push(all);
         Some(permits)
+    }
+
+    /// Whether any concurrency permit is free.
+    pub(crate) fn has_room(&self) -> bool {
+        self.room.available_permits() > 0
     }
 
     /// Starts one attempt in the background; it holds `permit` until it ends.

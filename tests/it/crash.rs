@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::fault_harness::Probe;
+use crate::harness::SANITY_LIMIT;
 use crate::hold_server::HoldServer;
 use crate::support::check_histories;
 use crate::{wait_until, ServeProcess, TestDb};
@@ -73,6 +74,26 @@ async fn recover(db: &TestDb, server: &HoldServer, instances: i64) -> ServeProce
     second
 }
 
+/// Waits until the first process has completed `KILL_AFTER` instances.
+async fn wait_some_completed(client: &tokio_postgres::Client) {
+    wait_until(
+        "some instances complete on the first process",
+        SANITY_LIMIT,
+        || async move { completed(client).await >= KILL_AFTER },
+    )
+    .await;
+}
+
+/// Waits until `held` calls are held in flight at the server.
+async fn wait_held(server: &HoldServer, held: usize) {
+    wait_until(
+        "the held calls are in flight",
+        SANITY_LIMIT,
+        || async move { server.waiting() == held },
+    )
+    .await;
+}
+
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -101,20 +122,8 @@ async fn kill_9_mid_run_loses_nothing_and_records_each_step_once() {
     let client = db.client().await;
     start_wave(&client, 1, INSTANCES).await;
 
-    let c = &client;
-    wait_until(
-        "some instances complete on the first process",
-        Duration::from_secs(60),
-        || async move { completed(c).await >= KILL_AFTER },
-    )
-    .await;
-    let s = &server;
-    wait_until(
-        "the first process has the held attempts in flight",
-        Duration::from_secs(60),
-        || async move { s.waiting() == HELD.count() },
-    )
-    .await;
+    wait_some_completed(&client).await;
+    wait_held(&server, HELD.count()).await;
     tokio::task::block_in_place(|| first.kill9());
     let t_kill = t0.elapsed();
     // The process is gone: nothing changes any more until the next starts.
@@ -258,21 +267,9 @@ async fn kill_9_during_inline_execution_loses_nothing_and_records_each_step_once
     // A first wave runs while the second, with the held calls, arrives.
     let client = db.client().await;
     start_wave(&client, 1, 400).await;
-    let c = &client;
-    wait_until(
-        "some instances complete on the first process",
-        Duration::from_secs(60),
-        || async move { completed(c).await >= KILL_AFTER },
-    )
-    .await;
+    wait_some_completed(&client).await;
     start_wave(&client, 1_001, 400).await;
-    let s = &server;
-    wait_until(
-        "the held calls are in flight",
-        Duration::from_secs(60),
-        || async move { s.waiting() == HELD_INLINE.count() },
-    )
-    .await;
+    wait_held(&server, HELD_INLINE.count()).await;
     // Inline: the held attempts have no task row and their instances no
     // committed step.
     let held_ids: Vec<String> = HELD_INLINE.map(|n| format!("crash-{n}")).collect();
@@ -371,14 +368,14 @@ async fn an_attempt_whose_node_dies_inline_is_counted_on_the_next_one() {
     // On the first member the attempt runs inline: no task row.
     let s = &server;
     let calls = |n: usize| async move { s.seen().len() == n && s.waiting() == 1 };
-    wait_until("the first call is in flight", SANITY, || calls(1)).await;
+    wait_until("the first call is in flight", SANITY_LIMIT, || calls(1)).await;
     assert_eq!(task_rows().await, vec![], "the first run is inline");
     tokio::task::block_in_place(|| first.kill9());
 
     // The next member inherits the slot from a dead holder: the rerun is a
     // leased task row, attempt 1, before the call is made.
     let mut second = ServeProcess::spawn(&db.url, "b", &args).await;
-    wait_until("the second call is in flight", SANITY, || calls(2)).await;
+    wait_until("the second call is in flight", SANITY_LIMIT, || calls(2)).await;
     assert_eq!(task_rows().await, vec![("leased".to_string(), 1)]);
     tokio::task::block_in_place(|| second.kill9());
 
@@ -386,7 +383,7 @@ async fn an_attempt_whose_node_dies_inline_is_counted_on_the_next_one() {
     server.release();
     let third = ServeProcess::spawn(&db.url, "c", FAST_RECOVERY).await;
     let c = &client;
-    wait_until("the instance completes", SANITY, || async move {
+    wait_until("the instance completes", SANITY_LIMIT, || async move {
         completed(c).await == 1
     })
     .await;
@@ -406,5 +403,3 @@ async fn an_attempt_whose_node_dies_inline_is_counted_on_the_next_one() {
     check_histories(&Probe::new(&db.url), 3).await;
     drop(third);
 }
-
-const SANITY: Duration = Duration::from_secs(60);

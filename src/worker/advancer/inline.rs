@@ -198,8 +198,9 @@ impl InlineRun<'_> {
     /// Runs inline what can be, until nothing can or the budget is spent.
     pub(super) async fn run(&mut self, work: &mut [Working]) {
         let deadline = tokio::time::Instant::now() + self.budget;
+        let quarantined = self.ownership.quarantined();
         let mut waiting: VecDeque<usize> = (0..work.len())
-            .filter(|&i| self.ownership.inline_allowed(self.batch[work[i].due].slot))
+            .filter(|&i| !quarantined.contains(&self.batch[work[i].due].slot))
             .filter(|&i| decision_runs_inline(work[i].fresh_commands(), self.has_handler()))
             .collect();
         let mut running = FuturesUnordered::new();
@@ -208,6 +209,9 @@ impl InlineRun<'_> {
             // Start whatever fits in the free permits (an instance needing
             // more than are free waits for attempts to end).
             for _ in 0..waiting.len() {
+                if !self.local.has_room() {
+                    break;
+                }
                 let i = waiting.pop_front().expect("counted");
                 if !self.start(&mut work[i], i, &mut running, &mut meta) {
                     waiting.push_back(i);
@@ -242,12 +246,14 @@ impl InlineRun<'_> {
         running: &mut FuturesUnordered<Running>,
         meta: &mut Vec<Option<Meta>>,
     ) -> bool {
-        let attempts: Vec<usize> = (w.fresh..w.decision.commands.len())
-            .filter(|&c| matches!(w.decision.commands[c], Command::EnqueueTask { .. }))
-            .collect();
-        let Some(permits) = self.local.try_permits(attempts.len()) else {
+        let is_attempt = |c: &Command| matches!(c, Command::EnqueueTask { .. });
+        let count = w.fresh_commands().iter().filter(|c| is_attempt(c)).count();
+        let Some(permits) = self.local.try_permits(count) else {
             return false;
         };
+        let attempts: Vec<usize> = (w.fresh..w.decision.commands.len())
+            .filter(|&c| is_attempt(&w.decision.commands[c]))
+            .collect();
         let due = &self.batch[w.due];
         let started_at = self.now();
         // Take the attempts out of the decision (the rest stays to be written).

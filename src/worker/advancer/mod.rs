@@ -156,7 +156,7 @@ impl Service for Advancer {
         let mut handovers = Vec::new();
         for w in work {
             let due = &batch.instances[w.due];
-            plan.record_inline(&w.def, due, &w.steps_before, w.state, w.decision, w.inline);
+            plan.record(&w.def, due, &w.steps_before, w.state, w.decision, w.inline);
             handovers.extend(w.handovers);
         }
         match tx.commit(plan.finish()).await {

@@ -151,25 +151,13 @@ impl Plan {
         let (mut state, events) = engine_inputs(def, due);
         let steps_before: Vec<StepStatus> = state.steps.iter().map(|s| s.status).collect();
         let decision = engine::decide(def, &mut state, &events, ctx);
-        self.record(def, due, &steps_before, state, decision);
+        self.record(def, due, &steps_before, state, decision, Inline::default());
     }
 
     /// The writes and observations of one decision. `steps_before` are the
-    /// step statuses the decision started from.
-    #[cfg(test)]
+    /// step statuses the decision started from; `inline` what running its
+    /// attempts inline added (nothing, for a decision that ran none).
     pub(super) fn record(
-        &mut self,
-        def: &Definition,
-        due: &DueInstance,
-        steps_before: &[StepStatus],
-        state: InstanceState,
-        decision: Decision,
-    ) {
-        self.record_inline(def, due, steps_before, state, decision, Inline::default());
-    }
-
-    /// `record`, for a decision whose attempts (some of them) ran inline.
-    pub(super) fn record_inline(
         &mut self,
         def: &Definition,
         due: &DueInstance,
@@ -306,7 +294,7 @@ impl Plan {
                 timeout_ms,
                 idempotency_key,
             } => {
-                if attempt > 1 && lease.is_none() {
+                if attempt > 1 {
                     let kind = attempt_kind(def, step, purpose);
                     self.observed.retries.push(labels(due, kind, &queue));
                 }

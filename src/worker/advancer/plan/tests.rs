@@ -295,7 +295,14 @@ fn commands_become_their_rows() {
         wake_at: Some(now() + Duration::minutes(5)),
     };
     let mut plan = Plan::new(now(), "m-1");
-    plan.record(&def, &d, &[StepStatus::Pending; 2], state, decision);
+    plan.record(
+        &def,
+        &d,
+        &[StepStatus::Pending; 2],
+        state,
+        decision,
+        Inline::default(),
+    );
     let w = &plan.writes;
     assert_eq!(
         w.children,
