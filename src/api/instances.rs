@@ -141,9 +141,14 @@ pub(crate) async fn get(
             .map_err(|e| ApiError::bad_field("query.wait", e))?
             .min(state.inner.limits.max_wait_ms),
     };
-    let record = wait_for_end(&state, &id, wait_ms).await?;
+    if wait_ms > 0 {
+        wait_for_end(&state, &id, wait_ms).await?;
+    }
     let store = &state.inner.store;
-    let steps = store.get_steps(&id).await?;
+    let (record, steps) = store
+        .get_instance_with_steps(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("instance {id:?} does not exist")))?;
     let def = state
         .inner
         .definitions
@@ -170,8 +175,9 @@ pub(crate) async fn get(
     Ok(Json(body))
 }
 
-/// Reads the instance, waiting up to `wait_ms` for it to end.
-async fn wait_for_end(state: &AppState, id: &str, wait_ms: u64) -> ApiResult<InstanceRecord> {
+/// Waits up to `wait_ms` for the instance to end (404 if it does not
+/// exist); the caller reads what it shows afterwards.
+async fn wait_for_end(state: &AppState, id: &str, wait_ms: u64) -> ApiResult<()> {
     let store = &state.inner.store;
     // Subscribe before reading, so an end between the read and the wait is
     // not missed.
@@ -183,7 +189,7 @@ async fn wait_for_end(state: &AppState, id: &str, wait_ms: u64) -> ApiResult<Ins
             .await?
             .ok_or_else(|| ApiError::not_found(format!("instance {id:?} does not exist")))?;
         if record.status.is_terminal() || tokio::time::Instant::now() >= deadline {
-            return Ok(record);
+            return Ok(());
         }
         let poll = tokio::time::Instant::now() + std::time::Duration::from_millis(WAIT_POLL_MS);
         let until = poll.min(deadline);

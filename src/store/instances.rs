@@ -172,6 +172,38 @@ impl Store {
         row.as_ref().map(instance_from_row).transpose()
     }
 
+    /// The instance and the steps that have left `pending` (in definition
+    /// order), as of one snapshot. Two reads in read
+    /// committed mode could straddle an advance's commit and show steps
+    /// running under an instance still `pending`.
+    pub(crate) async fn get_instance_with_steps(
+        &self,
+        id: &str,
+    ) -> Result<Option<(InstanceRecord, Vec<StepRecord>)>> {
+        let mut conn = self.conn().await?;
+        let tx = conn
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let instance_stmt = tx.prepare_cached(GET_INSTANCE).await?;
+        let steps_stmt = tx.prepare_cached(GET_STEPS).await?;
+        // Pipelined: both statements go out before either answer is read.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+        let (row, step_rows) = tokio::try_join!(
+            tx.query_opt(&instance_stmt, &params),
+            tx.query(&steps_stmt, &params)
+        )?;
+        tx.commit().await?;
+        let Some(row) = row else { return Ok(None) };
+        let steps = step_rows
+            .iter()
+            .map(step_record_from_row)
+            .collect::<Result<_>>()?;
+        Ok(Some((instance_from_row(&row)?, steps)))
+    }
+
     pub(crate) async fn list_instances(
         &self,
         filter: &InstanceFilter,
@@ -195,21 +227,6 @@ impl Store {
             )
             .await?;
         rows.iter().map(instance_from_row).collect()
-    }
-
-    /// The steps that have left `pending`, in definition order.
-    pub(crate) async fn get_steps(&self, id: &str) -> Result<Vec<StepRecord>> {
-        let conn = self.conn().await?;
-        let stmt = conn.prepare_cached(GET_STEPS).await?;
-        let rows = conn.query(&stmt, &[&id]).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(StepRecord {
-                    step: step_from_row(r, 0)?,
-                    leased: r.get(13),
-                })
-            })
-            .collect()
     }
 
     /// Delivers a signal; returns its id.
@@ -237,4 +254,11 @@ impl Store {
         let rows = conn.query(GET_HISTORY, &[&id]).await?;
         rows.iter().map(event_from_row).collect()
     }
+}
+
+fn step_record_from_row(r: &tokio_postgres::Row) -> Result<StepRecord> {
+    Ok(StepRecord {
+        step: step_from_row(r, 0)?,
+        leased: r.get(13),
+    })
 }

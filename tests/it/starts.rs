@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use crate::support::wait_parked;
+use crate::support::{step, wait_parked};
 use crate::{pretty, wait_until, TestDb, TestNode};
 
 async fn start(node: &TestNode, workflow: &str, body: Value) -> (u16, Value) {
@@ -221,6 +221,70 @@ async fn concurrent_starts_with_one_id_make_one_instance() {
 }
 
 /// Every instance id of a paginated list walk, page by page.
+/// An instance read shows one moment: the instance row and its steps come
+/// from one snapshot. Read one after the other, a poll could straddle an
+/// advance's commit and show steps completed under an instance still
+/// `pending` (CI caught it once in the cancel test). Here a writer holds
+/// `steps` locked, so the read's steps query waits; meanwhile the writer
+/// marks the instance and its step and commits. The read must show both
+/// marks or neither.
+#[tokio::test]
+async fn an_instance_read_shows_the_instance_and_its_steps_from_one_moment() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db).await;
+    node.put_workflow("nap", json!({"steps": [{"id": "nap", "sleep": "1h"}]}))
+        .await;
+    let id = node.start_instance("nap", json!({})).await;
+    node.wait_step(&id, "nap", "waiting").await;
+
+    let mut writer = db.client().await;
+    let tx = writer.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE stead.steps IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let path = format!("/v1/instances/{id}");
+    let read = node.call("GET", &path, None);
+    let write = async {
+        wait_until(
+            "the read to wait for the lock on steps",
+            Duration::from_secs(10),
+            || async { waiting_on_lock(&db).await },
+        )
+        .await;
+        for sql in [
+            "UPDATE stead.instances SET output = '{\"mark\": 1}' WHERE id = $1",
+            "UPDATE stead.steps SET output = '{\"mark\": 1}' WHERE instance_id = $1",
+        ] {
+            tx.execute(sql, &[&id]).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    };
+    let ((status, body), ()) = tokio::join!(read, write);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["output"] == json!({"mark": 1}),
+        step(&body, "nap")["output"] == json!({"mark": 1}),
+        "the instance and its step from different moments: {}",
+        pretty(&body)
+    );
+    node.shutdown().await;
+}
+
+/// Whether some session of the test database waits for a lock.
+async fn waiting_on_lock(db: &TestDb) -> bool {
+    let client = db.client().await;
+    let waiting: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    waiting > 0
+}
+
 async fn walk(node: &TestNode, query: &str, limit: usize) -> Vec<Vec<Value>> {
     let mut pages = Vec::new();
     let mut cursor: Option<String> = None;
