@@ -261,6 +261,7 @@ fn spawn_engine(
         definitions: parts.definitions.clone(),
         ownership: ownership.clone(),
         metrics: parts.metrics.clone(),
+        wakeups: parts.wakeups.clone(),
     };
     let polling = Pacing::every(tuning.poll_interval_ms, tuning.error_backoff_ms);
     sup.service(advancer, polling, parts.wakeups.advance.subscribe());

@@ -22,6 +22,11 @@ use crate::model::{
 /// (start, timers, signals, requests) and ones with unrecorded task results.
 /// The engine's clock is this statement's start (not the transaction's): the
 /// snapshot is taken then, so every result it sees finished before it.
+/// Opens an advance transaction. Its statements are written so that their
+/// plans do not depend on parameter values or fresh statistics (keyed
+/// probes), so the generic plan is the right one, and planning each bind
+/// again cost about 0.3 ms per statement: a third of the idle latency.
+const BEGIN_ADVANCE: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
 const LOCK_DUE_INSTANCES: &str = "
     WITH due AS (
         (SELECT id FROM instances
@@ -522,7 +527,8 @@ impl Store {
         let c = tx.client();
         let stmt = c.prepare_cached(LOCK_DUE_INSTANCES).await?;
         let params: [&(dyn ToSql + Sync); 2] = [&(limit as i64), &slots];
-        let ((), rows) = futures::try_join!(c.batch_execute("BEGIN"), c.query(&stmt, &params))?;
+        let ((), rows) =
+            futures::try_join!(c.batch_execute(BEGIN_ADVANCE), c.query(&stmt, &params))?;
         let batch = tx.due_batch(&rows).await?;
         Ok((tx, batch))
     }
@@ -536,7 +542,7 @@ impl Store {
             conn: Some(conn),
             done: false,
         };
-        tx.client().batch_execute("BEGIN").await?;
+        tx.client().batch_execute(BEGIN_ADVANCE).await?;
         Ok(tx)
     }
 }

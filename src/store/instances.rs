@@ -25,19 +25,24 @@ const LIST_INSTANCES: &str = "
       AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
     ORDER BY created_at DESC, id DESC
     LIMIT $5";
-/// The steps of an instance with, for each, whether a worker holds a lease
-/// on its current attempt (and since when).
-const GET_STEPS: &str = "
-    SELECT s.step_id, s.status, s.attempt, s.input, s.output, s.error,
+/// An instance and its steps in one statement, so in one snapshot: a row
+/// per step that has left `pending` (in definition order), or one row with
+/// null step columns. Each step says whether a worker holds a lease on its
+/// current attempt (and since when).
+const GET_INSTANCE_WITH_STEPS: &str = "
+    SELECT i.id, i.workflow_name, i.workflow_version, i.status, i.input, i.output, i.error,
+           i.created_at, i.started_at, i.updated_at, i.ended_at, i.parent_id,
+           s.step_id, s.status, s.attempt, s.input, s.output, s.error,
            s.scheduled_at, coalesce(t.leased_at, s.started_at), s.ended_at, s.wake_at,
            s.completion_order, s.items, s.compensation, t.leased_at IS NOT NULL
-    FROM steps s
+    FROM instances i
+    LEFT JOIN steps s ON s.instance_id = i.id
     LEFT JOIN LATERAL (
         SELECT leased_at FROM tasks
         WHERE instance_id = s.instance_id AND step_id = s.step_id AND status = 'leased'
           AND purpose = 'run' AND kind <> 'workflow' AND item IS NULL
         LIMIT 1) t ON true
-    WHERE s.instance_id = $1
+    WHERE i.id = $1
     ORDER BY s.position";
 const SEND_SIGNAL: &str = "SELECT send_signal($1, $2, $3)";
 const REQUEST_CANCEL: &str = "SELECT request_cancel($1, $2)";
@@ -173,35 +178,30 @@ impl Store {
     }
 
     /// The instance and the steps that have left `pending` (in definition
-    /// order), as of one snapshot. Two reads in read
-    /// committed mode could straddle an advance's commit and show steps
-    /// running under an instance still `pending`.
+    /// order), as of one snapshot: read one after the other, they could
+    /// straddle an advance's commit and show steps running under an
+    /// instance still `pending`.
     pub(crate) async fn get_instance_with_steps(
         &self,
         id: &str,
     ) -> Result<Option<(InstanceRecord, Vec<StepRecord>)>> {
-        let mut conn = self.conn().await?;
-        let tx = conn
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
-        let instance_stmt = tx.prepare_cached(GET_INSTANCE).await?;
-        let steps_stmt = tx.prepare_cached(GET_STEPS).await?;
-        // Pipelined: both statements go out before either answer is read.
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
-        let (row, step_rows) = tokio::try_join!(
-            tx.query_opt(&instance_stmt, &params),
-            tx.query(&steps_stmt, &params)
-        )?;
-        tx.commit().await?;
-        let Some(row) = row else { return Ok(None) };
-        let steps = step_rows
+        let conn = self.conn().await?;
+        let stmt = conn.prepare_cached(GET_INSTANCE_WITH_STEPS).await?;
+        let rows = conn.query(&stmt, &[&id]).await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let steps = rows
             .iter()
-            .map(step_record_from_row)
+            .filter(|r| r.get::<_, Option<&str>>(12).is_some())
+            .map(|r| {
+                Ok(StepRecord {
+                    step: step_from_row(r, 12)?,
+                    leased: r.get(25),
+                })
+            })
             .collect::<Result<_>>()?;
-        Ok(Some((instance_from_row(&row)?, steps)))
+        Ok(Some((instance_from_row(first)?, steps)))
     }
 
     pub(crate) async fn list_instances(
@@ -254,11 +254,4 @@ impl Store {
         let rows = conn.query(GET_HISTORY, &[&id]).await?;
         rows.iter().map(event_from_row).collect()
     }
-}
-
-fn step_record_from_row(r: &tokio_postgres::Row) -> Result<StepRecord> {
-    Ok(StepRecord {
-        step: step_from_row(r, 0)?,
-        leased: r.get(13),
-    })
 }

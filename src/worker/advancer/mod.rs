@@ -23,6 +23,7 @@ use crate::membership::Ownership;
 use crate::metrics::{Component, Metrics};
 use crate::service::{Next, Service};
 use crate::store::{DueBatch, Store, StoreError};
+use crate::wakeups::Wakeups;
 use crate::worker::executor::LocalExecution;
 use inline::{Handover, InlineRun, Working};
 use plan::Plan;
@@ -45,6 +46,9 @@ pub(crate) struct Advancer {
     pub metrics: Arc<Metrics>,
     /// The member's in-process execution, for running attempts inline.
     pub local: Option<LocalExecution>,
+    /// This process's waiters on ended instances are told at once; other
+    /// processes hear of it from the batch's NOTIFY.
+    pub wakeups: Wakeups,
 }
 
 /// What one batch did.
@@ -171,6 +175,11 @@ impl Service for Advancer {
         self.metrics
             .advance_batch_seconds
             .observe(started.elapsed().as_secs_f64());
+        if self.wakeups.ended.receiver_count() > 0 {
+            for e in &plan.observed.ended {
+                let _ = self.wakeups.ended.send(Arc::from(e.id.as_str()));
+            }
+        }
         plan.observed.apply(&self.metrics);
         Ok(Advanced {
             instances: batch.instances.len(),
