@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::notify::NOTIFY_ADVANCE;
@@ -11,14 +12,26 @@ use super::{Result, Store};
 use crate::model::{TaskFailure, TaskResult, TaskStatus};
 
 /// Claims up to $2 ready tasks of the queues $1 for worker $3 under a lease
-/// of $4 ms, bounded by each task's per-attempt timeout.
+/// of $4 ms, bounded by each task's per-attempt timeout; oldest first. Each
+/// queue is read in its own index order (a LATERAL probe of `tasks_ready`): with
+/// `queue = ANY($1)` the index cannot give the order, and every claim read
+/// and sorted the queue's whole backlog. The picked rows are updated by id
+/// (`= ANY`): joined instead, a generic plan that guesses the LIMIT at a
+/// tenth of the table merge-joins the whole primary key. Rows of one queue
+/// locked here but cut by the outer LIMIT are released at commit.
 const CLAIM_TASKS: &str = "
     WITH picked AS (
-        SELECT id FROM tasks
-        WHERE queue = ANY($1) AND status = 'ready' AND run_at <= now()
-        ORDER BY run_at, id
+        SELECT p.id
+        FROM unnest($1::text[]) AS q(queue)
+        CROSS JOIN LATERAL (
+            SELECT id, run_at FROM tasks
+            WHERE queue = q.queue AND status = 'ready' AND run_at <= now()
+            ORDER BY run_at, id
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+        ) p
+        ORDER BY p.run_at, p.id
         LIMIT $2
-        FOR UPDATE SKIP LOCKED
     )
     UPDATE tasks t
     SET status = 'leased',
@@ -29,8 +42,7 @@ const CLAIM_TASKS: &str = "
         lease_expires_at = LEAST(now() + $4::float8 * interval '1 millisecond',
                                  coalesce(now() + t.timeout_ms * interval '1 millisecond',
                                           'infinity'))
-    FROM picked
-    WHERE t.id = picked.id
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.queue, t.lease_token, t.instance_id, t.step_id, t.attempt,
               t.idempotency_key, t.input, t.lease_expires_at, t.timeout_ms,
               greatest(extract(epoch FROM t.leased_at - t.run_at), 0)::float8";
@@ -44,14 +56,27 @@ const HEARTBEAT_TASK: &str = "
 
 /// Records the results of leased tasks whose lease is still held; returns
 /// the ids it recorded. (The caller wakes the engine through the coalescing
-/// notifier: a NOTIFY per statement would serialise commits.)
+/// notifier: a NOTIFY per statement would serialise commits.) The rows are
+/// found by id alone and locked first, so the lease is judged on their
+/// latest version; the update then finds them by id only (`= ANY`, an
+/// index probe whatever the plan's row estimates). With the lease's
+/// conditions on the updated table, the planner may scan all of
+/// `tasks_leased` (which those conditions imply) whenever its statistics
+/// say the table is small, and each call read every leased task.
 const FINISH_TASKS: &str = "
+    WITH held AS (
+        SELECT t.id, t.lease_token, t.status, t.lease_expires_at
+        FROM tasks t
+        WHERE t.id = ANY($1::bigint[])
+        FOR UPDATE OF t
+    )
     UPDATE tasks t
     SET status = d.status, output = d.output, error = d.error, finished_at = now()
     FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[])
-         AS d(id, token, status, output, error)
-    WHERE t.id = d.id AND t.lease_token = d.token AND t.status = 'leased'
-      AND t.lease_expires_at > now()
+             AS d(id, token, status, output, error),
+         held h
+    WHERE h.id = d.id AND h.lease_token = d.token AND h.status = 'leased'
+      AND h.lease_expires_at > now() AND t.id = h.id AND t.id = ANY($1::bigint[])
     RETURNING t.id";
 
 /// Locks up to $1 expired leases of the slots $2, with the timeout they ran
@@ -132,11 +157,8 @@ impl Store {
         max: i64,
         lease_ms: u64,
     ) -> Result<Vec<ClaimedTask>> {
-        let conn = self.conn().await?;
-        let stmt = conn.prepare_cached(CLAIM_TASKS).await?;
-        let rows = conn
-            .query(&stmt, &[&queues, &max, &worker, &(lease_ms as f64)])
-            .await?;
+        let params: [&(dyn ToSql + Sync); 4] = [&queues, &max, &worker, &(lease_ms as f64)];
+        let rows = self.query_keyed(CLAIM_TASKS, &params).await?;
         Ok(rows.iter().map(claimed_from_row).collect())
     }
 
@@ -177,11 +199,8 @@ impl Store {
             outputs.push(output);
             errors.push(error);
         }
-        let conn = self.conn().await?;
-        let stmt = conn.prepare_cached(FINISH_TASKS).await?;
-        let rows = conn
-            .query(&stmt, &[&ids, &tokens, &statuses, &outputs, &errors])
-            .await?;
+        let params: [&(dyn ToSql + Sync); 5] = [&ids, &tokens, &statuses, &outputs, &errors];
+        let rows = self.query_keyed(FINISH_TASKS, &params).await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
