@@ -141,14 +141,8 @@ pub(crate) async fn get(
             .map_err(|e| ApiError::bad_field("query.wait", e))?
             .min(state.inner.limits.max_wait_ms),
     };
-    if wait_ms > 0 {
-        wait_for_end(&state, &id, wait_ms).await?;
-    }
+    let (record, steps) = read_when_ended(&state, &id, wait_ms).await?;
     let store = &state.inner.store;
-    let (record, steps) = store
-        .get_instance_with_steps(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("instance {id:?} does not exist")))?;
     let def = state
         .inner
         .definitions
@@ -175,21 +169,27 @@ pub(crate) async fn get(
     Ok(Json(body))
 }
 
-/// Waits up to `wait_ms` for the instance to end (404 if it does not
-/// exist); the caller reads what it shows afterwards.
-async fn wait_for_end(state: &AppState, id: &str, wait_ms: u64) -> ApiResult<()> {
+/// The instance and its steps once it has ended, or as they are after
+/// `wait_ms` (at once for 0); 404 if it does not exist. Each read is the
+/// answer if it is the last, so an end costs one read, not a check and a
+/// read.
+async fn read_when_ended(
+    state: &AppState,
+    id: &str,
+    wait_ms: u64,
+) -> ApiResult<(InstanceRecord, Vec<StepRecord>)> {
     let store = &state.inner.store;
     // Subscribe before reading, so an end between the read and the wait is
     // not missed.
     let mut ended = state.inner.wakeups.ended.subscribe();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
     loop {
-        let record = store
-            .get_instance(id)
+        let (record, steps) = store
+            .get_instance_with_steps(id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("instance {id:?} does not exist")))?;
         if record.status.is_terminal() || tokio::time::Instant::now() >= deadline {
-            return Ok(());
+            return Ok((record, steps));
         }
         let poll = tokio::time::Instant::now() + std::time::Duration::from_millis(WAIT_POLL_MS);
         let until = poll.min(deadline);

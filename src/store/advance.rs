@@ -42,7 +42,8 @@ const LOCK_DUE_INSTANCES: &str = "
                     THEN coalesce(i.cancel_reason, 'cancelled') END,
                i.retry_requested_at IS NOT NULL, i.created_at,
                EXISTS (SELECT 1 FROM signals g
-                       WHERE g.instance_id = i.id AND g.consumed_at IS NULL)
+                       WHERE g.instance_id = i.id AND g.consumed_at IS NULL),
+               i.parent_id IS NOT NULL
         FROM instances i
         WHERE i.id = d.id
         FOR UPDATE OF i SKIP LOCKED
@@ -166,7 +167,7 @@ const START_CHILDREN: &str = "
     )
     INSERT INTO instances (id, workflow_name, workflow_version, slot, input, wake_at,
                            parent_id, parent_step, parent_task_id)
-    SELECT v.child_id, v.workflow, v.resolved, slot_for(v.child_id), v.input, now(),
+    SELECT v.child_id, v.workflow, v.resolved, slot_of(v.child_id, (SELECT slot_count FROM cluster)), v.input, now(),
            v.parent_id, v.step_id, t.id
     FROM v JOIN t ON t.idempotency_key = v.child_id
     WHERE v.resolved IS NOT NULL
@@ -197,7 +198,12 @@ const CONSUME_SIGNALS: &str = "
 
 /// Applies new instance states, fenced by the state version each was read
 /// at; the caller checks that every row was updated.
+/// The fenced update of a batch's instances. Each must still be at the
+/// version the decision was made from; if any is not, `batch_current` raises
+/// (ST412) and the transaction, whose later statements and COMMIT were sent
+/// with this one, writes nothing.
 const UPDATE_INSTANCES: &str = "
+    WITH updated AS (
     UPDATE instances i
     SET status = u.status, output = u.output, error = u.error, event_seq = u.event_seq,
         -- A cancel requested but not yet seen by the engine must still wake
@@ -216,7 +222,9 @@ const UPDATE_INSTANCES: &str = "
                 $7::timestamptz[], $8::text[], $9::timestamptz[], $11::timestamptz[])
          AS u(id, expected_version, status, output, error, event_seq, wake_at, ending,
               deadline_at, decided_at)
-    WHERE i.id = u.id AND i.state_version = u.expected_version";
+    WHERE i.id = u.id AND i.state_version = u.expected_version
+    RETURNING 1)
+    SELECT batch_current(count(*), $12) FROM updated";
 
 /// Reports ended children (among $1) to their parents' task rows.
 const REPORT_CHILDREN: &str = "
@@ -280,6 +288,8 @@ pub(crate) struct DueInstance {
     pub cancel_requested: Option<String>,
     pub retry_requested: bool,
     pub created_at: DateTime<Utc>,
+    /// A child instance: its parent is told when it ends.
+    pub is_child: bool,
     /// Steps that have left `pending` (the others have no row).
     pub steps: Vec<StoredStep>,
     /// Finished attempts not yet recorded, oldest first.
@@ -481,6 +491,8 @@ pub(crate) struct AdvanceWrites {
     pub notify_queues: Vec<String>,
     /// Instances that ended in this batch.
     pub ended_instances: Vec<String>,
+    /// Those of them that are children, whose parents are told.
+    pub ended_children: Vec<String>,
 }
 
 // ---- the transaction ----------------------------------------------------------
@@ -668,25 +680,23 @@ impl AdvanceTx {
     pub(crate) async fn commit(mut self, writes: &AdvanceWrites) -> Result<Vec<(uuid::Uuid, i64)>> {
         let mut pipeline = Pipeline::default();
         plan_statements(&mut pipeline, writes);
-        let mut results = pipeline.run(self.client()).await?.into_iter();
+        let (results, commit) = pipeline.run_and_commit(self.client()).await?;
+        // A statement that failed aborted the transaction, and the COMMIT
+        // sent after it ended it as a rollback: the connection is clean.
+        self.done = commit.is_ok();
+        let mut results = results.into_iter();
         // The fenced update runs first. If it found an instance moved on,
-        // whatever failed after it (a history number taken, say) failed
-        // because of that: the batch is stale, not broken.
-        let updated = results.next().expect("the instance update")?.count as usize;
-        let batch = writes.instances.len();
-        if updated != batch {
-            return Err(StoreError::Fenced {
-                moved: batch - updated,
-                batch,
-            });
+        // whatever failed after it failed because of that: the batch is
+        // stale, not broken.
+        if let Err(e) = results.next().expect("the instance update") {
+            return Err(fenced_or(e, writes.instances.len()));
         }
         let mut leased = Vec::new();
         for result in results {
             let ran = result?;
             leased.extend(ran.rows.iter().map(|r| (r.get(1), r.get(0))));
         }
-        self.client().batch_execute("COMMIT").await?;
-        self.done = true;
+        commit?;
         Ok(leased)
     }
 
@@ -720,6 +730,7 @@ fn due_from_row(r: &tokio_postgres::Row) -> Result<DueInstance> {
         cancel_requested: r.get(13),
         retry_requested: r.get(14),
         created_at: r.get(15),
+        is_child: r.get(17),
         steps: Vec::new(),
         results: Vec::new(),
         signals: Vec::new(),
@@ -839,9 +850,11 @@ struct Statement<'a> {
     returns_rows: bool,
 }
 
+/// What one statement of a pipeline did, or its error.
+type RanOrError = std::result::Result<Ran, tokio_postgres::Error>;
+
 /// What one statement of a pipeline did.
 struct Ran {
-    count: u64,
     rows: Vec<tokio_postgres::Row>,
 }
 
@@ -862,8 +875,10 @@ impl<'a> Pipeline<'a> {
         });
     }
 
-    /// Runs every statement; returns, in order, what each did or its error.
-    async fn run(&self, c: &Object) -> Result<Vec<Result<Ran, tokio_postgres::Error>>> {
+    /// Runs every statement and then COMMIT, all sent before the first
+    /// answer is read; returns, in order, what each statement did or its
+    /// error, and what COMMIT did.
+    async fn run_and_commit(&self, c: &Object) -> Result<(Vec<RanOrError>, Result<()>)> {
         let mut prepared = Vec::with_capacity(self.statements.len());
         for statement in &self.statements {
             prepared.push(c.prepare_cached(statement.text).await?);
@@ -877,20 +892,18 @@ impl<'a> Pipeline<'a> {
             async move {
                 if st.returns_rows {
                     let rows = c.query(stmt, &params).await?;
-                    Ok(Ran {
-                        count: rows.len() as u64,
-                        rows,
-                    })
+                    Ok(Ran { rows })
                 } else {
-                    let count = c.execute(stmt, &params).await?;
-                    Ok(Ran {
-                        count,
-                        rows: Vec::new(),
-                    })
+                    c.execute(stmt, &params).await?;
+                    Ok(Ran { rows: Vec::new() })
                 }
             }
         });
-        Ok(futures::future::join_all(runs).await)
+        // join! polls the statements first, so each is on the wire before
+        // COMMIT is.
+        let (ran, commit) =
+            futures::join!(futures::future::join_all(runs), c.batch_execute("COMMIT"));
+        Ok((ran, commit.map_err(StoreError::from)))
     }
 }
 
@@ -903,6 +916,7 @@ fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
     let mut update = instance_columns(&w.instances);
     update.push(Box::new(w.now));
     update.push(col(&w.instances, |r| r.decided_at));
+    update.push(Box::new(w.instances.len() as i64));
     p.push(UPDATE_INSTANCES, update);
     if !w.cancel_children_of.is_empty() {
         p.push(CANCEL_CHILDREN, vec![Box::new(&w.cancel_children_of)]);
@@ -956,7 +970,7 @@ fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
 /// whoever waits: workers of queues that got tasks, waiters on ended
 /// instances, advancers of new children and of parents told.
 fn plan_notifications<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
-    let mut report: Vec<&str> = w.ended_instances.iter().map(String::as_str).collect();
+    let mut report: Vec<&str> = w.ended_children.iter().map(String::as_str).collect();
     report.extend(w.children.iter().map(|c| c.child_id.as_str()));
     if !report.is_empty() {
         p.push(REPORT_CHILDREN, vec![Box::new(report)]);
@@ -970,7 +984,7 @@ fn plan_notifications<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
             vec![Box::new(ended_payloads(&w.ended_instances))],
         );
     }
-    if !w.children.is_empty() || !w.ended_instances.is_empty() {
+    if !w.children.is_empty() || !w.ended_children.is_empty() {
         p.push(NOTIFY_ADVANCE, vec![]);
     }
 }
@@ -1061,4 +1075,16 @@ fn instance_columns(u: &[InstanceUpdate]) -> Vec<Param<'_>> {
         col(u, |r| r.ending.map(Ending::as_str)),
         col(u, |r| r.deadline_at),
     ]
+}
+
+/// The error of a batch's instance update: `Fenced` if `batch_current`
+/// found instances moved on (how many is its DETAIL), else what it is.
+fn fenced_or(e: tokio_postgres::Error, batch: usize) -> StoreError {
+    match e.as_db_error() {
+        Some(db) if db.code().code() == "ST412" => StoreError::Fenced {
+            moved: db.detail().and_then(|d| d.parse().ok()).unwrap_or(batch),
+            batch,
+        },
+        _ => e.into(),
+    }
 }

@@ -185,9 +185,10 @@ impl Store {
         &self,
         id: &str,
     ) -> Result<Option<(InstanceRecord, Vec<StepRecord>)>> {
-        let conn = self.conn().await?;
-        let stmt = conn.prepare_cached(GET_INSTANCE_WITH_STEPS).await?;
-        let rows = conn.query(&stmt, &[&id]).await?;
+        // Keyed by id: the generic plan is right, and planning the join on
+        // every read cost more than running it (it is the last step of a
+        // long-poll's answer).
+        let rows = self.query_keyed(GET_INSTANCE_WITH_STEPS, &[&id]).await?;
         let Some(first) = rows.first() else {
             return Ok(None);
         };

@@ -90,6 +90,10 @@ pub(crate) struct Store {
     pool: Pool,
     config: StoreConfig,
     pg_config: tokio_postgres::Config,
+    /// This process's mark on the notifications it sends, so that its own
+    /// listener can tell them from other processes' (its own advancers
+    /// were woken in-process already).
+    origin: std::sync::Arc<str>,
 }
 
 /// A schema name we accept: a plain lower-case SQL identifier.
@@ -160,11 +164,17 @@ impl Store {
             pool,
             config,
             pg_config,
+            origin: uuid::Uuid::new_v4().to_string().into(),
         })
     }
 
     pub(crate) fn schema(&self) -> &str {
         &self.config.schema
+    }
+
+    /// The payload of this process's own wake-up notifications.
+    pub(crate) fn origin(&self) -> &str {
+        &self.origin
     }
 
     pub(crate) fn pool_status(&self) -> deadpool_postgres::Status {

@@ -7,8 +7,9 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use super::{Result, Store};
 
-/// Sends a notification on this cluster's channel `$1` (SQL `channel()`).
-const NOTIFY: &str = "SELECT pg_notify(channel($1), '')";
+/// Sends a notification on this cluster's channel `$1` (SQL `channel()`)
+/// with payload `$2`.
+const NOTIFY: &str = "SELECT pg_notify(channel($1), $2)";
 pub(super) const NOTIFY_ADVANCE: &str = "SELECT pg_notify(channel('advance'), '')";
 pub(super) const NOTIFY_QUEUES: &str =
     "SELECT pg_notify(channel('tasks'), q) FROM unnest($1::text[]) AS q";
@@ -96,10 +97,11 @@ impl Drop for Listening {
 }
 
 impl Store {
-    /// Sends a NOTIFY on this cluster's `channel`.
+    /// Sends a NOTIFY on this cluster's `channel`, marked as this process's.
     pub(crate) async fn notify(&self, channel: Channel) -> Result<()> {
         let conn = self.conn().await?;
-        conn.execute(NOTIFY, &[&channel.name()]).await?;
+        conn.execute(NOTIFY, &[&channel.name(), &self.origin()])
+            .await?;
         Ok(())
     }
 

@@ -39,6 +39,8 @@ impl Service for Listener {
                 return Err(StoreError::Transient(Cause::Closed("LISTEN")));
             };
             match n.channel {
+                // This process's own requests woke its advancers already.
+                Channel::Advance if n.payload == self.store.origin() => {}
                 Channel::Advance => {
                     let _ = self.wakeups.advance.send(());
                 }

@@ -389,6 +389,9 @@ impl Plan {
         let ran = !due.status.is_terminal() || due.retry_requested;
         if state.status.is_terminal() && ran {
             self.writes.ended_instances.push(due.id.clone());
+            if due.is_child {
+                self.writes.ended_children.push(due.id.clone());
+            }
             self.observed.ended.push(InstanceEnded {
                 id: due.id.clone(),
                 workflow: due.workflow_name.clone(),

@@ -42,6 +42,7 @@ fn due(status: InstanceStatus) -> DueInstance {
         cancel_requested: None,
         retry_requested: false,
         created_at: now() - Duration::seconds(3),
+        is_child: false,
         steps: Vec::new(),
         results: Vec::new(),
         signals: Vec::new(),
@@ -234,6 +235,16 @@ fn a_completed_result_is_consumed_ends_the_instance_and_is_counted() {
     assert_eq!(o.ended.len(), 1);
     assert_eq!(o.ended[0].seconds, 3.0, "from submission to the end");
     assert!(o.started.is_empty());
+    assert!(w.ended_children.is_empty(), "no parent to tell");
+}
+
+#[test]
+fn an_ended_child_is_reported_to_its_parent() {
+    let mut d = awaiting_a(vec![result("a", 1, TaskResult::Completed(json!("out")))]);
+    d.is_child = true;
+    let plan = planned(&def(), &d);
+    assert_eq!(plan.writes.ended_instances, vec!["i-1".to_string()]);
+    assert_eq!(plan.writes.ended_children, vec!["i-1".to_string()]);
 }
 
 #[test]
