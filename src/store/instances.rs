@@ -9,6 +9,20 @@ use super::{decode, Result, Store};
 use crate::model::{EventType, InstanceStatus, StartOutcome};
 
 const START_INSTANCE: &str = "SELECT instance_id, created FROM start_instance($1, $2, $3, $4)";
+/// The common start in one statement: a fresh, valid id ($1) of a
+/// registered workflow ($2, at version $4 or its latest). It inserts
+/// nothing otherwise (a taken id, an unknown workflow or version, a bad id),
+/// and `start_instance` then decides and says why. The function's plpgsql
+/// cost about 0.2 ms a start, a fifth of the idle latency.
+const START_FRESH: &str = "
+    INSERT INTO instances (id, workflow_name, workflow_version, slot, input, wake_at)
+    SELECT $1, $2, w.version, slot_of($1, c.slot_count), coalesce($3, 'null'::jsonb), now()
+    FROM (SELECT max(version) AS version FROM workflows
+          WHERE name = $2 AND ($4::int IS NULL OR version = $4)) w,
+         cluster c
+    WHERE w.version IS NOT NULL AND valid_id($1)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id";
 const START_INSTANCES: &str =
     "SELECT instance_id, outcome FROM start_instances($1, $2, $3::jsonb[], $4::text[])";
 const GET_INSTANCE: &str = "
@@ -129,7 +143,9 @@ fn event_from_row(r: &tokio_postgres::Row) -> Result<EventRecord> {
 
 impl Store {
     /// Starts an instance (idempotent on `id`); returns the id and whether it
-    /// was created now.
+    /// was created now. A fresh id takes one insert (`START_FRESH`); any
+    /// other case is decided by the SQL function `start_instance`, which
+    /// users call too.
     pub(crate) async fn start_instance(
         &self,
         workflow: &str,
@@ -137,6 +153,12 @@ impl Store {
         input: &Value,
         id: Option<&str>,
     ) -> Result<(String, bool)> {
+        let fresh = id.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&fresh, &workflow, input, &version];
+        if !self.query_keyed(START_FRESH, &params).await?.is_empty() {
+            return Ok((fresh, true));
+        }
         let conn = self.conn().await?;
         let stmt = conn.prepare_cached(START_INSTANCE).await?;
         let row = conn
