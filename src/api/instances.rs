@@ -41,16 +41,19 @@ pub(crate) async fn start(
     }
     check_version(req.version)?;
     let store = &state.inner.store;
-    let (id, created) = store
+    let (id, created, record) = store
         .start_instance(&name, req.version, &req.input, req.id.as_deref())
         .await?;
     if created {
         state.inner.notifier.request();
     }
-    let record = store
-        .get_instance(&id)
-        .await?
-        .ok_or_else(ApiError::internal)?;
+    let record = match record {
+        Some(record) => record,
+        None => store
+            .get_instance(&id)
+            .await?
+            .ok_or_else(ApiError::internal)?,
+    };
     let mut body = instance_json(&record);
     body["created"] = json!(created);
     let status = if created {

@@ -22,7 +22,8 @@ const START_FRESH: &str = "
          cluster c
     WHERE w.version IS NOT NULL AND valid_id($1)
     ON CONFLICT (id) DO NOTHING
-    RETURNING id";
+    RETURNING id, workflow_name, workflow_version, status, input, output, error,
+              created_at, started_at, updated_at, ended_at, parent_id";
 const START_INSTANCES: &str =
     "SELECT instance_id, outcome FROM start_instances($1, $2, $3::jsonb[], $4::text[])";
 const GET_INSTANCE: &str = "
@@ -142,29 +143,29 @@ fn event_from_row(r: &tokio_postgres::Row) -> Result<EventRecord> {
 }
 
 impl Store {
-    /// Starts an instance (idempotent on `id`); returns the id and whether it
-    /// was created now. A fresh id takes one insert (`START_FRESH`); any
-    /// other case is decided by the SQL function `start_instance`, which
-    /// users call too.
+    /// Starts an instance (idempotent on `id`); returns its id, whether it
+    /// was created now, and, when a fresh id took the one-insert path
+    /// (`START_FRESH`), the new row. Any other case is decided by the SQL
+    /// function `start_instance`, which users call too.
     pub(crate) async fn start_instance(
         &self,
         workflow: &str,
         version: Option<i32>,
         input: &Value,
         id: Option<&str>,
-    ) -> Result<(String, bool)> {
+    ) -> Result<(String, bool, Option<InstanceRecord>)> {
         let fresh = id.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
             [&fresh, &workflow, input, &version];
-        if !self.query_keyed(START_FRESH, &params).await?.is_empty() {
-            return Ok((fresh, true));
+        if let Some(row) = self.query_keyed(START_FRESH, &params).await?.first() {
+            return Ok((fresh, true, Some(instance_from_row(row)?)));
         }
         let conn = self.conn().await?;
         let stmt = conn.prepare_cached(START_INSTANCE).await?;
         let row = conn
             .query_one(&stmt, &[&workflow, &version, input, &id])
             .await?;
-        Ok((row.get(0), row.get(1)))
+        Ok((row.get(0), row.get(1), None))
     }
 
     /// Starts one instance per item (`(input, id)`), each idempotent on its
