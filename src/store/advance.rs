@@ -167,7 +167,8 @@ const START_CHILDREN: &str = "
     )
     INSERT INTO instances (id, workflow_name, workflow_version, slot, input, wake_at,
                            parent_id, parent_step, parent_task_id)
-    SELECT v.child_id, v.workflow, v.resolved, slot_of(v.child_id, (SELECT slot_count FROM cluster)), v.input, now(),
+    SELECT v.child_id, v.workflow, v.resolved,
+           slot_of(v.child_id, (SELECT slot_count FROM cluster)), v.input, now(),
            v.parent_id, v.step_id, t.id
     FROM v JOIN t ON t.idempotency_key = v.child_id
     WHERE v.resolved IS NOT NULL
@@ -196,8 +197,6 @@ const CONSUME_SIGNALS: &str = "
     FROM unnest($1::bigint[], $2::text[]) AS d(id, step_id)
     WHERE s.id = d.id";
 
-/// Applies new instance states, fenced by the state version each was read
-/// at; the caller checks that every row was updated.
 /// The fenced update of a batch's instances. Each must still be at the
 /// version the decision was made from; if any is not, `batch_current` raises
 /// (ST412) and the transaction, whose later statements and COMMIT were sent
@@ -516,7 +515,6 @@ impl Drop for AdvanceTx {
 }
 
 impl Store {
-    /// Begins a transition transaction (see `AdvanceTx`).
     /// Begins an advance transaction and locks up to `limit` due instances
     /// of `slots` (see `AdvanceTx::lock_due`), the BEGIN pipelined with the
     /// locking statement: an idle worker's first step starts one round trip
