@@ -18,37 +18,64 @@ use crate::model::{
     TaskStatus,
 };
 
-/// Locks up to $1 instances of the slots $2 that need the engine: woken ones
-/// (start, timers, signals, requests) and ones with unrecorded task results.
-/// The engine's clock is this statement's start (not the transaction's): the
-/// snapshot is taken then, so every result it sees finished before it.
-const LOCK_DUE_INSTANCES: &str = "
-    WITH due AS (
-        (SELECT id FROM instances
-         WHERE wake_at <= now() AND slot = ANY($2) ORDER BY wake_at LIMIT $1)
-        UNION
-        (SELECT DISTINCT instance_id FROM tasks
-         WHERE status IN ('completed', 'failed') AND slot = ANY($2) LIMIT $1)
+/// The columns of a locked instance `i` the engine reads (see `due_from_row`).
+/// (`OFFSET 0` keeps the signals lookup a probe per row: otherwise the
+/// planner may choose to hash every pending signal of the table.)
+macro_rules! due_columns {
+    () => {
+        "i.id, i.workflow_name, i.workflow_version, i.slot, i.status, i.input, i.output,
+         i.error, i.state_version, i.event_seq, statement_timestamp(), i.ending, i.deadline_at,
+         CASE WHEN i.cancel_requested_at IS NOT NULL
+              THEN coalesce(i.cancel_reason, 'cancelled') END,
+         i.retry_requested_at IS NOT NULL, i.created_at,
+         EXISTS (SELECT 1 FROM signals g WHERE g.instance_id = i.id AND g.consumed_at IS NULL
+                 OFFSET 0),
+         i.parent_id IS NOT NULL, i.ctid::text"
+    };
+}
+
+/// Locks up to $1 instances of the slots in the bitmap $2 (bit n of the
+/// bytea, as `get_bit` numbers them, set for slot n) that need the engine:
+/// first those with unrecorded task results (work already done is recorded
+/// before new work is taken up), then woken ones (start, timers, signals,
+/// requests) in wake order, each locked straight from the index scan that
+/// finds it. The engine's clock is this statement's start (not the
+/// transaction's): the snapshot is taken then, so every result it sees
+/// finished before it. Column 18 is where the row lies (`ctid`), which the
+/// fenced update goes to without a second index probe: a row locked by this
+/// transaction does not move before that update.
+const LOCK_DUE_INSTANCES: &str = concat!(
+    "
+    WITH finished AS (
+        SELECT DISTINCT instance_id AS id FROM tasks
+        WHERE status IN ('completed', 'failed') AND owned_slot($2, slot) LIMIT $1
     )
-    -- Each due instance is locked by its key (a LATERAL probe, which the
-    -- planner cannot turn into a hash join over the whole table).
-    SELECT i.*
-    FROM due d
-    CROSS JOIN LATERAL (
-        SELECT i.id, i.workflow_name, i.workflow_version, i.slot, i.status, i.input, i.output,
-               i.error, i.state_version, i.event_seq, statement_timestamp(), i.ending,
-               i.deadline_at,
-               CASE WHEN i.cancel_requested_at IS NOT NULL
-                    THEN coalesce(i.cancel_reason, 'cancelled') END,
-               i.retry_requested_at IS NOT NULL, i.created_at,
-               EXISTS (SELECT 1 FROM signals g
-                       WHERE g.instance_id = i.id AND g.consumed_at IS NULL),
-               i.parent_id IS NOT NULL
+    (SELECT i.*
+     FROM finished d
+     -- Locked by its key (a LATERAL probe, which the planner cannot turn
+     -- into a hash join over the whole table).
+     CROSS JOIN LATERAL (
+         SELECT ",
+    due_columns!(),
+    "
+         FROM instances i
+         WHERE i.id = d.id
+         FOR UPDATE OF i SKIP LOCKED
+     ) i)
+    UNION ALL
+    (SELECT * FROM (
+        SELECT ",
+    due_columns!(),
+    "
         FROM instances i
-        WHERE i.id = d.id
+        WHERE i.wake_at <= now() AND owned_slot($2, i.slot)
+          AND i.id NOT IN (SELECT id FROM finished)
+        ORDER BY i.wake_at
+        LIMIT $1
         FOR UPDATE OF i SKIP LOCKED
-    ) i
-    LIMIT $1";
+     ) woken)
+    LIMIT $1"
+);
 
 // The loads look up each instance by its key, one index probe per id
 // (a LATERAL subquery behind OFFSET 0, which the planner cannot flatten into
@@ -218,10 +245,14 @@ const UPDATE_INSTANCES: &str = "
         ended_at = CASE WHEN u.status IN ('completed', 'failed', 'cancelled')
                         THEN coalesce(i.ended_at, u.decided_at) END
     FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::jsonb[], $6::int[],
-                $7::timestamptz[], $8::text[], $9::timestamptz[], $11::timestamptz[])
+                $7::timestamptz[], $8::text[], $9::timestamptz[], $11::timestamptz[],
+                $13::text[]::tid[])
          AS u(id, expected_version, status, output, error, event_seq, wake_at, ending,
-              deadline_at, decided_at)
-    WHERE i.id = u.id AND i.state_version = u.expected_version
+              deadline_at, decided_at, row_at)
+    -- Each row is found where it was locked (a TID scan, no index probe);
+    -- the id must still match.
+    WHERE i.ctid = ANY($13::text[]::tid[]) AND i.ctid = u.row_at AND i.id = u.id
+      AND i.state_version = u.expected_version
     RETURNING 1)
     SELECT batch_current(count(*), $12) FROM updated";
 
@@ -289,6 +320,8 @@ pub(crate) struct DueInstance {
     pub created_at: DateTime<Utc>,
     /// A child instance: its parent is told when it ends.
     pub is_child: bool,
+    /// Where its row lay when it was locked.
+    pub row_at: RowAt,
     /// Steps that have left `pending` (the others have no row).
     pub steps: Vec<StoredStep>,
     /// Finished attempts not yet recorded, oldest first.
@@ -296,6 +329,14 @@ pub(crate) struct DueInstance {
     /// Signals not yet consumed, oldest first.
     pub signals: Vec<SignalRow>,
 }
+
+/// Where a locked instance's row lies (its `ctid`, as text): the fenced
+/// update finds the row there without an index probe. A row this
+/// transaction holds locked does not move; a stale one (a batch that lost
+/// its lock) no longer matches, and the update refuses it like a stale
+/// version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RowAt(pub String);
 
 /// A row of `steps`.
 #[derive(Debug, Clone, PartialEq)]
@@ -450,6 +491,7 @@ fn history_rows(events: &[NewEvent]) -> Vec<HistoryRow<'_>> {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct InstanceUpdate {
     pub id: String,
+    pub row_at: RowAt,
     pub expected_version: i64,
     pub status: InstanceStatus,
     pub output: Option<Value>,
@@ -525,13 +567,11 @@ impl Store {
         slots: &[i32],
     ) -> Result<(AdvanceTx, DueBatch)> {
         let conn = self.conn().await?;
-        let tx = AdvanceTx {
-            conn: Some(conn),
-            done: false,
-        };
+        let tx = AdvanceTx::new(conn);
         let c = tx.client();
         let stmt = c.prepare_cached(LOCK_DUE_INSTANCES).await?;
-        let params: [&(dyn ToSql + Sync); 2] = [&(limit as i64), &slots];
+        let owned = slot_bitmap(slots);
+        let params: [&(dyn ToSql + Sync); 2] = [&(limit as i64), &owned];
         let ((), rows) = futures::try_join!(c.batch_execute(KEYED_PLANS), c.query(&stmt, &params))?;
         let batch = tx.due_batch(&rows).await?;
         Ok((tx, batch))
@@ -541,17 +581,35 @@ impl Store {
     /// by step; the advancer uses `begin_and_lock_due`).
     #[cfg(test)]
     pub(crate) async fn begin_advance(&self) -> Result<AdvanceTx> {
-        let conn = self.conn().await?;
-        let tx = AdvanceTx {
-            conn: Some(conn),
-            done: false,
-        };
+        let tx = AdvanceTx::new(self.conn().await?);
         tx.client().batch_execute(KEYED_PLANS).await?;
         Ok(tx)
     }
 }
 
+/// The slots as a bitmap for `owned_slot`: bit n (bit n % 8 of byte n / 8)
+/// set for slot n.
+fn slot_bitmap(slots: &[i32]) -> Vec<u8> {
+    let len = slots
+        .iter()
+        .map(|&s| s.max(0) as usize / 8 + 1)
+        .max()
+        .unwrap_or(0);
+    let mut bits = vec![0u8; len];
+    for &s in slots.iter().filter(|&&s| s >= 0) {
+        bits[s as usize / 8] |= 1 << (s % 8);
+    }
+    bits
+}
+
 impl AdvanceTx {
+    fn new(conn: Object) -> Self {
+        AdvanceTx {
+            conn: Some(conn),
+            done: false,
+        }
+    }
+
     fn client(&self) -> &Object {
         self.conn.as_ref().expect("transaction is open")
     }
@@ -564,7 +622,9 @@ impl AdvanceTx {
     pub(crate) async fn lock_due(&self, limit: usize, slots: &[i32]) -> Result<DueBatch> {
         let c = self.client();
         let stmt = c.prepare_cached(LOCK_DUE_INSTANCES).await?;
-        let rows = c.query(&stmt, &[&(limit as i64), &slots]).await?;
+        let rows = c
+            .query(&stmt, &[&(limit as i64), &slot_bitmap(slots)])
+            .await?;
         self.due_batch(&rows).await
     }
 
@@ -729,6 +789,7 @@ fn due_from_row(r: &tokio_postgres::Row) -> Result<DueInstance> {
         retry_requested: r.get(14),
         created_at: r.get(15),
         is_child: r.get(17),
+        row_at: RowAt(r.get(18)),
         steps: Vec::new(),
         results: Vec::new(),
         signals: Vec::new(),
@@ -915,6 +976,7 @@ fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
     update.push(Box::new(w.now));
     update.push(col(&w.instances, |r| r.decided_at));
     update.push(Box::new(w.instances.len() as i64));
+    update.push(col(&w.instances, |r| r.row_at.0.as_str()));
     p.push(UPDATE_INSTANCES, update);
     if !w.cancel_children_of.is_empty() {
         p.push(CANCEL_CHILDREN, vec![Box::new(&w.cancel_children_of)]);
@@ -1084,5 +1146,18 @@ fn fenced_or(e: tokio_postgres::Error, batch: usize) -> StoreError {
             batch,
         },
         _ => e.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot_bitmap;
+
+    #[test]
+    fn a_slot_bitmap_sets_bit_n_of_byte_n_over_8_for_each_slot() {
+        assert_eq!(slot_bitmap(&[]), Vec::<u8>::new());
+        assert_eq!(slot_bitmap(&[0, 3, 9]), vec![0b0000_1001, 0b0000_0010]);
+        assert_eq!(slot_bitmap(&[255]).len(), 32);
+        assert_eq!(slot_bitmap(&[255])[31], 0b1000_0000);
     }
 }

@@ -43,7 +43,7 @@ pub(crate) use advance::{
     NewEvent, NewTask, StepWrite,
 };
 #[cfg(test)]
-pub(crate) use advance::{SignalRow, StoredStep};
+pub(crate) use advance::{RowAt, SignalRow, StoredStep};
 pub(crate) use error::{Cause, StoreError};
 pub(crate) use instances::{InstanceFilter, InstanceRecord, StepRecord};
 pub(crate) use members::{ClusterCounts, MemberSession};

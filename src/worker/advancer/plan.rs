@@ -404,6 +404,7 @@ impl Plan {
         }
         self.writes.instances.push(InstanceUpdate {
             id: due.id.clone(),
+            row_at: due.row_at.clone(),
             expected_version: due.state_version,
             status: state.status,
             output: state.output,

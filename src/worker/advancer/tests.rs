@@ -131,3 +131,32 @@ async fn two_advancers_deciding_the_same_instance_commit_exactly_one_transition(
     );
     assert_eq!((tasks, steps), (1, 1), "one task, one step row");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advancer_locks_only_instances_of_the_slots_it_names() {
+    let (store, client, _) = one_instance().await;
+    let slot: i32 = client
+        .query_one("SELECT slot FROM instances WHERE id = 'i-1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let others: Vec<i32> = (0..SLOTS as i32).filter(|s| *s != slot).collect();
+    // Slot 0 alone makes a one-byte bitmap: the instance's slot may lie past
+    // its end, which must read as not owned (not as an error).
+    for slots in [others, vec![0].into_iter().filter(|s| *s != slot).collect()] {
+        let tx = store.begin_advance().await.unwrap();
+        let batch = tx.lock_due(10, &slots).await.unwrap();
+        assert!(
+            batch.instances.is_empty(),
+            "slot {slot} is not in {slots:?}"
+        );
+        tx.rollback().await.unwrap();
+    }
+    let tx = store.begin_advance().await.unwrap();
+    let batch = tx.lock_due(10, &[slot]).await.unwrap();
+    assert_eq!(
+        batch.instances.len(),
+        1,
+        "its own slot's instance is locked"
+    );
+}

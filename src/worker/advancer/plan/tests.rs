@@ -10,7 +10,7 @@ use crate::engine::HistoryEntry;
 use crate::model::{
     AttemptOutcome, Ending, EventType, StepKindName, StepState, TaskFailure, TaskKind, TaskResult,
 };
-use crate::store::{SignalRow, StoredStep};
+use crate::store::{RowAt, SignalRow, StoredStep};
 
 fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2030, 1, 2, 3, 4, 5).unwrap()
@@ -43,6 +43,7 @@ fn due(status: InstanceStatus) -> DueInstance {
         retry_requested: false,
         created_at: now() - Duration::seconds(3),
         is_child: false,
+        row_at: RowAt("(0,1)".into()),
         steps: Vec::new(),
         results: Vec::new(),
         signals: Vec::new(),
