@@ -1,6 +1,7 @@
 //! Node configuration. The `stead` binary fills it from flags and `STEAD_*`
 //! environment variables; embedders and tests build it directly.
 
+use crate::auth::Auth;
 use crate::handlers::Handlers;
 
 /// Everything a node needs: where the database is, which roles to run,
@@ -29,6 +30,11 @@ pub struct Config {
     pub tuning: Tuning,
     /// In-process handlers for task queues (the built-ins are added).
     pub handlers: Handlers,
+    /// Whether API requests need a key (`Auth::Keys`, the default).
+    pub auth: Auth,
+    /// Whether `/metrics` needs a key of a role that may read (it is open
+    /// by default, for Prometheus).
+    pub metrics_auth: bool,
 }
 
 /// Bounds on what a client may send.
@@ -182,6 +188,8 @@ impl Config {
             limits: Limits::default(),
             tuning: Tuning::default(),
             handlers: Handlers::default(),
+            auth: Auth::Keys,
+            metrics_auth: false,
         }
     }
 }

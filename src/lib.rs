@@ -22,6 +22,8 @@
 //! // A node with one in-process handler, its API on a free port.
 //! let mut config = stead::Config::new(database_url);
 //! config.listen = "127.0.0.1:0".into();
+//! // No API keys, for this example on loopback (the default needs keys).
+//! config.auth = stead::Auth::None;
 //! config.handlers.register("greetings", |task: stead::TaskContext| async move {
 //!     // Side effects should use task.idempotency_key: attempts may repeat.
 //!     Ok(json!({ "greeting": format!("hello {}", task.input["name"].as_str().unwrap_or("?")) }))
@@ -55,12 +57,14 @@
 #![warn(missing_docs)]
 
 mod api;
+pub mod auth;
 mod config;
 mod definition;
 pub mod embedded;
 mod engine;
 mod error;
 mod handlers;
+pub mod keys;
 mod membership;
 mod metrics;
 mod model;
@@ -73,6 +77,7 @@ mod testing;
 mod wakeups;
 mod worker;
 
+pub use auth::{Auth, Role};
 pub use config::{default_member_name, Config, Limits, Tuning, MIN_GAUGE_REFRESH_MS};
 pub use error::{Chain, Error};
 pub use handlers::{Handlers, TaskContext, TaskError};

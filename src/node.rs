@@ -179,6 +179,8 @@ async fn serve_api(
         metrics: parts.metrics.clone(),
         limits: config.limits.clone(),
         tuning: config.tuning.clone(),
+        auth: config.auth,
+        metrics_auth: config.metrics_auth,
     };
     let router = crate::api::router(shared.into());
     let cancel = sup.token();

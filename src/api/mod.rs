@@ -2,10 +2,12 @@
 //! Handlers validate input, call the store, and shape JSON; they hold no
 //! workflow logic.
 
+mod auth;
 mod batch;
 mod error;
 mod extract;
 mod instances;
+mod keys;
 mod tasks;
 mod workflows;
 
@@ -20,6 +22,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::auth::Auth;
 use crate::config::{Limits, Tuning};
 use crate::metrics::{Component, Metrics};
 use crate::store::{latest_migration_version, Store};
@@ -44,6 +47,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub tuning: Tuning,
+    pub auth: Auth,
+    pub metrics_auth: bool,
 }
 
 impl From<Shared> for AppState {
@@ -86,6 +91,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/v1/keys", get(keys::list).post(keys::create))
+        .route("/v1/keys/{id}", axum::routing::delete(keys::revoke))
+        // Only matched routes: an unknown path is a 404 to anyone.
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), track))
@@ -137,6 +146,13 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     m.http_request_duration
         .with_label_values(&[method, &route])
         .observe(started.elapsed().as_secs_f64());
+    // Never the headers: they may carry a key.
+    tracing::debug!(
+        method,
+        route,
+        status = response.status().as_u16(),
+        "request"
+    );
     response
 }
 

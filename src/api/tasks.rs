@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::{check_id, ApiJson, ApiPath};
 use super::{duration_param, AppState};
@@ -37,10 +38,12 @@ fn one() -> i64 {
 
 pub(crate) async fn claim(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(queue): ApiPath<String>,
     ApiJson(req): ApiJson<ClaimRequest>,
 ) -> ApiResult<Json<Value>> {
     check_id("queue", &queue)?;
+    caller.check_queue(&queue)?;
     check_id("$.worker", &req.worker)?;
     let limits = &state.inner.limits;
     if req.max < 1 || req.max > limits.max_claim as i64 {
@@ -151,10 +154,12 @@ pub(crate) struct HeartbeatRequest {
 
 pub(crate) async fn heartbeat(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     TaskId(task_id): TaskId,
     ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> ApiResult<Json<Value>> {
     let lease_ms = lease_param(&state, req.lease.as_ref())?;
+    check_task_queues(&state, &caller, &[task_id]).await?;
     match state
         .inner
         .store
@@ -178,11 +183,13 @@ pub(crate) struct CompleteRequest {
 
 pub(crate) async fn complete(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     TaskId(task_id): TaskId,
     ApiJson(req): ApiJson<CompleteRequest>,
 ) -> ApiResult<Json<Value>> {
     finish(
         &state,
+        &caller,
         task_id,
         req.lease_token,
         TaskResult::Completed(req.output),
@@ -212,11 +219,13 @@ fn yes() -> bool {
 
 pub(crate) async fn fail(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     TaskId(task_id): TaskId,
     ApiJson(req): ApiJson<FailRequest>,
 ) -> ApiResult<Json<Value>> {
     finish(
         &state,
+        &caller,
         task_id,
         req.lease_token,
         TaskResult::Failed(req.error.into()),
@@ -233,10 +242,12 @@ impl From<FailError> for TaskFailure {
 
 async fn finish(
     state: &AppState,
+    caller: &Caller,
     task_id: i64,
     lease_token: Uuid,
     result: TaskResult,
 ) -> ApiResult<Json<Value>> {
+    check_task_queues(state, caller, &[task_id]).await?;
     let outcome = TaskOutcome {
         task_id,
         lease_token,
@@ -246,6 +257,21 @@ async fn finish(
         return Err(lease_lost(task_id));
     }
     Ok(Json(json!({ "task_id": task_id, "recorded": true })))
+}
+
+/// 403 if a caller held to some queues names a task of another queue.
+/// (A task that does not exist is left to the lease check, which refuses
+/// it.) A worker key learns lease tokens only from its own claims; this
+/// holds it to its queues even with a token learned elsewhere.
+async fn check_task_queues(state: &AppState, caller: &Caller, ids: &[i64]) -> ApiResult<()> {
+    if caller.queues.is_none() {
+        return Ok(());
+    }
+    let queues = state.inner.store.task_queues(ids).await?;
+    match queues.iter().find(|(_, queue)| !caller.may_work(queue)) {
+        Some((id, queue)) => Err(caller.refuse_queue(queue, Some(*id))),
+        None => Ok(()),
+    }
 }
 
 /// Records results whose leases are still held; returns their task ids.
@@ -290,6 +316,7 @@ pub(crate) struct ResultItem {
 /// are recorded all the same.
 pub(crate) async fn results(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<ResultsRequest>,
 ) -> ApiResult<Json<Value>> {
     let max = state.inner.limits.max_claim;
@@ -330,6 +357,8 @@ pub(crate) async fn results(
             result,
         });
     }
+    let ids: Vec<i64> = outcomes.iter().map(|o| o.task_id).collect();
+    check_task_queues(&state, &caller, &ids).await?;
     let recorded = record(&state, &outcomes).await?;
     let refused = outcomes.len() - recorded.len();
     let items: Vec<Value> = outcomes

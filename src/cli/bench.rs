@@ -146,6 +146,8 @@ async fn run_embedded(args: BenchArgs) -> anyhow::Result<()> {
     let (cluster, url) = super::dev::start_cluster(&data_dir).await?;
     let mut config = stead::Config::new(url);
     config.listen = "127.0.0.1:0".into();
+    // A private node on loopback, measured as clients would reach it.
+    config.auth = stead::Auth::None;
     config.workers = args.workers;
     config.tuning.pool_size = args.pool_size;
     let result = async {

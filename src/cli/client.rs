@@ -14,13 +14,31 @@ pub struct ApiClient {
 
 impl ApiClient {
     pub fn new(base: &str) -> anyhow::Result<Self> {
+        Self::with_key(base, None)
+    }
+
+    /// The client of `--server` with `--api-key`.
+    pub fn from_args(server: &super::options::ServerArgs) -> anyhow::Result<Self> {
+        Self::with_key(&server.server, server.api_key.as_deref())
+    }
+
+    pub fn with_key(base: &str, api_key: Option<&str>) -> anyhow::Result<Self> {
         let base = base.trim_end_matches('/').to_string();
         if !base.starts_with("http://") && !base.starts_with("https://") {
             bail!("--server must be an http:// or https:// URL, got {base:?}");
         }
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = api_key {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| anyhow!("--api-key holds characters a header cannot carry"))?;
+            // Kept out of debug output.
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(120))
             .pool_max_idle_per_host(256)
+            .default_headers(headers)
             .build()?;
         Ok(ApiClient { base, http })
     }

@@ -40,6 +40,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let (cluster, url) = start_cluster(&args.data_dir).await?;
     let mut config = args.node.to_config(url);
     config.workers = args.workers;
+    // Open on loopback only: anywhere else the API needs keys, as `serve`.
+    let open = is_loopback(&config.listen);
+    if open {
+        config.auth = stead::Auth::None;
+    }
     let node = match stead::start(config).await {
         Ok(node) => node,
         Err(e) => {
@@ -51,6 +56,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!();
     println!("  API:      {api}/v1/workflows");
     println!("  metrics:  {api}/metrics");
+    if open {
+        println!("  auth:     none: the API is open to anyone on this machine (loopback only)");
+    } else {
+        println!(
+            "  auth:     API keys (not on loopback); make one with: stead key create --role admin \\
+             --name me --database-url '{url_hint}'",
+            url_hint = cluster.url("stead")
+        );
+    }
     println!("  database: {}", cluster.psql_command("stead"));
     println!(
         "            (then e.g. SELECT * FROM {}.instance_overview;)",
@@ -65,4 +79,29 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     node.shutdown().await;
     cluster.stop()?;
     Ok(())
+}
+
+/// Whether a `--listen` address is a loopback one.
+fn is_loopback(listen: &str) -> bool {
+    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn only_loopback_addresses_run_open() {
+        for open in ["127.0.0.1:8080", "localhost:0", "[::1]:8080", "127.1.2.3:9"] {
+            assert!(is_loopback(open), "{open}");
+        }
+        for keyed in ["0.0.0.0:8080", "[::]:8080", "10.0.0.5:80", "example.com:80"] {
+            assert!(!is_loopback(keyed), "{keyed}");
+        }
+    }
 }

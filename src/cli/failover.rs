@@ -114,6 +114,8 @@ async fn spawn(args: &FailoverArgs, db_url: &str, name: &str) -> anyhow::Result<
     let exe = std::env::current_exe().context("finding the stead binary")?;
     let mut child = Command::new(exe)
         .args(["serve", "--database-url", db_url, "--listen", "127.0.0.1:0"])
+        // A private benchmark cluster on loopback.
+        .args(["--auth", "none"])
         .args(["--name", name])
         .args(["--heartbeat-ms", &args.heartbeat_ms.to_string()])
         .args(["--member-ttl-ms", &args.member_ttl_ms.to_string()])

@@ -55,6 +55,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply database migrations and exit.
     Migrate(MigrateArgs),
+    /// Make, list or revoke API keys (on the database directly).
+    #[command(subcommand)]
+    Key(KeyCommand),
     #[command(flatten)]
     Client(ClientCommand),
     /// Measure throughput and latency.
@@ -96,8 +99,58 @@ pub struct ServeArgs {
     /// Do not apply migrations on start.
     #[arg(long, env = "STEAD_NO_MIGRATE")]
     pub no_migrate: bool,
+    /// Who may call the API: `keys` (every request needs an API key; make
+    /// the first with `stead key create --role admin`) or `none` (anyone
+    /// who can reach it may do everything).
+    #[arg(long, env = "STEAD_AUTH", value_enum, default_value = "keys")]
+    pub auth: AuthMode,
     #[command(flatten)]
     pub node: options::NodeArgs,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMode {
+    Keys,
+    None,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Make a key; it is printed once and cannot be shown again.
+    Create {
+        /// What the key is for (shown by `stead key list`).
+        #[arg(long)]
+        name: String,
+        /// admin, operator, worker or reader.
+        #[arg(long)]
+        role: stead::Role,
+        /// With --role worker: the queues it may work, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        queues: Vec<String>,
+        #[command(flatten)]
+        schema: SchemaArgs,
+    },
+    /// List the keys (never their secrets).
+    List {
+        #[command(flatten)]
+        schema: SchemaArgs,
+    },
+    /// Revoke a key by its id; it stops working at once on every node.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        schema: SchemaArgs,
+    },
+}
+
+/// The database and schema of a command that works on the database directly.
+#[derive(Args, Debug)]
+pub struct SchemaArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// PostgreSQL schema holding stead's tables.
+    #[arg(long, env = "STEAD_SCHEMA", default_value = "stead")]
+    pub schema: String,
 }
 
 #[derive(Args, Debug)]
@@ -232,6 +285,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Key(command) => key(command).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Client(command) => print_json(&call_api(command).await?),
     }
@@ -246,8 +300,56 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.api = api;
     config.workers = usize::from(worker);
     config.migrate = !args.no_migrate;
+    config.auth = match args.auth {
+        AuthMode::Keys => stead::Auth::Keys,
+        AuthMode::None => stead::Auth::None,
+    };
     stead::run(config, shutdown::signal()).await?;
     Ok(())
+}
+
+async fn key(command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Create {
+            name,
+            role,
+            queues,
+            schema,
+        } => {
+            let url = schema.database.url()?;
+            let created = stead::keys::create(&url, &schema.schema, &name, role, &queues).await?;
+            eprintln!("the key is shown this once: keep it now (only its digest is stored)");
+            print_json(&serde_json::json!({
+                "id": created.id,
+                "key": created.key,
+                "name": name,
+                "role": role.as_str(),
+                "queues": queues,
+                "created_at": created.created_at,
+            }))
+        }
+        KeyCommand::List { schema } => {
+            let url = schema.database.url()?;
+            let keys = stead::keys::list(&url, &schema.schema).await?;
+            let items: Vec<Value> = keys
+                .iter()
+                .map(|k| {
+                    serde_json::json!({
+                        "id": k.id, "name": k.name, "role": k.role.as_str(), "queues": k.queues,
+                        "created_at": k.created_at, "revoked_at": k.revoked_at,
+                    })
+                })
+                .collect();
+            print_json(&serde_json::json!({ "items": items }))
+        }
+        KeyCommand::Revoke { id, schema } => {
+            let url = schema.database.url()?;
+            match stead::keys::revoke(&url, &schema.schema, &id).await? {
+                Some(at) => print_json(&serde_json::json!({ "id": id, "revoked_at": at })),
+                None => bail!("no API key has the id {id:?} (see `stead key list`)"),
+            }
+        }
+    }
 }
 
 /// A client subcommand: one or two API calls; returns what to print.
@@ -255,16 +357,16 @@ async fn call_api(command: ClientCommand) -> anyhow::Result<Value> {
     match command {
         ClientCommand::Workflow(WorkflowCommand::Put { file, name, server }) => {
             let (name, doc) = read_definition(&file, name)?;
-            let (_, body) = ApiClient::new(&server.server)?
+            let (_, body) = ApiClient::from_args(&server)?
                 .put_workflow(&name, &doc)
                 .await?;
             Ok(body)
         }
         ClientCommand::Workflow(WorkflowCommand::List { server }) => {
-            ApiClient::new(&server.server)?.list_workflows().await
+            ApiClient::from_args(&server)?.list_workflows().await
         }
         ClientCommand::Start(args) => {
-            let client = ApiClient::new(&args.server.server)?;
+            let client = ApiClient::from_args(&args.server)?;
             if let Some(file) = &args.batch {
                 return batch::start_file(&client, &args.workflow, args.version, file).await;
             }
@@ -278,7 +380,7 @@ async fn call_api(command: ClientCommand) -> anyhow::Result<Value> {
             }
         }
         ClientCommand::Show(args) => {
-            let client = ApiClient::new(&args.server.server)?;
+            let client = ApiClient::from_args(&args.server)?;
             client.instance(&args.id, args.wait.as_deref()).await
         }
         ClientCommand::List(args) => {
@@ -286,21 +388,19 @@ async fn call_api(command: ClientCommand) -> anyhow::Result<Value> {
             query.extend(args.workflow.map(|w| ("workflow", w)));
             query.extend(args.status.map(|s| ("status", s)));
             query.extend(args.cursor.map(|c| ("cursor", c)));
-            ApiClient::new(&args.server.server)?.list(&query).await
+            ApiClient::from_args(&args.server)?.list(&query).await
         }
-        ClientCommand::History(args) => {
-            ApiClient::new(&args.server.server)?.history(&args.id).await
-        }
+        ClientCommand::History(args) => ApiClient::from_args(&args.server)?.history(&args.id).await,
         ClientCommand::Signal(args) => {
             let payload = read_json_arg("--payload", &args.payload)?;
-            let client = ApiClient::new(&args.server.server)?;
+            let client = ApiClient::from_args(&args.server)?;
             client.signal(&args.id, &args.name, &payload).await
         }
         ClientCommand::Cancel(args) => {
-            let client = ApiClient::new(&args.server.server)?;
+            let client = ApiClient::from_args(&args.server)?;
             client.cancel(&args.id, args.reason.as_deref()).await
         }
-        ClientCommand::Retry(args) => ApiClient::new(&args.server.server)?.retry(&args.id).await,
+        ClientCommand::Retry(args) => ApiClient::from_args(&args.server)?.retry(&args.id).await,
     }
 }
 

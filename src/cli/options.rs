@@ -72,6 +72,10 @@ pub struct NodeArgs {
     /// gauges (queue depth, members alive, unowned slots), in milliseconds.
     #[arg(long, env = "STEAD_GAUGE_REFRESH_MS", default_value_t = 5_000)]
     pub gauge_refresh_ms: u64,
+    /// Make `/metrics` need an API key of a role that may read (it is open
+    /// by default, for Prometheus).
+    #[arg(long, env = "STEAD_METRICS_AUTH")]
+    pub metrics_auth: bool,
     /// How long shutdown waits for in-flight work, in milliseconds.
     #[arg(long, env = "STEAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -86,6 +90,7 @@ impl NodeArgs {
         }
         config.schema = self.schema.clone();
         config.slot_count = self.slot_count;
+        config.metrics_auth = self.metrics_auth;
         config.limits = Limits {
             body_limit_bytes: self.body_limit_bytes,
             max_steps: self.max_steps,
@@ -140,4 +145,7 @@ pub struct ServerArgs {
     /// URL of the stead API.
     #[arg(long, env = "STEAD_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    /// API key, sent as `Authorization: Bearer` (not needed by `stead dev`).
+    #[arg(long, env = "STEAD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }

@@ -127,6 +127,8 @@ fn node_config(url: &str, workers: usize, pool_size: usize) -> stead::Config {
     let mut config = stead::Config::new(url);
     config.schema = SCHEMA.into();
     config.listen = "127.0.0.1:0".into();
+    // A private node on loopback.
+    config.auth = stead::Auth::None;
     config.workers = workers;
     config.tuning.pool_size = pool_size;
     config

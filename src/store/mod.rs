@@ -12,6 +12,7 @@
 //!   the cluster views;
 //! - `notify.rs`: LISTEN sessions and NOTIFY;
 //! - `advance.rs`: the engine's transaction (lock, load, write);
+//! - `keys.rs`: API keys;
 //! - `admin.rs`: the embedded cluster's database creation.
 //!
 //! Rows cross this boundary typed: statuses and kinds are `model` enums,
@@ -22,6 +23,7 @@ mod admin;
 mod advance;
 mod error;
 mod instances;
+mod keys;
 mod members;
 mod migrations;
 mod notify;

@@ -148,7 +148,18 @@ pub(crate) struct QueueDepth {
     pub oldest_ready_age_seconds: f64,
 }
 
+/// The queue of each existing task among $1.
+const TASK_QUEUES: &str = "
+    SELECT t.id, t.queue FROM unnest($1::bigint[]) AS k(id)
+    CROSS JOIN LATERAL (SELECT id, queue FROM tasks WHERE id = k.id OFFSET 0) t";
+
 impl Store {
+    /// The queue of each of these tasks that exists.
+    pub(crate) async fn task_queues(&self, ids: &[i64]) -> Result<Vec<(i64, String)>> {
+        let rows = self.query_keyed(TASK_QUEUES, &[&ids]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// Leases up to `max` ready tasks of `queues` to `worker`.
     pub(crate) async fn claim_tasks(
         &self,

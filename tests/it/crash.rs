@@ -94,6 +94,24 @@ async fn wait_held(server: &HoldServer, held: usize) {
     .await;
 }
 
+/// Waits until at least `n` `http` attempts are leased task rows.
+async fn wait_leased(client: &tokio_postgres::Client, n: i64) {
+    wait_until(
+        "the held calls are leased task rows",
+        SANITY_LIMIT,
+        || async move { http_leased(client).await >= n },
+    )
+    .await;
+}
+
+async fn http_leased(client: &tokio_postgres::Client) -> i64 {
+    count(
+        client,
+        "SELECT count(*) FROM stead.tasks WHERE status = 'leased' AND queue = 'stead.http'",
+    )
+    .await
+}
+
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -124,15 +142,14 @@ async fn kill_9_mid_run_loses_nothing_and_records_each_step_once() {
 
     wait_some_completed(&client).await;
     wait_held(&server, HELD.count()).await;
+    // A held call starts inline, inside its advance batch; the batch hands
+    // it to the queue as a leased task row when its inline budget ends.
+    wait_leased(&client, HELD.count() as i64).await;
     tokio::task::block_in_place(|| first.kill9());
     let t_kill = t0.elapsed();
     // The process is gone: nothing changes any more until the next starts.
     let at_kill = completed(&client).await;
-    let leased = count(
-        &client,
-        "SELECT count(*) FROM stead.tasks WHERE status = 'leased' AND queue = 'stead.http'",
-    )
-    .await;
+    let leased = http_leased(&client).await;
     let mut in_flight: Vec<i64> = server
         .seen()
         .iter()

@@ -154,6 +154,15 @@ struct ExitState {
     changed: Condvar,
 }
 
+/// `--auth none`, unless the extra arguments choose `--auth` themselves.
+fn open_unless_keyed(extra: &[&str]) -> &'static [&'static str] {
+    if extra.contains(&"--auth") {
+        &[]
+    } else {
+        &["--auth", "none"]
+    }
+}
+
 impl ServeProcess {
     /// `stead serve --database-url DB_URL --listen 127.0.0.1:0 --name NAME
     /// EXTRA...`; returns once it printed `stead listening on http://...`
@@ -169,6 +178,7 @@ impl ServeProcess {
             "--name",
             name,
         ])
+        .args(open_unless_keyed(extra))
         .args(extra);
         Self::spawn_command(cmd, name).await
     }

@@ -18,6 +18,8 @@ async fn json_logs_carry_instance_and_step_ids_as_fields() {
         &db.url,
         "--listen",
         "127.0.0.1:0",
+        "--auth",
+        "none",
     ])
     .args(["--name", "json-logs", "--log-format", "json"])
     .env("STEAD_LOG", "info,stead=debug");

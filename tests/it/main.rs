@@ -2,6 +2,7 @@
 //! real nodes. One file per feature.
 
 mod api_validation;
+mod auth;
 mod batch_start;
 mod bench;
 mod cancel;

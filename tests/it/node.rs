@@ -24,6 +24,8 @@ impl TestNode {
     pub fn config_for(url: &str, name: &str) -> Config {
         let mut config = Config::new(url.to_string());
         config.listen = "127.0.0.1:0".into();
+        // Open: the tests of keys and roles turn keys on themselves.
+        config.auth = stead::Auth::None;
         config.name = format!("test-{name}");
         config.tuning.poll_interval_ms = 100;
         config.tuning.reap_interval_ms = 100;
@@ -65,8 +67,22 @@ impl TestNode {
 
     /// Sends a request; returns (status, JSON body or the text as a string).
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_with_key(None, method, path, body).await
+    }
+
+    /// `call` with `key` as the bearer token.
+    pub async fn call_with_key(
+        &self,
+        key: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }

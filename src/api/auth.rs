@@ -1,0 +1,196 @@
+//! Who is calling: every route but the health checks (and `/metrics`, unless
+//! `--metrics-auth`) needs `Authorization: Bearer <key>` of a role that may
+//! make the request. The key is looked up on every request (one keyed read),
+//! so a revoked key stops working at once on every node. A worker key is
+//! further held to its queues by the task handlers (`Caller::may_work`).
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use crate::auth::{self, Auth, Need, Role};
+
+/// The caller of a request, as its key says (or anyone, with `--auth none`).
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    pub role: Role,
+    /// The queues it may work; `None`: every queue.
+    pub queues: Option<Vec<String>>,
+}
+
+impl Caller {
+    /// Anyone, when the API runs without keys.
+    fn open() -> Self {
+        Caller {
+            role: Role::Admin,
+            queues: None,
+        }
+    }
+
+    /// Whether it may claim and finish tasks of `queue`.
+    pub(crate) fn may_work(&self, queue: &str) -> bool {
+        match &self.queues {
+            None => true,
+            Some(qs) => qs.iter().any(|q| q == queue),
+        }
+    }
+
+    /// 403 unless it may work `queue`.
+    pub(crate) fn check_queue(&self, queue: &str) -> ApiResult<()> {
+        if self.may_work(queue) {
+            Ok(())
+        } else {
+            Err(self.refuse_queue(queue, None))
+        }
+    }
+
+    /// The 403 for work on `queue` (of task `task`) it may not do.
+    pub(crate) fn refuse_queue(&self, queue: &str, task: Option<i64>) -> ApiError {
+        let of_task = task
+            .map(|id| format!("task {id} is of the queue {queue:?}; "))
+            .unwrap_or_default();
+        forbidden(format!(
+            "{of_task}this key may work only the queues {}, not {queue:?}",
+            self.queues.as_deref().unwrap_or_default().join(", ")
+        ))
+    }
+}
+
+fn forbidden(detail: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+}
+
+fn unauthorized(detail: &str) -> Response {
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Unauthorized",
+        detail,
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"stead\""),
+    );
+    response
+}
+
+/// What each route needs of the caller (`None`: open to anyone). Deny by
+/// default: a method a route does not list needs `admin`.
+pub(crate) fn need_of(method: &Method, route: &str, metrics_auth: bool) -> Option<Need> {
+    let read = *method == Method::GET || *method == Method::HEAD;
+    let need = match route {
+        "/healthz" | "/readyz" => return None,
+        "/metrics" => return metrics_auth.then_some(Need::Read),
+        "/v1/workflows/{name}" if *method == Method::PUT => Need::Admin,
+        "/v1/workflows"
+        | "/v1/workflows/{name}"
+        | "/v1/workflows/{name}/versions/{version}"
+        | "/v1/instances"
+        | "/v1/instances/{id}"
+        | "/v1/instances/{id}/history"
+        | "/v1/cluster"
+            if read =>
+        {
+            Need::Read
+        }
+        "/v1/workflows/{name}/instances"
+        | "/v1/workflows/{name}/instances/batch"
+        | "/v1/instances/{id}/signals/{name}"
+        | "/v1/instances/{id}/cancel"
+        | "/v1/instances/{id}/retry"
+            if *method == Method::POST =>
+        {
+            Need::Operate
+        }
+        "/v1/queues/{queue}/claim"
+        | "/v1/tasks/{task_id}/heartbeat"
+        | "/v1/tasks/{task_id}/complete"
+        | "/v1/tasks/{task_id}/fail"
+        | "/v1/tasks/results"
+            if *method == Method::POST =>
+        {
+            Need::Work
+        }
+        _ => Need::Admin,
+    };
+    Some(need)
+}
+
+/// The middleware of every route: admits the request with its `Caller`, or
+/// answers 401 (no key, or not a live key) or 403 (a key whose role may
+/// not make it).
+pub(crate) async fn require(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let Some(need) = need_of(request.method(), &route, state.inner.metrics_auth) else {
+        return next.run(request).await;
+    };
+    let caller = match state.inner.auth {
+        Auth::None => Caller::open(),
+        Auth::Keys => match identify(
+            &state,
+            request.headers().get(header::AUTHORIZATION).cloned(),
+        )
+        .await
+        {
+            Ok(caller) => caller,
+            Err(response) => return response,
+        },
+    };
+    if !caller.role.may(need) {
+        return forbidden(format!(
+            "{}; this key's role is {}",
+            need.describe(),
+            caller.role
+        ))
+        .into_response();
+    }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+/// The caller the request's key names, or the 401 (or 503) to answer.
+async fn identify(state: &AppState, header: Option<HeaderValue>) -> Result<Caller, Response> {
+    let Some(value) = header else {
+        return Err(unauthorized(
+            "this API needs a key: send Authorization: Bearer <key> (make one with `stead key create`)",
+        ));
+    };
+    let presented = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some((id, secret)) = presented.and_then(auth::parse) else {
+        return Err(unauthorized(
+            "the Authorization header must be `Bearer stead_<id>_<secret>`",
+        ));
+    };
+    let key = state
+        .inner
+        .store
+        .find_live_key(id)
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    match key {
+        Some(key) if auth::matches(secret, &key.secret_sha256) => Ok(Caller {
+            role: key.role,
+            queues: (key.role == Role::Worker).then_some(key.queues),
+        }),
+        // The same answer for an unknown, revoked or wrong key.
+        _ => Err(unauthorized(
+            "the key is not valid (unknown, revoked or mistyped)",
+        )),
+    }
+}
