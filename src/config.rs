@@ -35,6 +35,10 @@ pub struct Config {
     /// Whether `/metrics` needs a key of a role that may read (it is open
     /// by default, for Prometheus).
     pub metrics_auth: bool,
+    /// What `http` steps may reach beyond public addresses: CIDRs
+    /// (`10.0.0.0/8`), addresses and host names (`--http-allow`). Loopback,
+    /// link-local, private and unspecified addresses are closed otherwise.
+    pub http_allow: Vec<String>,
 }
 
 /// Bounds on what a client may send.
@@ -111,6 +115,11 @@ pub struct Tuning {
     pub reap_interval_ms: u64,
     /// Timeout of an `http` step's request when the step sets none.
     pub http_step_timeout_ms: u64,
+    /// Largest response body an `http` step reads; a longer one fails the
+    /// step (permanently) without being read further.
+    pub http_max_response_bytes: usize,
+    /// Most redirects an `http` step follows.
+    pub http_max_redirects: usize,
     /// How long shutdown waits for in-flight work before aborting it.
     pub shutdown_timeout_ms: u64,
     /// How often each member heartbeats.
@@ -160,6 +169,8 @@ impl Default for Tuning {
             poll_interval_ms: 500,
             reap_interval_ms: 1_000,
             http_step_timeout_ms: 30_000,
+            http_max_response_bytes: 1024 * 1024,
+            http_max_redirects: 5,
             shutdown_timeout_ms: 10_000,
             heartbeat_ms: 1_000,
             member_ttl_ms: 10_000,
@@ -190,6 +201,7 @@ impl Config {
             handlers: Handlers::default(),
             auth: Auth::Keys,
             metrics_auth: false,
+            http_allow: Vec::new(),
         }
     }
 }
@@ -233,6 +245,7 @@ impl Config {
         if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
             return Err(crate::Error::Config(format!("{name} must be at least 1")));
         }
+        crate::worker::HttpAllow::parse(&self.http_allow).map_err(crate::Error::Config)?;
         crate::store::validate_schema_name(&self.schema).map_err(crate::Error::Config)
     }
 }

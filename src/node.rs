@@ -209,7 +209,16 @@ fn spawn_workers(sup: &mut Supervisor, parts: &Parts, config: &Config, api_url: 
     // After a failure the gauges wait their interval: their last values stay.
     sup.service(gauges, Pacing::every(refresh_ms, refresh_ms), Never);
     let mut handlers = config.handlers.clone();
-    builtin::install(&mut handlers, tuning.http_step_timeout_ms);
+    builtin::install(
+        &mut handlers,
+        &builtin::HttpSteps {
+            default_timeout_ms: tuning.http_step_timeout_ms,
+            max_response_bytes: tuning.http_max_response_bytes,
+            max_redirects: tuning.http_max_redirects,
+            // Checked by `Config::validate` before the node starts.
+            allow: crate::worker::HttpAllow::parse(&config.http_allow).unwrap_or_default(),
+        },
+    );
     for n in 0..config.workers {
         let name = if config.workers == 1 {
             config.name.clone()

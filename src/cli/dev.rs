@@ -45,6 +45,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if open {
         config.auth = stead::Auth::None;
     }
+    // On a laptop, `http` steps call local services.
+    config
+        .http_allow
+        .extend(["127.0.0.0/8".to_string(), "::1".to_string()]);
     let node = match stead::start(config).await {
         Ok(node) => node,
         Err(e) => {
@@ -58,6 +62,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  metrics:  {api}/metrics");
     if open {
         println!("  auth:     none: the API is open to anyone on this machine (loopback only)");
+        println!("  http:     steps may call loopback (127.0.0.0/8, ::1); other private ranges stay closed");
     } else {
         println!(
             "  auth:     API keys (not on loopback); make one with: stead key create --role admin \\

@@ -72,6 +72,19 @@ pub struct NodeArgs {
     /// gauges (queue depth, members alive, unowned slots), in milliseconds.
     #[arg(long, env = "STEAD_GAUGE_REFRESH_MS", default_value_t = 5_000)]
     pub gauge_refresh_ms: u64,
+    /// What `http` steps may reach beyond public addresses, comma-separated
+    /// or repeated: CIDRs (10.0.0.0/8), addresses (169.254.169.254, ::1)
+    /// and host names (internal.example). Loopback, link-local, private and
+    /// unspecified addresses are refused otherwise.
+    #[arg(long, env = "STEAD_HTTP_ALLOW", value_delimiter = ',')]
+    pub http_allow: Vec<String>,
+    /// Largest response body an `http` step reads, in bytes; a longer one
+    /// fails the step.
+    #[arg(long, env = "STEAD_HTTP_MAX_RESPONSE_BYTES", default_value_t = 1024 * 1024)]
+    pub http_max_response_bytes: usize,
+    /// Most redirects an `http` step follows.
+    #[arg(long, env = "STEAD_HTTP_MAX_REDIRECTS", default_value_t = 5)]
+    pub http_max_redirects: usize,
     /// Make `/metrics` need an API key of a role that may read (it is open
     /// by default, for Prometheus).
     #[arg(long, env = "STEAD_METRICS_AUTH")]
@@ -91,6 +104,7 @@ impl NodeArgs {
         config.schema = self.schema.clone();
         config.slot_count = self.slot_count;
         config.metrics_auth = self.metrics_auth;
+        config.http_allow = self.http_allow.clone();
         config.limits = Limits {
             body_limit_bytes: self.body_limit_bytes,
             max_steps: self.max_steps,
@@ -111,6 +125,8 @@ impl NodeArgs {
             heartbeat_ms: self.heartbeat_ms,
             member_ttl_ms: self.member_ttl_ms,
             gauge_refresh_ms: self.gauge_refresh_ms,
+            http_max_response_bytes: self.http_max_response_bytes,
+            http_max_redirects: self.http_max_redirects,
             ..Tuning::default()
         };
         config

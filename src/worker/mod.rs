@@ -7,8 +7,10 @@ pub(crate) mod advancer;
 pub(crate) mod builtin;
 mod definitions;
 pub(crate) mod executor;
+mod http_guard;
 pub(crate) mod listener;
 pub(crate) mod notifier;
 pub(crate) mod reaper;
 
 pub(crate) use definitions::DefinitionCache;
+pub(crate) use http_guard::HttpAllow;

@@ -154,13 +154,17 @@ struct ExitState {
     changed: Condvar,
 }
 
-/// `--auth none`, unless the extra arguments choose `--auth` themselves.
-fn open_unless_keyed(extra: &[&str]) -> &'static [&'static str] {
-    if extra.contains(&"--auth") {
-        &[]
-    } else {
-        &["--auth", "none"]
+/// `--auth none` and loopback open to `http` steps (the tests' servers),
+/// unless the extra arguments choose either themselves.
+fn open_unless_keyed(extra: &[&str]) -> Vec<&'static str> {
+    let mut args = Vec::new();
+    if !extra.contains(&"--auth") {
+        args.extend(["--auth", "none"]);
     }
+    if !extra.contains(&"--http-allow") {
+        args.extend(["--http-allow", "127.0.0.0/8,::1"]);
+    }
+    args
 }
 
 impl ServeProcess {

@@ -30,6 +30,7 @@ mod schema;
 mod signals;
 mod smoke;
 mod sql_interface;
+mod ssrf;
 mod starts;
 mod support;
 mod timeouts;

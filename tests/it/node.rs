@@ -26,6 +26,8 @@ impl TestNode {
         config.listen = "127.0.0.1:0".into();
         // Open: the tests of keys and roles turn keys on themselves.
         config.auth = stead::Auth::None;
+        // The tests' HTTP servers listen on loopback.
+        config.http_allow = vec!["127.0.0.0/8".into(), "::1".into()];
         config.name = format!("test-{name}");
         config.tuning.poll_interval_ms = 100;
         config.tuning.reap_interval_ms = 100;
