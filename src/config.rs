@@ -58,6 +58,11 @@ pub struct Limits {
     pub max_lease_ms: u64,
     /// Most items one batch start (`POST .../instances/batch`) may hold.
     pub max_batch_start: usize,
+    /// Most API requests served at once; past it a request is answered 503
+    /// with `Retry-After` at once (health checks and `/metrics` are not
+    /// counted). With `body_limit_bytes`, it bounds what request bodies
+    /// may hold in memory.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for Limits {
@@ -70,6 +75,7 @@ impl Default for Limits {
             max_page: 1000,
             max_lease_ms: 3_600_000,
             max_batch_start: 1000,
+            max_concurrent_requests: 512,
         }
     }
 }
@@ -238,6 +244,10 @@ impl Config {
             ("claim_batch_size", t.claim_batch_size),
             ("completion_batch_size", t.completion_batch_size),
             ("reap_batch_size", t.reap_batch_size),
+            (
+                "--max-concurrent-requests",
+                self.limits.max_concurrent_requests,
+            ),
             ("error_backoff_ms", t.error_backoff_ms as usize),
             ("reconnect_min_ms", t.reconnect_min_ms as usize),
         ];

@@ -181,6 +181,9 @@ async fn serve_api(
         tuning: config.tuning.clone(),
         auth: config.auth,
         metrics_auth: config.metrics_auth,
+        admission: Arc::new(tokio::sync::Semaphore::new(
+            config.limits.max_concurrent_requests,
+        )),
     };
     let router = crate::api::router(shared.into());
     let cancel = sup.token();

@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub tuning: Tuning,
     pub auth: Auth,
     pub metrics_auth: bool,
+    /// One permit per request served at once (`max_concurrent_requests`).
+    pub admission: Arc<tokio::sync::Semaphore>,
 }
 
 impl From<Shared> for AppState {
@@ -95,6 +97,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/keys/{id}", axum::routing::delete(keys::revoke))
         // Only matched routes: an unknown path is a 404 to anyone.
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admit))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), track))
@@ -113,6 +116,49 @@ async fn method_not_allowed() -> ApiError {
         "Method not allowed",
         "this endpoint does not accept that method",
     )
+}
+
+/// Serves at most `max_concurrent_requests` at once: past that, 503 with
+/// `Retry-After` at once, rather than a queue without end. The health
+/// checks and `/metrics` are always served (they are cheap, and a probe
+/// must see an overloaded node as alive).
+async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str());
+    if matches!(route, Some("/healthz" | "/readyz" | "/metrics")) {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = state.inner.admission.clone().try_acquire_owned() else {
+        let limit = state.inner.limits.max_concurrent_requests;
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Service unavailable",
+            format!("this node is serving its limit of {limit} requests at once; retry shortly"),
+        )
+        .into_response();
+    };
+    let _counted = InFlight::count(&state.inner.metrics.http_requests_in_flight);
+    next.run(request).await
+}
+
+/// A request counted in `stead_http_requests_in_flight` while it lives (also
+/// when the client goes away and the request is dropped).
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn count(gauge: &prometheus::IntGauge) -> InFlight {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Counts and times every request by route template (never by raw path,

@@ -59,6 +59,13 @@ pub struct NodeArgs {
     /// Most steps a definition may have.
     #[arg(long, env = "STEAD_MAX_STEPS", default_value_t = 1000)]
     pub max_steps: usize,
+    /// Most API requests served at once; past it, 503 with Retry-After.
+    #[arg(long, env = "STEAD_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    pub max_concurrent_requests: usize,
+    /// How long a request waits for a database connection before it is
+    /// answered 503, in milliseconds.
+    #[arg(long, env = "STEAD_POOL_WAIT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub pool_wait_timeout_ms: u64,
     /// Most items one batch start may hold.
     #[arg(long, env = "STEAD_MAX_BATCH_START", default_value_t = 1000)]
     pub max_batch_start: usize,
@@ -109,10 +116,12 @@ impl NodeArgs {
             body_limit_bytes: self.body_limit_bytes,
             max_steps: self.max_steps,
             max_batch_start: self.max_batch_start,
+            max_concurrent_requests: self.max_concurrent_requests,
             ..Limits::default()
         };
         config.tuning = Tuning {
             pool_size: self.pool_size,
+            pool_wait_timeout_ms: self.pool_wait_timeout_ms,
             statement_timeout_ms: self.statement_timeout_ms,
             idle_in_transaction_timeout_ms: self.idle_in_transaction_timeout_ms,
             worker_concurrency: self.worker_concurrency,

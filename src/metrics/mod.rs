@@ -111,6 +111,7 @@ pub(crate) struct Metrics {
     pub(crate) http_requests: IntCounterVec,
     pub(crate) http_request_duration: HistogramVec,
     pub(crate) long_polls_waiting: IntGaugeVec,
+    pub(crate) http_requests_in_flight: IntGauge,
 }
 
 /// The label values of a vector without labels.
@@ -357,6 +358,11 @@ impl Metrics {
                      (kind claim) and instance waits (kind instance)."
                 ),
                 &["kind"]
+            )),
+            http_requests_in_flight: reg!(IntGauge::new(
+                "stead_http_requests_in_flight",
+                "API requests being served now, of at most --max-concurrent-requests \
+                 (the health checks and /metrics are not counted)."
             )),
             registry,
         };

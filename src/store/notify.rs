@@ -107,7 +107,10 @@ impl Store {
 
     /// Opens a session that LISTENs on every channel of this cluster.
     pub(crate) async fn listen(&self) -> Result<Listening> {
-        let (client, mut connection) = self.pg_config.connect(NoTls).await?;
+        let mut config = self.pg_config.clone();
+        // Told apart from the pool's sessions in pg_stat_activity.
+        config.application_name(format!("{} listener", self.config.application_name));
+        let (client, mut connection) = config.connect(NoTls).await?;
         let (tx, notifications) = mpsc::channel(LISTEN_BUFFER);
         let names: Vec<(Channel, String)> = Channel::ALL
             .iter()

@@ -21,6 +21,7 @@ mod logs;
 mod membership;
 mod metrics;
 mod node;
+mod overload;
 mod prometheus;
 mod queue;
 mod retries;
