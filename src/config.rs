@@ -58,6 +58,16 @@ pub struct Limits {
     pub max_lease_ms: u64,
     /// Most items one batch start (`POST .../instances/batch`) may hold.
     pub max_batch_start: usize,
+    /// Largest output of one step or `for_each` element (as JSON text): a
+    /// longer one fails the step with a permanent `limit` error, and an
+    /// external worker's result with one is refused (413).
+    pub max_step_output_bytes: usize,
+    /// Most elements one `for_each` step may have.
+    pub max_for_each_items: usize,
+    /// Largest input of an instance (as JSON text), at start (413).
+    pub max_input_bytes: usize,
+    /// Largest signal payload (as JSON text) (413).
+    pub max_signal_payload_bytes: usize,
     /// Most API requests served at once; past it a request is answered 503
     /// with `Retry-After` at once (health checks and `/metrics` are not
     /// counted). With `body_limit_bytes`, it bounds what request bodies
@@ -76,6 +86,20 @@ impl Default for Limits {
             max_lease_ms: 3_600_000,
             max_batch_start: 1000,
             max_concurrent_requests: 512,
+            max_step_output_bytes: 1024 * 1024,
+            max_for_each_items: 10_000,
+            max_input_bytes: 1024 * 1024,
+            max_signal_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits the engine enforces on each instance.
+    pub(crate) fn engine(&self) -> crate::engine::EngineLimits {
+        crate::engine::EngineLimits {
+            max_step_output_bytes: self.max_step_output_bytes,
+            max_for_each_items: self.max_for_each_items,
         }
     }
 }

@@ -250,7 +250,15 @@ fn spawn_workers(sup: &mut Supervisor, parts: &Parts, config: &Config, api_url: 
         };
         sup.service(membership, heartbeats, Never);
         let local = spawn_executor(sup, parts, tuning, name.clone(), handlers.clone());
-        spawn_engine(sup, parts, tuning, &name, ownership, local);
+        spawn_engine(
+            sup,
+            parts,
+            tuning,
+            &name,
+            ownership,
+            local,
+            config.limits.engine(),
+        );
     }
 }
 
@@ -263,12 +271,14 @@ fn spawn_engine(
     member: &str,
     ownership: Ownership,
     local: Option<LocalExecution>,
+    engine_limits: crate::engine::EngineLimits,
 ) {
     let advancer = Advancer {
         config: AdvancerConfig {
             member: member.to_string(),
             batch_size: tuning.advance_batch_size,
             inline_budget_ms: tuning.inline_budget_ms,
+            limits: engine_limits,
         },
         local,
         store: parts.store.clone(),

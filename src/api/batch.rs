@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{check_id, ApiJson, ApiPath};
+use super::extract::{check_id, check_size, ApiJson, ApiPath};
 use super::instances::check_version;
 use super::AppState;
 use crate::model::StartOutcome;
@@ -45,6 +45,11 @@ pub(crate) async fn start_batch(
             "$.items",
             format!("at most {max_items} items per batch; send the rest in another"),
         ));
+    }
+    let max_input = state.inner.limits.max_input_bytes;
+    for (i, item) in req.items.iter().enumerate() {
+        let path = format!("$.items[{i}].input");
+        check_size(path, &item.input, max_input, "--max-input-bytes")?;
     }
     let items: Vec<(Value, Option<String>)> =
         req.items.into_iter().map(|i| (i.input, i.id)).collect();

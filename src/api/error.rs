@@ -82,6 +82,15 @@ impl ApiError {
         e
     }
 
+    /// 413 for a value of the request past a documented limit.
+    pub(crate) fn too_large(path: impl Into<String>, message: impl Into<String>) -> Self {
+        let mut e = Self::bad_field(path, message);
+        e.status = StatusCode::PAYLOAD_TOO_LARGE;
+        e.kind = "limit";
+        e.title = "Over a limit";
+        e
+    }
+
     pub(crate) fn not_found(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
     }

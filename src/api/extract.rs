@@ -195,3 +195,21 @@ where
             .map_err(|e| ApiError::bad_field("path", e.body_text()))
     }
 }
+
+/// 413 if `value`, as JSON text, is longer than `max` bytes (`flag` names
+/// the limit).
+pub(crate) fn check_size(
+    path: impl Into<String>,
+    value: &serde_json::Value,
+    max: usize,
+    flag: &str,
+) -> super::error::ApiResult<()> {
+    let len = crate::engine::json_len(value);
+    if len > max {
+        return Err(ApiError::too_large(
+            path,
+            format!("is {len} bytes as JSON, over the limit of {max} ({flag})"),
+        ));
+    }
+    Ok(())
+}

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{check_id, parse_json, ApiBytes, ApiJson, ApiPath, QueryParams};
+use super::extract::{check_id, check_size, parse_json, ApiBytes, ApiJson, ApiPath, QueryParams};
 use super::AppState;
 use crate::definition::duration::parse_duration_ms;
 use crate::model::{InstanceStatus, StepStatus, Vocabulary};
@@ -40,6 +40,13 @@ pub(crate) async fn start(
         check_id("$.id", id)?;
     }
     check_version(req.version)?;
+    let limits = &state.inner.limits;
+    check_size(
+        "$.input",
+        &req.input,
+        limits.max_input_bytes,
+        "--max-input-bytes",
+    )?;
     let store = &state.inner.store;
     let (id, created, record) = store
         .start_instance(&name, req.version, &req.input, req.id.as_deref())
@@ -326,6 +333,8 @@ pub(crate) async fn signal(
     } else {
         parse_json(&body)?
     };
+    let max = state.inner.limits.max_signal_payload_bytes;
+    check_size("body", &payload, max, "--max-signal-payload-bytes")?;
     let signal_id = state.inner.store.send_signal(&id, &name, &payload).await?;
     state.inner.notifier.request();
     Ok((

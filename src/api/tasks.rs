@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
-use super::extract::{check_id, ApiJson, ApiPath};
+use super::extract::{check_id, check_size, ApiJson, ApiPath};
 use super::{duration_param, AppState};
 use crate::model::{TaskFailure, TaskResult};
 use crate::store::TaskOutcome;
@@ -187,6 +187,8 @@ pub(crate) async fn complete(
     TaskId(task_id): TaskId,
     ApiJson(req): ApiJson<CompleteRequest>,
 ) -> ApiResult<Json<Value>> {
+    let max = state.inner.limits.max_step_output_bytes;
+    check_size("$.output", &req.output, max, "--max-step-output-bytes")?;
     finish(
         &state,
         &caller,
@@ -349,7 +351,13 @@ pub(crate) async fn results(
                 ))
             }
             (_, Some(e)) => TaskResult::Failed(e.into()),
-            (output, None) => TaskResult::Completed(output.unwrap_or(Value::Null)),
+            (output, None) => {
+                let output = output.unwrap_or(Value::Null);
+                let path = format!("$.results[{i}].output");
+                let max = state.inner.limits.max_step_output_bytes;
+                check_size(path, &output, max, "--max-step-output-bytes")?;
+                TaskResult::Completed(output)
+            }
         };
         outcomes.push(TaskOutcome {
             task_id: item.task_id,

@@ -59,6 +59,20 @@ pub struct NodeArgs {
     /// Most steps a definition may have.
     #[arg(long, env = "STEAD_MAX_STEPS", default_value_t = 1000)]
     pub max_steps: usize,
+    /// Largest output of one step or for_each element, as JSON, in bytes: a
+    /// longer one fails the step (limit error); an external result with one
+    /// is refused (413).
+    #[arg(long, env = "STEAD_MAX_STEP_OUTPUT_BYTES", default_value_t = 1024 * 1024)]
+    pub max_step_output_bytes: usize,
+    /// Most elements one for_each step may have.
+    #[arg(long, env = "STEAD_MAX_FOR_EACH_ITEMS", default_value_t = 10_000)]
+    pub max_for_each_items: usize,
+    /// Largest instance input, as JSON, in bytes (413 past it).
+    #[arg(long, env = "STEAD_MAX_INPUT_BYTES", default_value_t = 1024 * 1024)]
+    pub max_input_bytes: usize,
+    /// Largest signal payload, as JSON, in bytes (413 past it).
+    #[arg(long, env = "STEAD_MAX_SIGNAL_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_signal_payload_bytes: usize,
     /// Most API requests served at once; past it, 503 with Retry-After.
     #[arg(long, env = "STEAD_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
     pub max_concurrent_requests: usize,
@@ -117,6 +131,10 @@ impl NodeArgs {
             max_steps: self.max_steps,
             max_batch_start: self.max_batch_start,
             max_concurrent_requests: self.max_concurrent_requests,
+            max_step_output_bytes: self.max_step_output_bytes,
+            max_for_each_items: self.max_for_each_items,
+            max_input_bytes: self.max_input_bytes,
+            max_signal_payload_bytes: self.max_signal_payload_bytes,
             ..Limits::default()
         };
         config.tuning = Tuning {

@@ -38,6 +38,50 @@ pub(crate) struct Context<'a> {
     pub now: DateTime<Utc>,
     /// Returns a uniformly distributed number in [0, 1) for retry jitter.
     pub random: &'a mut dyn FnMut() -> f64,
+    pub limits: EngineLimits,
+}
+
+/// Bounds on what one instance may hold, so that no legal definition can
+/// take a node's memory: past one, the step fails with a permanent `limit`
+/// error that names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EngineLimits {
+    /// Largest output of one step or `for_each` element, as JSON text.
+    pub max_step_output_bytes: usize,
+    /// Most elements one `for_each` step may have.
+    pub max_for_each_items: usize,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        EngineLimits {
+            max_step_output_bytes: 1024 * 1024,
+            max_for_each_items: 10_000,
+        }
+    }
+}
+
+/// The length of `value` as JSON text.
+pub(crate) fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+/// The permanent error of a step past one of the limits.
+pub(crate) fn limit_error(limit: &'static str, message: String) -> Value {
+    serde_json::json!({ "message": format!("limit: {message}"), "retryable": false, "limit": limit })
 }
 
 /// Applies `events` to `state` and decides what happens next.

@@ -112,6 +112,15 @@ impl Run<'_, '_, '_, '_> {
         let failure = match f.result {
             TaskResult::Failed(failure) => failure,
             TaskResult::Completed(output) => {
+                if let Some(error) = self.output_over_limit(index, Some(k), output) {
+                    let failure = TaskFailure::new(
+                        error["message"].as_str().unwrap_or("limit").to_string(),
+                        false,
+                        Some(error),
+                    );
+                    self.fail_item(k, f, &failure);
+                    return;
+                }
                 let now = self.ctx.now;
                 let it = &mut self.state.steps[index].items.as_mut().expect("items")[k];
                 it.status = StepStatus::Completed;

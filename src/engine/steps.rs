@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
-use super::{child_id, ms, Command, ItemScope, Run, HTTP_QUEUE};
+use super::{child_id, json_len, limit_error, ms, Command, ItemScope, Run, HTTP_QUEUE};
 use crate::definition::template::{self, type_name};
 use crate::definition::{CompensationAction, OnFailure, SleepSpec, StepKind};
 use crate::model::{Ending, EventType, ItemState, StepState, StepStatus, TaskKind, TaskPurpose};
@@ -94,6 +94,15 @@ impl Run<'_, '_, '_, '_> {
             return;
         };
         let count = items.len();
+        let max = self.ctx.limits.max_for_each_items;
+        if count > max {
+            let message = format!(
+                "for_each of step {} has {count} elements, over the limit of {max} (--max-for-each-items)",
+                self.def.steps[index].id
+            );
+            self.fail_step(index, 0, limit_error("max_for_each_items", message));
+            return;
+        }
         self.begin(index, StepStatus::Running).items =
             Some(items.into_iter().map(ItemState::pending).collect());
         self.record(
@@ -202,6 +211,10 @@ impl Run<'_, '_, '_, '_> {
         match &step_def.kind {
             StepKind::Value(template) => {
                 let output = self.render(template, outputs, scope);
+                if let Some(error) = self.output_over_limit(index, Some(k), &output) {
+                    self.fail_step(index, 1, error);
+                    return false;
+                }
                 let it = &mut self.state.steps[index].items.as_mut().expect("items")[k];
                 it.status = StepStatus::Completed;
                 it.attempt = 1;
@@ -365,6 +378,28 @@ impl Run<'_, '_, '_, '_> {
         });
     }
 
+    /// The `limit` error of an output of step `index` (element `item`)
+    /// longer than `max_step_output_bytes`, if it is.
+    pub(super) fn output_over_limit(
+        &self,
+        index: usize,
+        item: Option<usize>,
+        output: &Value,
+    ) -> Option<Value> {
+        let max = self.ctx.limits.max_step_output_bytes;
+        let len = json_len(output);
+        let what = match item {
+            Some(k) => format!("element {k} of step {}", self.def.steps[index].id),
+            None => format!("step {}", self.def.steps[index].id),
+        };
+        (len > max).then(|| {
+            limit_error(
+                "max_step_output_bytes",
+                format!("the output of {what} is {len} bytes, over the limit of {max} (--max-step-output-bytes)"),
+            )
+        })
+    }
+
     fn next_completion_order(&self) -> u32 {
         self.state
             .steps
@@ -375,6 +410,11 @@ impl Run<'_, '_, '_, '_> {
     }
 
     pub(super) fn complete_step(&mut self, index: usize, output: Value, mut data: Value) {
+        if let Some(error) = self.output_over_limit(index, None, &output) {
+            let attempt = self.state.steps[index].attempt.max(1);
+            self.fail_step(index, attempt, error);
+            return;
+        }
         let order = self.next_completion_order();
         let now = self.ctx.now;
         let s = &mut self.state.steps[index];

@@ -33,6 +33,7 @@ fn decide_with(def: &Definition, state: &mut InstanceState, events: &[Event], r:
     let mut ctx = Context {
         now: now(),
         random: &mut random,
+        limits: Default::default(),
     };
     decide(def, state, events, &mut ctx)
 }
@@ -180,6 +181,7 @@ fn run_at(
     let mut ctx = Context {
         now: when,
         random: &mut random,
+        limits: Default::default(),
     };
     decide(def, state, events, &mut ctx)
 }
@@ -3547,6 +3549,7 @@ fn same_inputs_give_the_same_decision() {
                 let mut ctx = Context {
                     now: now(),
                     random: &mut random,
+                    limits: Default::default(),
                 };
                 decide(&d, &mut state, events, &mut ctx)
             })
@@ -3617,12 +3620,14 @@ fn timestamps_come_from_the_context_clock() {
     let mut ctx = Context {
         now: later,
         random: &mut random,
+        limits: Default::default(),
     };
     decide(&d, &mut state, &[Event::Start], &mut ctx);
     assert_eq!(state.steps[0].scheduled_at, Some(later));
     let mut ctx = Context {
         now: later + Duration::minutes(1),
         random: &mut random,
+        limits: Default::default(),
     };
     decide(&d, &mut state, &[ok(0, 1, json!(1))], &mut ctx);
     assert_eq!(state.steps[0].ended_at, Some(later + Duration::minutes(1)));
@@ -3659,4 +3664,124 @@ fn failing_instance_cancels_steps_still_in_flight() {
     assert_eq!(step(&d, &state, "b").ended_at, Some(now()));
     assert!(changed(&d, &decision).contains(&"b".to_string()));
     assert_eq!(withdraws(&decision), 1);
+}
+
+// ---- limits -------------------------------------------------------------------
+
+/// One decision under `limits`.
+fn run_limited(
+    def: &Definition,
+    state: &mut InstanceState,
+    events: &[Event],
+    limits: EngineLimits,
+) -> Decision {
+    let mut random = || 0.5;
+    let mut ctx = Context {
+        now: now(),
+        random: &mut random,
+        limits,
+    };
+    decide(def, state, events, &mut ctx)
+}
+
+fn output_limit(bytes: usize) -> EngineLimits {
+    EngineLimits {
+        max_step_output_bytes: bytes,
+        ..EngineLimits::default()
+    }
+}
+
+fn limit_of(step: &StepState) -> (&str, bool) {
+    let error = step.error.as_ref().expect("an error");
+    (
+        error["limit"].as_str().unwrap_or_default(),
+        error["retryable"].as_bool().unwrap_or(true),
+    )
+}
+
+#[test]
+fn a_value_step_output_at_the_limit_completes_and_one_byte_over_fails_the_instance() {
+    // "xxxxxxxx" is 10 bytes as JSON.
+    let d = def(json!({"steps": [{"id": "v", "value": "${input}"}]}));
+    let mut state = pending(json!("xxxxxxxx"));
+    run_limited(&d, &mut state, &[Event::Start], output_limit(10));
+    assert_eq!(state.steps[0].status, StepStatus::Completed);
+
+    let mut state = pending(json!("xxxxxxxxx"));
+    run_limited(&d, &mut state, &[Event::Start], output_limit(10));
+    assert_eq!(state.steps[0].status, StepStatus::Failed);
+    assert_eq!(limit_of(&state.steps[0]), ("max_step_output_bytes", false));
+    assert_eq!(state.status, InstanceStatus::Failed);
+    let message = state.steps[0].error.as_ref().unwrap()["message"].to_string();
+    assert!(
+        message.contains("11 bytes, over the limit of 10"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_task_result_over_the_limit_fails_for_good_whatever_the_retry_policy() {
+    let d = def(json!({"steps": [{"id": "t", "task": {"queue": "q"},
+                                   "retry": {"max_attempts": 5}}]}));
+    let mut state = pending(json!(null));
+    run_limited(&d, &mut state, &[Event::Start], output_limit(10));
+    let decision = run_limited(
+        &d,
+        &mut state,
+        &[ok(0, 1, json!("0123456789"))],
+        output_limit(10),
+    );
+    assert_eq!(state.steps[0].status, StepStatus::Failed);
+    assert_eq!(limit_of(&state.steps[0]), ("max_step_output_bytes", false));
+    assert!(
+        !decision
+            .commands
+            .iter()
+            .any(|c| matches!(c, Command::EnqueueTask { .. })),
+        "not retried"
+    );
+}
+
+#[test]
+fn a_for_each_of_the_limit_runs_and_one_element_more_fails_the_step() {
+    let d = def(json!({"steps": [{"id": "each", "for_each": "${input}", "value": "${item}"}]}));
+    let limits = EngineLimits {
+        max_for_each_items: 3,
+        ..EngineLimits::default()
+    };
+    let mut state = pending(json!([1, 2, 3]));
+    run_limited(&d, &mut state, &[Event::Start], limits);
+    assert_eq!(state.steps[0].status, StepStatus::Completed);
+    let mut state = pending(json!([1, 2, 3, 4]));
+    run_limited(&d, &mut state, &[Event::Start], limits);
+    assert_eq!(state.steps[0].status, StepStatus::Failed);
+    assert_eq!(limit_of(&state.steps[0]), ("max_for_each_items", false));
+}
+
+#[test]
+fn an_element_result_over_the_limit_fails_its_for_each_step() {
+    let d = def(json!({"steps": [{"id": "each", "for_each": "${input}",
+                                   "task": {"queue": "q", "input": "${item}"}}]}));
+    let mut state = pending(json!([1, 2]));
+    run_limited(&d, &mut state, &[Event::Start], output_limit(10));
+    run_limited(
+        &d,
+        &mut state,
+        &[item_ok(0, 0, 1, json!(1))],
+        output_limit(10),
+    );
+    assert_eq!(
+        state.steps[0].status,
+        StepStatus::Running,
+        "a small result is taken"
+    );
+    run_limited(
+        &d,
+        &mut state,
+        &[item_ok(0, 1, 1, json!("0123456789"))],
+        output_limit(10),
+    );
+    assert_eq!(state.steps[0].status, StepStatus::Failed);
+    let items = state.steps[0].items.as_ref().unwrap();
+    assert_eq!(items[1].status, StepStatus::Failed);
 }

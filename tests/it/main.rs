@@ -17,6 +17,7 @@ mod guarantees;
 mod harness;
 mod hold_server;
 mod http_steps;
+mod limits;
 mod logs;
 mod membership;
 mod metrics;

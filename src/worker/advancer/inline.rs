@@ -30,7 +30,9 @@ use tokio::task::{JoinError, JoinHandle};
 
 use super::plan::{Inline, InlineAttempt};
 use crate::definition::Definition;
-use crate::engine::{self, Command, Context, Decision, Event, InstanceState, PendingSignal};
+use crate::engine::{
+    self, Command, Context, Decision, EngineLimits, Event, InstanceState, PendingSignal,
+};
 use crate::handlers::TaskContext;
 use crate::membership::Ownership;
 use crate::model::{StepStatus, TaskKind, TaskResult};
@@ -182,6 +184,7 @@ pub(super) struct InlineRun<'a> {
     pub random: &'a mut (dyn FnMut() -> f64 + Send),
     /// The slots whose attempts may run inline (not quarantined).
     pub ownership: &'a Ownership,
+    pub limits: EngineLimits,
 }
 
 impl InlineRun<'_> {
@@ -334,6 +337,7 @@ impl InlineRun<'_> {
         let mut ctx = Context {
             now: at,
             random: &mut *self.random,
+            limits: self.limits,
         };
         let later = engine::decide(&w.def, &mut w.state, &events, &mut ctx);
         w.merge(later, at);

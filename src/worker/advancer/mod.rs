@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use super::DefinitionCache;
-use crate::engine::{self, Context};
+use crate::engine::{self, Context, EngineLimits};
 use crate::error::Chain;
 use crate::membership::Ownership;
 use crate::metrics::{Component, Metrics};
@@ -36,6 +36,8 @@ pub(crate) struct AdvancerConfig {
     pub batch_size: usize,
     /// How long a batch may run attempts inline (0: never).
     pub inline_budget_ms: u64,
+    /// What one instance may hold.
+    pub limits: EngineLimits,
 }
 
 pub(crate) struct Advancer {
@@ -81,6 +83,7 @@ impl Advancer {
             let mut ctx = Context {
                 now: batch.now,
                 random: &mut *random,
+                limits: self.config.limits,
             };
             let decision = engine::decide(&def, &mut state, &events, &mut ctx);
             work.push(Working::new(def, i, state, steps_before, decision));
@@ -153,6 +156,7 @@ impl Service for Advancer {
                 budget: Duration::from_millis(self.config.inline_budget_ms),
                 random: &mut random,
                 ownership: &self.ownership,
+                limits: self.config.limits,
             };
             run.run(&mut work).await;
         }

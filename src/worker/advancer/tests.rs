@@ -40,6 +40,7 @@ async fn decide_now(store: &Store, def: &Definition) -> AdvanceWrites {
     let mut ctx = Context {
         now: batch.now,
         random: &mut random,
+        limits: Default::default(),
     };
     plan.decide(def, &batch.instances[0], &mut ctx);
     tx.rollback().await.unwrap();

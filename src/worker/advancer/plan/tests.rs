@@ -92,6 +92,7 @@ fn planned(def: &Definition, due: &DueInstance) -> Plan {
     let mut ctx = Context {
         now: now(),
         random: &mut random,
+        limits: Default::default(),
     };
     plan.decide(def, due, &mut ctx);
     plan.finish();
