@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::{Result, Store};
 
@@ -140,7 +140,7 @@ impl Store {
         config.keepalives_interval(Duration::from_secs(1));
         config.keepalives_retries(3);
         config.connect_timeout(Duration::from_millis((ttl_ms / 2).max(1000)));
-        let (client, connection) = config.connect(NoTls).await?;
+        let (client, connection) = config.connect(self.tls.clone()).await?;
         let connection = tokio::spawn(async move {
             let _ = connection.await;
         });

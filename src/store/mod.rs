@@ -28,6 +28,7 @@ mod members;
 mod migrations;
 mod notify;
 mod queue;
+mod tls;
 mod workflows;
 
 use std::str::FromStr;
@@ -37,7 +38,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub(crate) use admin::{can_connect, ensure_database};
 pub(crate) use advance::{
@@ -94,6 +95,9 @@ pub(crate) struct Store {
     pool: Pool,
     config: StoreConfig,
     pg_config: tokio_postgres::Config,
+    /// How every connection of this store speaks TLS (per the URL's
+    /// `sslmode`; `disable` never does).
+    tls: MakeRustlsConnect,
     /// This process's mark on the notifications it sends, so that its own
     /// listener can tell them from other processes' (its own advancers
     /// were woken in-process already).
@@ -127,13 +131,18 @@ fn lock_key(schema: &str, purpose: &str) -> i64 {
 impl Store {
     pub(crate) fn new(config: StoreConfig) -> Result<Self> {
         validate_schema_name(&config.schema).map_err(StoreError::invalid)?;
-        let mut pg_config =
-            tokio_postgres::Config::from_str(&config.database_url).map_err(|e| {
-                StoreError::Invalid {
-                    message: format!("invalid database URL: {e}"),
-                    source: Some(e),
-                }
-            })?;
+        let tls_settings = tls::split_url(&config.database_url)
+            .map_err(|e| StoreError::invalid(format!("invalid database URL: {e}")))?;
+        let tls = MakeRustlsConnect::new(
+            tls::client_config(&tls_settings)
+                .map_err(|e| StoreError::invalid(format!("database TLS: {e}")))?,
+        );
+        let mut pg_config = tokio_postgres::Config::from_str(&tls_settings.url).map_err(|e| {
+            StoreError::Invalid {
+                message: format!("invalid database URL: {e}"),
+                source: Some(e),
+            }
+        })?;
         // Server-side keepalives and a TCP user timeout make the server drop
         // a silent client (partition, frozen process) within seconds; with
         // the idle-in-transaction timeout, its row locks are freed too.
@@ -144,6 +153,7 @@ impl Store {
             config.schema, config.statement_timeout_ms, config.idle_in_transaction_timeout_ms
         ));
         pg_config.application_name(&config.application_name);
+        pg_config.ssl_mode(tls_settings.mode);
         pg_config.connect_timeout(CONNECT_TIMEOUT);
         // Client-side keepalives: a dead server is noticed in ~16 s, not hours.
         pg_config.keepalives(true);
@@ -152,7 +162,7 @@ impl Store {
         pg_config.keepalives_retries(3);
         let manager = Manager::from_config(
             pg_config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -168,6 +178,7 @@ impl Store {
             pool,
             config,
             pg_config,
+            tls,
             origin: uuid::Uuid::new_v4().to_string().into(),
         })
     }
@@ -212,7 +223,7 @@ impl Store {
     /// A dedicated connection outside the pool (migrations). The connection
     /// task is spawned; it ends when the client is dropped.
     async fn connect_raw(&self) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
-        let (client, connection) = self.pg_config.connect(NoTls).await?;
+        let (client, connection) = self.pg_config.connect(self.tls.clone()).await?;
         let handle = tokio::spawn(async move {
             let _ = connection.await;
         });

@@ -3,7 +3,7 @@
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use super::{Result, Store};
 
@@ -110,7 +110,7 @@ impl Store {
         let mut config = self.pg_config.clone();
         // Told apart from the pool's sessions in pg_stat_activity.
         config.application_name(format!("{} listener", self.config.application_name));
-        let (client, mut connection) = config.connect(NoTls).await?;
+        let (client, mut connection) = config.connect(self.tls.clone()).await?;
         let (tx, notifications) = mpsc::channel(LISTEN_BUFFER);
         let names: Vec<(Channel, String)> = Channel::ALL
             .iter()

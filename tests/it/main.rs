@@ -37,6 +37,7 @@ mod starts;
 mod support;
 mod timeouts;
 mod timers;
+mod tls;
 mod unreadable;
 mod workflows;
 
