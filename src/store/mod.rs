@@ -97,7 +97,7 @@ pub(crate) struct Store {
     pg_config: tokio_postgres::Config,
     /// How every connection of this store speaks TLS (per the URL's
     /// `sslmode`; `disable` never does).
-    tls: MakeRustlsConnect,
+    tls: tls::MakeTls,
     /// This process's mark on the notifications it sends, so that its own
     /// listener can tell them from other processes' (its own advancers
     /// were woken in-process already).
@@ -133,10 +133,10 @@ impl Store {
         validate_schema_name(&config.schema).map_err(StoreError::invalid)?;
         let tls_settings = tls::split_url(&config.database_url)
             .map_err(|e| StoreError::invalid(format!("invalid database URL: {e}")))?;
-        let tls = MakeRustlsConnect::new(
+        let tls = tls::MakeTls(MakeRustlsConnect::new(
             tls::client_config(&tls_settings)
                 .map_err(|e| StoreError::invalid(format!("database TLS: {e}")))?,
-        );
+        ));
         let mut pg_config = tokio_postgres::Config::from_str(&tls_settings.url).map_err(|e| {
             StoreError::Invalid {
                 message: format!("invalid database URL: {e}"),
@@ -153,7 +153,7 @@ impl Store {
             config.schema, config.statement_timeout_ms, config.idle_in_transaction_timeout_ms
         ));
         pg_config.application_name(&config.application_name);
-        pg_config.ssl_mode(tls_settings.mode);
+        pg_config.ssl_mode(tls::mode_for(pg_config.get_hosts(), tls_settings.mode));
         pg_config.connect_timeout(CONNECT_TIMEOUT);
         // Client-side keepalives: a dead server is noticed in ~16 s, not hours.
         pg_config.keepalives(true);

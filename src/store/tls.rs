@@ -21,6 +21,8 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// How the server's certificate is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +134,46 @@ fn split_key_value(text: &str) -> (String, Vec<(String, String)>) {
         }
     }
     (kept.join(" "), tls)
+}
+
+/// The TLS connector of every connection: rustls, except that a
+/// Unix-domain socket (for which tokio-postgres passes an empty host name,
+/// not a valid server name) gets a placeholder name; such a connection does
+/// not use TLS (`mode_for`), so the name is never checked.
+#[derive(Clone)]
+pub(crate) struct MakeTls(pub MakeRustlsConnect);
+
+impl<S> MakeTlsConnect<S> for MakeTls
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<S>>::TlsConnect;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let name = if hostname.is_empty() {
+            "localhost"
+        } else {
+            hostname
+        };
+        MakeTlsConnect::<S>::make_tls_connect(&mut self.0, name)
+    }
+}
+
+/// The mode to connect with: as in libpq, a connection over Unix-domain
+/// sockets never uses TLS (whatever `sslmode` says), so a URL whose hosts
+/// are all socket directories connects without it.
+pub(crate) fn mode_for(hosts: &[tokio_postgres::config::Host], mode: SslMode) -> SslMode {
+    let all_sockets = !hosts.is_empty()
+        && hosts
+            .iter()
+            .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+    if all_sockets {
+        SslMode::Disable
+    } else {
+        mode
+    }
 }
 
 /// The rustls configuration of these settings (read from the files they
@@ -284,6 +326,17 @@ mod tests {
         assert_eq!(
             (s.url.as_str(), s.mode),
             ("host=h user=u", SslMode::Disable)
+        );
+        let socket = "postgresql://u@%2Ftmp%2Fpg:5432/db".parse::<tokio_postgres::Config>();
+        let socket = socket.unwrap();
+        assert_eq!(
+            mode_for(socket.get_hosts(), SslMode::Require),
+            SslMode::Disable
+        );
+        let tcp = "postgresql://u@localhost:5432/db".parse::<tokio_postgres::Config>();
+        assert_eq!(
+            mode_for(tcp.unwrap().get_hosts(), SslMode::Prefer),
+            SslMode::Prefer
         );
         for bad in [
             "postgresql://h/db?sslmode=verify-full",

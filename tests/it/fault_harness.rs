@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use stead::embedded::{Cluster, PgBinaries, RunAs};
+use stead::embedded::Cluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -1087,14 +1087,7 @@ pub struct PrivatePg {
 impl PrivatePg {
     pub async fn start() -> PrivatePg {
         let dir = ClusterDir::new("fault");
-        let path = dir.path.clone();
-        let cluster = tokio::task::spawn_blocking(move || {
-            let bins = PgBinaries::find().expect("PostgreSQL binaries");
-            let run_as = RunAs::detect().expect("whom to run PostgreSQL as");
-            Cluster::init(&bins, &run_as, &path).expect("initdb")
-        })
-        .await
-        .unwrap();
+        let cluster = crate::harness::init_cluster(&dir).await;
         let mut pg = PrivatePg {
             cluster,
             url: String::new(),

@@ -541,6 +541,18 @@ impl ClusterDir {
     }
 }
 
+/// `initdb` of a new cluster in `dir` (not started).
+pub async fn init_cluster(dir: &ClusterDir) -> stead::embedded::Cluster {
+    let path = dir.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let bins = stead::embedded::PgBinaries::find().expect("PostgreSQL binaries");
+        let run_as = stead::embedded::RunAs::detect().expect("whom to run PostgreSQL as");
+        stead::embedded::Cluster::init(&bins, &run_as, &path).expect("initdb")
+    })
+    .await
+    .unwrap()
+}
+
 impl Drop for ClusterDir {
     fn drop(&mut self) {
         stop_now(&self.path);

@@ -11,7 +11,7 @@ use std::process::Command;
 use serde_json::json;
 use stead::embedded::{Cluster, PgBinaries, RunAs};
 
-use crate::harness::ClusterDir;
+use crate::harness::{init_cluster, ClusterDir};
 use crate::TestNode;
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -107,14 +107,7 @@ fn make_cert(dir: &Path, ca: &str, name: &str, cn: &str, san: Option<&str>) {
 /// certificate. Returns the cluster, its port and the directory of the
 /// certificates.
 async fn tls_server(dir: &ClusterDir) -> (Cluster, PathBuf) {
-    let path = dir.path.clone();
-    let mut cluster = tokio::task::spawn_blocking(move || {
-        let bins = PgBinaries::find().expect("PostgreSQL binaries");
-        let run_as = RunAs::detect().expect("whom to run PostgreSQL as");
-        Cluster::init(&bins, &run_as, &path).expect("initdb")
-    })
-    .await
-    .unwrap();
+    let mut cluster = init_cluster(dir).await;
     let certs = dir.path.join("certs");
     std::fs::create_dir_all(&certs).unwrap();
     make_ca(&certs, "ca");
@@ -296,4 +289,45 @@ async fn verify_full_connects_with_the_right_ca_and_host_and_refuses_others() {
         "no certificate, no login"
     );
     cluster.stop().unwrap();
+}
+
+/// `pg_ctl start` of `cluster` listening on a Unix-domain socket in its
+/// data directory only (as `../shared/bench/pg.sh` runs its server).
+fn start_on_socket(cluster: &Cluster, port: u16) {
+    let pgdata = cluster.pgdata();
+    let options = format!("-p {port} -k {} -c listen_addresses=''", pgdata.display());
+    let pg_ctl = PgBinaries::find().unwrap().pg_ctl();
+    let mut cmd = match RunAs::detect().unwrap() {
+        RunAs::User { name, .. } => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", &name, "--"]).arg(pg_ctl);
+            c
+        }
+        RunAs::CurrentUser => Command::new(pg_ctl),
+    };
+    let out = cmd
+        .arg("-D")
+        .arg(&pgdata)
+        .args(["-o", &options, "-w", "start"])
+        .arg("-l")
+        .arg(cluster.log_path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pg_ctl start: {out:?}");
+}
+
+#[tokio::test]
+async fn a_url_naming_a_unix_socket_connects_without_tls() {
+    let dir = ClusterDir::new("socket");
+    let cluster = init_cluster(&dir).await;
+    start_on_socket(&cluster, 5432);
+    let socket_dir = cluster.pgdata().to_string_lossy().replace('/', "%2F");
+    // The default sslmode (prefer) and even require: libpq uses no TLS on a
+    // socket, and neither does stead.
+    for params in ["", "?sslmode=require"] {
+        let url = format!("postgresql://stead@{socket_dir}:5432/postgres{params}");
+        stead::migrate(&url, "stead", 16)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e:?}"));
+    }
 }
