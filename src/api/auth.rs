@@ -128,12 +128,12 @@ pub(crate) async fn require(
     mut request: Request,
     next: Next,
 ) -> Response {
+    // The route template borrowed, not copied: this runs on every request.
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_default();
-    let Some(need) = need_of(request.method(), &route, state.inner.metrics_auth) else {
+        .map_or("", |p| p.as_str());
+    let Some(need) = need_of(request.method(), route, state.inner.metrics_auth) else {
         return next.run(request).await;
     };
     let caller = match state.inner.auth {
