@@ -64,6 +64,14 @@ pub struct Limits {
     pub max_step_output_bytes: usize,
     /// Most elements one `for_each` step may have.
     pub max_for_each_items: usize,
+    /// Most bytes (as JSON text) the steps of one instance may store, all
+    /// inputs, outputs and errors together: the step that would take it
+    /// past fails with a permanent `limit` error.
+    pub max_instance_bytes: u64,
+    /// Most history events one instance may record while it runs: at its
+    /// next decision past it the instance fails with a `limit` error (its
+    /// compensations still run).
+    pub max_history_events: u32,
     /// Largest input of an instance (as JSON text), at start (413).
     pub max_input_bytes: usize,
     /// Largest signal payload (as JSON text) (413).
@@ -88,6 +96,8 @@ impl Default for Limits {
             max_concurrent_requests: 512,
             max_step_output_bytes: 1024 * 1024,
             max_for_each_items: 10_000,
+            max_instance_bytes: 32 * 1024 * 1024,
+            max_history_events: 50_000,
             max_input_bytes: 1024 * 1024,
             max_signal_payload_bytes: 1024 * 1024,
         }
@@ -100,6 +110,8 @@ impl Limits {
         crate::engine::EngineLimits {
             max_step_output_bytes: self.max_step_output_bytes,
             max_for_each_items: self.max_for_each_items,
+            max_instance_bytes: self.max_instance_bytes,
+            max_history_events: self.max_history_events,
         }
     }
 }
@@ -118,6 +130,10 @@ pub struct Tuning {
     pub idle_in_transaction_timeout_ms: u64,
     /// Most instances one advance transaction locks and decides.
     pub advance_batch_size: usize,
+    /// Most bytes of stored state (what the instances' steps hold) one
+    /// advance transaction loads; an instance larger than this is advanced
+    /// alone. With `advance_batch_size`, it bounds an advancer's memory.
+    pub advance_batch_max_bytes: u64,
     /// How long one advance transaction may run `task` attempts inline
     /// (on the member owning the instance, without a task row) before the
     /// ones still running are handed to the queue as leased tasks; 0 runs
@@ -189,6 +205,7 @@ impl Default for Tuning {
             statement_timeout_ms: 30_000,
             idle_in_transaction_timeout_ms: 5_000,
             advance_batch_size: 500,
+            advance_batch_max_bytes: 8 * 1024 * 1024,
             inline_budget_ms: 50,
             inline_quarantine_ms: 10_000,
             claim_batch_size: 100,

@@ -277,6 +277,7 @@ fn spawn_engine(
         config: AdvancerConfig {
             member: member.to_string(),
             batch_size: tuning.advance_batch_size,
+            batch_max_bytes: tuning.advance_batch_max_bytes,
             inline_budget_ms: tuning.inline_budget_ms,
             limits: engine_limits,
         },

@@ -67,6 +67,22 @@ pub struct NodeArgs {
     /// Most elements one for_each step may have.
     #[arg(long, env = "STEAD_MAX_FOR_EACH_ITEMS", default_value_t = 10_000)]
     pub max_for_each_items: usize,
+    /// Most bytes (as JSON) the steps of one instance may store, inputs,
+    /// outputs and errors together: the step that would pass it fails
+    /// (limit error).
+    #[arg(long, env = "STEAD_MAX_INSTANCE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_instance_bytes: u64,
+    /// Most history events one instance may record while it runs; at its
+    /// next decision past it, it fails (limit error; compensations run).
+    #[arg(long, env = "STEAD_MAX_HISTORY_EVENTS", default_value_t = 50_000)]
+    pub max_history_events: u32,
+    /// Most instances one advance transaction locks and decides.
+    #[arg(long, env = "STEAD_ADVANCE_BATCH_SIZE", default_value_t = 500)]
+    pub advance_batch_size: usize,
+    /// Most bytes of stored instance state one advance transaction loads
+    /// (an instance larger than this is advanced alone).
+    #[arg(long, env = "STEAD_ADVANCE_BATCH_MAX_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub advance_batch_max_bytes: u64,
     /// Largest instance input, as JSON, in bytes (413 past it).
     #[arg(long, env = "STEAD_MAX_INPUT_BYTES", default_value_t = 1024 * 1024)]
     pub max_input_bytes: usize,
@@ -133,6 +149,8 @@ impl NodeArgs {
             max_concurrent_requests: self.max_concurrent_requests,
             max_step_output_bytes: self.max_step_output_bytes,
             max_for_each_items: self.max_for_each_items,
+            max_instance_bytes: self.max_instance_bytes,
+            max_history_events: self.max_history_events,
             max_input_bytes: self.max_input_bytes,
             max_signal_payload_bytes: self.max_signal_payload_bytes,
             ..Limits::default()
@@ -145,6 +163,8 @@ impl NodeArgs {
             worker_concurrency: self.worker_concurrency,
             lease_ms: self.lease_ms,
             inline_budget_ms: self.inline_budget_ms,
+            advance_batch_size: self.advance_batch_size,
+            advance_batch_max_bytes: self.advance_batch_max_bytes,
             inline_quarantine_ms: self.inline_quarantine_ms,
             poll_interval_ms: self.poll_interval_ms,
             reap_interval_ms: self.reap_interval_ms,

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use super::{ms, Command, Run};
+use super::{json_len, ms, Command, Run};
 use crate::definition::{CompensationAction, StepKind};
 use crate::model::{
     CompensationState, Ending, EventType, InstanceStatus, StepState, StepStatus, TaskPurpose,
@@ -73,16 +73,13 @@ impl Run<'_, '_, '_, '_> {
     }
 
     fn schedule_compensation(&mut self, index: usize) {
-        let outputs = self.outputs();
         let comp = self.def.steps[index]
             .compensate
             .as_ref()
             .expect("compensation");
         let input = match &comp.action {
-            CompensationAction::Http(call) => self.render_http(call, &outputs, None),
-            CompensationAction::Task { input, .. } => {
-                self.render_optional(input.as_ref(), &outputs, None)
-            }
+            CompensationAction::Http(call) => self.render_http(call, None),
+            CompensationAction::Task { input, .. } => self.render_optional(input.as_ref(), None),
         };
         self.state.steps[index].compensation = Some(CompensationState {
             status: StepStatus::Scheduled,
@@ -109,11 +106,14 @@ impl Run<'_, '_, '_, '_> {
     }
 
     pub(super) fn complete_instance(&mut self) {
-        let outputs = self.outputs();
         let output = match &self.def.output {
-            Some(template) => self.render(template, &outputs, None),
-            None => Value::Object(outputs.into_iter().collect()),
+            Some(template) => self.render(template, None),
+            None => Value::Object(self.outputs()),
         };
+        if let Err(error) = self.admit_bytes("the instance's output", json_len(&output)) {
+            self.begin_ending(Ending::Failed, error);
+            return;
+        }
         self.state.status = InstanceStatus::Completed;
         self.state.output = Some(output.clone());
         // Every step has finished, so the instance has nothing left in the
@@ -151,6 +151,7 @@ impl Run<'_, '_, '_, '_> {
         self.state.status = InstanceStatus::Running;
         self.state.error = None;
         self.state.output = None;
+        self.state.stored_bytes = super::stored_bytes(self.state);
         self.state.ending = None;
         self.state.deadline_at = self.def.timeout_ms.map(|t| now + ms(t));
         self.record(

@@ -13,7 +13,7 @@ mod results;
 mod state;
 mod steps;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{json, Map, Value};
@@ -39,6 +39,11 @@ pub(crate) struct Context<'a> {
     /// Returns a uniformly distributed number in [0, 1) for retry jitter.
     pub random: &'a mut dyn FnMut() -> f64,
     pub limits: EngineLimits,
+    /// Most bytes this decision may add to what the instance stores: once
+    /// it has added as much, it starts no more steps and asks to be woken
+    /// at once to go on (`Decision::wake_at`), so that one large instance
+    /// cannot hold its batch (and the node's memory) for long.
+    pub budget_bytes: u64,
 }
 
 /// Bounds on what one instance may hold, so that no legal definition can
@@ -50,6 +55,13 @@ pub(crate) struct EngineLimits {
     pub max_step_output_bytes: usize,
     /// Most elements one `for_each` step may have.
     pub max_for_each_items: usize,
+    /// Most bytes (as JSON text) the steps of one instance may store:
+    /// inputs, outputs and errors of steps, elements and compensations.
+    pub max_instance_bytes: u64,
+    /// Most history events one instance may record while it runs: at its
+    /// next decision past it, the instance fails (its compensations still
+    /// run and are recorded).
+    pub max_history_events: u32,
 }
 
 impl Default for EngineLimits {
@@ -57,6 +69,8 @@ impl Default for EngineLimits {
         EngineLimits {
             max_step_output_bytes: 1024 * 1024,
             max_for_each_items: 10_000,
+            max_instance_bytes: 32 * 1024 * 1024,
+            max_history_events: 50_000,
         }
     }
 }
@@ -98,6 +112,8 @@ pub(crate) fn decide(
         decision: Decision::default(),
         changed: BTreeSet::new(),
         signals: Vec::new(),
+        added_bytes: 0,
+        paused: false,
     };
     if run.state.steps.len() != def.steps.len() {
         run.state
@@ -112,7 +128,32 @@ pub(crate) fn decide(
     let mut decision = run.decision;
     decision.changed_steps = run.changed.into_iter().collect();
     decision.wake_at = wake_at;
+    decision.added_bytes = run.added_bytes;
+    decision.paused = run.paused && wake_at.is_some();
+    let recorded = u32::try_from(decision.history.len()).unwrap_or(u32::MAX);
+    state.recorded_events = state.recorded_events.saturating_add(recorded);
     decision
+}
+
+/// What an instance stores, in bytes of JSON text: inputs and outputs of
+/// its steps and elements, and its output (what `max_instance_bytes`
+/// counts). The
+/// engine keeps `InstanceState::stored_bytes` as it goes; this counts anew.
+pub(crate) fn stored_bytes(state: &InstanceState) -> u64 {
+    let opt = |v: &Option<Value>| v.as_ref().map_or(0, json_len) as u64;
+    let items = |s: &StepState| -> u64 {
+        s.items
+            .iter()
+            .flatten()
+            .map(|it| json_len(&it.input) as u64 + opt(&it.output))
+            .sum()
+    };
+    let steps: u64 = state
+        .steps
+        .iter()
+        .map(|s| opt(&s.input) + opt(&s.output) + items(s))
+        .sum();
+    steps + opt(&state.output)
 }
 
 /// The retry delay before attempt `attempt + 1`, after attempt `attempt`
@@ -159,6 +200,10 @@ struct Run<'d, 's, 'c, 'r> {
     changed: BTreeSet<usize>,
     /// Signals available to this decision, oldest first.
     signals: Vec<PendingSignal>,
+    /// Bytes this decision added to what the instance stores.
+    added_bytes: u64,
+    /// The decision spent its byte budget and left steps for the next one.
+    paused: bool,
 }
 
 /// The scope of a `for_each` element: its value and index.
@@ -262,6 +307,9 @@ impl Run<'_, '_, '_, '_> {
             return;
         }
         if self.live() {
+            self.check_history_limit();
+        }
+        if self.live() {
             self.check_deadline();
         }
         if self.live() {
@@ -270,6 +318,21 @@ impl Run<'_, '_, '_, '_> {
         if self.state.status == InstanceStatus::Running && self.state.ending.is_some() {
             self.drive_compensation();
         }
+    }
+
+    /// Fails an instance that has recorded `max_history_events` events.
+    fn check_history_limit(&mut self) {
+        let (recorded, max) = (
+            self.state.recorded_events,
+            self.ctx.limits.max_history_events,
+        );
+        if recorded < max {
+            return;
+        }
+        let message = format!(
+            "the instance has recorded {recorded} history events, the limit is {max} (--max-history-events)"
+        );
+        self.begin_ending(Ending::Failed, limit_error("max_history_events", message));
     }
 
     fn check_deadline(&mut self) {
@@ -317,6 +380,9 @@ impl Run<'_, '_, '_, '_> {
                 if !self.live() {
                     return;
                 }
+                if self.out_of_budget() {
+                    return;
+                }
                 let status = self.state.steps[index].status;
                 if status == StepStatus::Pending
                     && self.def.steps[index]
@@ -340,6 +406,15 @@ impl Run<'_, '_, '_, '_> {
         if (0..self.def.steps.len()).all(|i| self.finished(i)) {
             self.complete_instance();
         }
+    }
+
+    /// True once the decision has added its budget of bytes: it starts no
+    /// more steps (and is woken at once to go on).
+    fn out_of_budget(&mut self) -> bool {
+        if self.added_bytes >= self.ctx.budget_bytes {
+            self.paused = true;
+        }
+        self.paused
     }
 
     fn fire_timers(&mut self) -> bool {
@@ -406,26 +481,40 @@ impl Run<'_, '_, '_, '_> {
 
     // ---- templates ---------------------------------------------------------
 
-    fn outputs(&self) -> HashMap<String, Value> {
-        self.def
-            .steps
-            .iter()
-            .zip(&self.state.steps)
-            .filter(|(_, s)| {
-                matches!(
-                    s.status,
-                    StepStatus::Completed
-                        | StepStatus::Skipped
-                        | StepStatus::Failed
-                        | StepStatus::Compensated
-                )
+    /// Whether step `index` has an output templates may read (finished,
+    /// one way or another).
+    fn has_output(&self, index: usize) -> bool {
+        matches!(
+            self.state.steps[index].status,
+            StepStatus::Completed
+                | StepStatus::Skipped
+                | StepStatus::Failed
+                | StepStatus::Compensated
+        )
+    }
+
+    /// The outputs of finished steps by step id, copied (the default
+    /// output of a completed instance).
+    fn outputs(&self) -> Map<String, Value> {
+        (0..self.def.steps.len())
+            .filter(|&i| self.has_output(i))
+            .map(|i| {
+                let output = self.state.steps[i].output.clone();
+                (self.def.steps[i].id.clone(), output.unwrap_or(Value::Null))
             })
-            .map(|(d, s)| (d.id.clone(), s.output.clone().unwrap_or(Value::Null)))
             .collect()
     }
 
-    fn render(&self, template: &Value, outputs: &HashMap<String, Value>, item: ItemScope) -> Value {
-        let lookup = |id: &str| outputs.get(id);
+    /// Renders a template against the instance. Step outputs are read in
+    /// place, never copied: a step whose template names none costs nothing
+    /// however much the other steps hold.
+    fn render(&self, template: &Value, item: ItemScope) -> Value {
+        static NULL: Value = Value::Null;
+        let lookup = |id: &str| {
+            let index = self.def.step_index(id)?;
+            self.has_output(index)
+                .then(|| self.state.steps[index].output.as_ref().unwrap_or(&NULL))
+        };
         let scope = Scope {
             input: &self.state.input,
             instance_id: &self.state.id,
@@ -437,31 +526,21 @@ impl Run<'_, '_, '_, '_> {
     }
 
     /// An optional template (a task's or child's `input`): absent is null.
-    fn render_optional(
-        &self,
-        template: Option<&Value>,
-        outputs: &HashMap<String, Value>,
-        item: ItemScope,
-    ) -> Value {
-        template.map_or(Value::Null, |t| self.render(t, outputs, item))
+    fn render_optional(&self, template: Option<&Value>, item: ItemScope) -> Value {
+        template.map_or(Value::Null, |t| self.render(t, item))
     }
 
-    fn render_http(
-        &self,
-        call: &HttpCall,
-        outputs: &HashMap<String, Value>,
-        item: ItemScope,
-    ) -> Value {
+    fn render_http(&self, call: &HttpCall, item: ItemScope) -> Value {
         let mut headers = Map::new();
         for (name, value) in &call.headers {
-            let rendered = self.render(value, outputs, item);
+            let rendered = self.render(value, item);
             headers.insert(name.clone(), Value::String(as_text(&rendered)));
         }
         json!({
             "method": call.method,
-            "url": as_text(&self.render(&call.url, outputs, item)),
+            "url": as_text(&self.render(&call.url, item)),
             "headers": headers,
-            "body": call.body.as_ref().map(|b| self.render(b, outputs, item)),
+            "body": call.body.as_ref().map(|b| self.render(b, item)),
         })
     }
 
@@ -469,6 +548,9 @@ impl Run<'_, '_, '_, '_> {
     fn next_wake(&self) -> Option<DateTime<Utc>> {
         if !self.live() {
             return None;
+        }
+        if self.paused {
+            return Some(self.ctx.now);
         }
         self.state
             .steps

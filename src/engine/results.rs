@@ -112,7 +112,7 @@ impl Run<'_, '_, '_, '_> {
         let failure = match f.result {
             TaskResult::Failed(failure) => failure,
             TaskResult::Completed(output) => {
-                if let Some(error) = self.output_over_limit(index, Some(k), output) {
+                if let Err(error) = self.admit_output(index, Some(k), output) {
                     let failure = TaskFailure::new(
                         error["message"].as_str().unwrap_or("limit").to_string(),
                         false,

@@ -28,6 +28,12 @@ pub(crate) struct InstanceState {
     pub ending: Option<Ending>,
     /// The workflow deadline, set when the instance starts.
     pub deadline_at: Option<DateTime<Utc>>,
+    /// What the steps store, in bytes of JSON text (`stored_bytes`): kept
+    /// by the engine as it admits inputs and outputs, checked against
+    /// `max_instance_bytes`.
+    pub stored_bytes: u64,
+    /// History events recorded so far (before this decision's).
+    pub recorded_events: u32,
 }
 
 impl InstanceState {
@@ -42,6 +48,8 @@ impl InstanceState {
             steps: vec![StepState::default(); step_count],
             ending: None,
             deadline_at: None,
+            stored_bytes: 0,
+            recorded_events: 0,
         }
     }
 }
@@ -126,6 +134,13 @@ pub(crate) struct Decision {
     /// Indices of the steps whose state changed (the driver saves only these).
     pub changed_steps: Vec<usize>,
     /// When the engine must look at the instance again without any event
-    /// (the earliest timer or the deadline); `None` = only on events.
+    /// (the earliest timer or the deadline, or now if it spent its byte
+    /// budget); `None` = only on events.
     pub wake_at: Option<DateTime<Utc>>,
+    /// Bytes the decision added to what the instance stores.
+    pub added_bytes: u64,
+    /// The decision spent its byte budget with steps left to start:
+    /// `wake_at` is now, and the driver may put the instance behind the
+    /// others due.
+    pub paused: bool,
 }

@@ -1,8 +1,6 @@
 //! Starting steps by kind, filling `for_each` steps, queueing attempts, and
 //! the two ways a step ends (`complete_step`, `fail_step`).
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
@@ -16,23 +14,22 @@ impl Run<'_, '_, '_, '_> {
     /// (`for_each`), or starts it by kind.
     pub(super) fn start_step(&mut self, index: usize) {
         let step_def = &self.def.steps[index];
-        let outputs = self.outputs();
         self.changed.insert(index);
         if let Some(when) = &step_def.when {
-            let verdict = self.render(when, &outputs, None);
+            let verdict = self.render(when, None);
             if template::is_falsy(&verdict) {
                 self.skip_step(index, verdict);
                 return;
             }
         }
         if let Some(for_each) = &step_def.for_each {
-            let items = self.render(&for_each.items, &outputs, None);
+            let items = self.render(&for_each.items, None);
             self.start_for_each(index, items);
             return;
         }
         match &step_def.kind {
             StepKind::Value(template) => {
-                let output = self.render(template, &outputs, None);
+                let output = self.render(template, None);
                 let now = self.ctx.now;
                 let s = &mut self.state.steps[index];
                 s.attempt = 1;
@@ -41,14 +38,14 @@ impl Run<'_, '_, '_, '_> {
                 self.complete_step(index, output, json!({}));
             }
             StepKind::Task { input, .. } => {
-                let input = self.render_optional(input.as_ref(), &outputs, None);
+                let input = self.render_optional(input.as_ref(), None);
                 self.schedule(index, input);
             }
             StepKind::Http(call) => {
-                let input = self.render_http(call, &outputs, None);
+                let input = self.render_http(call, None);
                 self.schedule(index, input);
             }
-            StepKind::Sleep(spec) => self.start_sleep(index, spec, &outputs),
+            StepKind::Sleep(spec) => self.start_sleep(index, spec),
             StepKind::Signal { name, timeout_ms } => {
                 let wake_at = timeout_ms.map(|t| self.ctx.now + ms(t));
                 self.begin(index, StepStatus::Waiting).wake_at = wake_at;
@@ -64,7 +61,7 @@ impl Run<'_, '_, '_, '_> {
                 version,
                 input,
             } => {
-                let input = self.render_optional(input.as_ref(), &outputs, None);
+                let input = self.render_optional(input.as_ref(), None);
                 self.start_child(index, name, *version, input);
             }
         }
@@ -103,6 +100,12 @@ impl Run<'_, '_, '_, '_> {
             self.fail_step(index, 0, limit_error("max_for_each_items", message));
             return;
         }
+        let len = items.iter().map(json_len).sum();
+        let what = format!("the elements of step {}", self.def.steps[index].id);
+        if let Err(error) = self.admit_bytes(&what, len) {
+            self.fail_step(index, 0, error);
+            return;
+        }
         self.begin(index, StepStatus::Running).items =
             Some(items.into_iter().map(ItemState::pending).collect());
         self.record(
@@ -114,11 +117,11 @@ impl Run<'_, '_, '_, '_> {
         self.fill_items(index);
     }
 
-    fn start_sleep(&mut self, index: usize, spec: &SleepSpec, outputs: &HashMap<String, Value>) {
+    fn start_sleep(&mut self, index: usize, spec: &SleepSpec) {
         let until = match spec {
             SleepSpec::Duration { ms: d } => Ok(self.ctx.now + ms(*d)),
             SleepSpec::Until(t) => {
-                let rendered = self.render(t, outputs, None);
+                let rendered = self.render(t, None);
                 rendered
                     .as_str()
                     .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
@@ -147,6 +150,10 @@ impl Run<'_, '_, '_, '_> {
     }
 
     fn start_child(&mut self, index: usize, name: &str, version: Option<i32>, input: Value) {
+        if let Err(error) = self.admit_input(index, None, &input) {
+            self.fail_step(index, 0, error);
+            return;
+        }
         self.begin(index, StepStatus::Running).input = Some(input.clone());
         let child = child_id(&self.state.id, &self.def.steps[index].id, None);
         self.record(
@@ -174,11 +181,13 @@ impl Run<'_, '_, '_, '_> {
             .and_then(|f| f.max_parallel)
             .map_or(usize::MAX, |m| m as usize);
         let mut progressed = false;
-        let outputs = self.outputs();
         let count = self.state.steps[index].items.as_ref().map_or(0, Vec::len);
         for k in 0..count {
             if !self.live() || self.state.steps[index].status != StepStatus::Running {
                 return true;
+            }
+            if self.out_of_budget() {
+                return progressed;
             }
             let items = self.state.steps[index].items.as_ref().expect("items");
             let active = items.iter().filter(|i| i.status.is_active()).count();
@@ -191,7 +200,7 @@ impl Run<'_, '_, '_, '_> {
             progressed = true;
             self.changed.insert(index);
             let item_value = items[k].input.clone();
-            if !self.start_item(index, k, Some((&item_value, k)), &outputs) {
+            if !self.start_item(index, k, Some((&item_value, k))) {
                 return true;
             }
         }
@@ -199,19 +208,13 @@ impl Run<'_, '_, '_, '_> {
     }
 
     /// Starts element `k`; false if that failed the whole step.
-    fn start_item(
-        &mut self,
-        index: usize,
-        k: usize,
-        scope: ItemScope,
-        outputs: &HashMap<String, Value>,
-    ) -> bool {
+    fn start_item(&mut self, index: usize, k: usize, scope: ItemScope) -> bool {
         let now = self.ctx.now;
         let step_def = &self.def.steps[index];
         match &step_def.kind {
             StepKind::Value(template) => {
-                let output = self.render(template, outputs, scope);
-                if let Some(error) = self.output_over_limit(index, Some(k), &output) {
+                let output = self.render(template, scope);
+                if let Err(error) = self.admit_output(index, Some(k), &output) {
                     self.fail_step(index, 1, error);
                     return false;
                 }
@@ -223,19 +226,23 @@ impl Run<'_, '_, '_, '_> {
                 it.ended_at = Some(now);
             }
             StepKind::Task { input, .. } => {
-                let input = self.render_optional(input.as_ref(), outputs, scope);
-                self.schedule_item(index, k, input);
+                let input = self.render_optional(input.as_ref(), scope);
+                return self.schedule_item(index, k, input);
             }
             StepKind::Http(call) => {
-                let input = self.render_http(call, outputs, scope);
-                self.schedule_item(index, k, input);
+                let input = self.render_http(call, scope);
+                return self.schedule_item(index, k, input);
             }
             StepKind::Workflow {
                 name,
                 version,
                 input,
             } => {
-                let input = self.render_optional(input.as_ref(), outputs, scope);
+                let input = self.render_optional(input.as_ref(), scope);
+                if let Err(error) = self.admit_input(index, Some(k), &input) {
+                    self.fail_step(index, 1, error);
+                    return false;
+                }
                 let it = &mut self.state.steps[index].items.as_mut().expect("items")[k];
                 it.status = StepStatus::Running;
                 it.attempt = 1;
@@ -296,6 +303,10 @@ impl Run<'_, '_, '_, '_> {
     }
 
     fn schedule(&mut self, index: usize, input: Value) {
+        if let Err(error) = self.admit_input(index, None, &input) {
+            self.fail_step(index, 0, error);
+            return;
+        }
         let now = self.ctx.now;
         let s = &mut self.state.steps[index];
         s.status = StepStatus::Scheduled;
@@ -316,12 +327,25 @@ impl Run<'_, '_, '_, '_> {
         self.enqueue(index, None, purpose, 1, input, 0);
     }
 
-    fn schedule_item(&mut self, index: usize, k: usize, input: Value) {
+    /// Queues element `k`; false if its input failed the whole step.
+    fn schedule_item(&mut self, index: usize, k: usize, input: Value) -> bool {
+        // The rendered input replaces the element, which is counted already.
+        let element = &self.state.steps[index].items.as_ref().expect("items")[k].input;
+        let added = json_len(&input).saturating_sub(json_len(element));
+        let what = format!(
+            "the input of element {k} of step {}",
+            self.def.steps[index].id
+        );
+        if let Err(error) = self.admit_bytes(&what, added) {
+            self.fail_step(index, 1, error);
+            return false;
+        }
         let it = &mut self.state.steps[index].items.as_mut().expect("items")[k];
         it.status = StepStatus::Scheduled;
         it.attempt = 1;
         it.input = input.clone();
         self.enqueue(index, Some(k as u32), TaskPurpose::Run, 1, input, 0);
+        true
     }
 
     /// Where an attempt of step `index` runs: kind, queue and timeout.
@@ -378,26 +402,61 @@ impl Run<'_, '_, '_, '_> {
         });
     }
 
-    /// The `limit` error of an output of step `index` (element `item`)
-    /// longer than `max_step_output_bytes`, if it is.
-    pub(super) fn output_over_limit(
-        &self,
+    /// Admits an output of step `index` (element `item`): the `limit`
+    /// error if it is longer than `max_step_output_bytes` or would take
+    /// what the instance stores past `max_instance_bytes`.
+    pub(super) fn admit_output(
+        &mut self,
         index: usize,
         item: Option<usize>,
         output: &Value,
-    ) -> Option<Value> {
+    ) -> Result<(), Value> {
         let max = self.ctx.limits.max_step_output_bytes;
         let len = json_len(output);
         let what = match item {
             Some(k) => format!("element {k} of step {}", self.def.steps[index].id),
             None => format!("step {}", self.def.steps[index].id),
         };
-        (len > max).then(|| {
-            limit_error(
+        if len > max {
+            return Err(limit_error(
                 "max_step_output_bytes",
                 format!("the output of {what} is {len} bytes, over the limit of {max} (--max-step-output-bytes)"),
-            )
-        })
+            ));
+        }
+        self.admit_bytes(&format!("the output of {what}"), len)
+    }
+
+    /// Counts `len` more bytes (of `what`) in what the instance stores: the
+    /// `limit` error if they would take it past `max_instance_bytes`.
+    pub(super) fn admit_bytes(&mut self, what: &str, len: usize) -> Result<(), Value> {
+        let max = self.ctx.limits.max_instance_bytes;
+        let total = self.state.stored_bytes.saturating_add(len as u64);
+        if total > max {
+            return Err(limit_error(
+                "max_instance_bytes",
+                format!("{what} ({len} bytes) would bring what the instance stores to {total} bytes, over the limit of {max} (--max-instance-bytes)"),
+            ));
+        }
+        self.state.stored_bytes = total;
+        self.added_bytes += len as u64;
+        Ok(())
+    }
+
+    /// Admits the input of step `index` (element `item`), like an output.
+    fn admit_input(
+        &mut self,
+        index: usize,
+        item: Option<usize>,
+        input: &Value,
+    ) -> Result<(), Value> {
+        let what = match item {
+            Some(k) => format!(
+                "the input of element {k} of step {}",
+                self.def.steps[index].id
+            ),
+            None => format!("the input of step {}", self.def.steps[index].id),
+        };
+        self.admit_bytes(&what, json_len(input))
     }
 
     fn next_completion_order(&self) -> u32 {
@@ -410,7 +469,7 @@ impl Run<'_, '_, '_, '_> {
     }
 
     pub(super) fn complete_step(&mut self, index: usize, output: Value, mut data: Value) {
-        if let Some(error) = self.output_over_limit(index, None, &output) {
+        if let Err(error) = self.admit_output(index, None, &output) {
             let attempt = self.state.steps[index].attempt.max(1);
             self.fail_step(index, attempt, error);
             return;

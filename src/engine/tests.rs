@@ -34,6 +34,7 @@ fn decide_with(def: &Definition, state: &mut InstanceState, events: &[Event], r:
         now: now(),
         random: &mut random,
         limits: Default::default(),
+        budget_bytes: u64::MAX,
     };
     decide(def, state, events, &mut ctx)
 }
@@ -182,6 +183,7 @@ fn run_at(
         now: when,
         random: &mut random,
         limits: Default::default(),
+        budget_bytes: u64::MAX,
     };
     decide(def, state, events, &mut ctx)
 }
@@ -3550,6 +3552,7 @@ fn same_inputs_give_the_same_decision() {
                     now: now(),
                     random: &mut random,
                     limits: Default::default(),
+                    budget_bytes: u64::MAX,
                 };
                 decide(&d, &mut state, events, &mut ctx)
             })
@@ -3621,6 +3624,7 @@ fn timestamps_come_from_the_context_clock() {
         now: later,
         random: &mut random,
         limits: Default::default(),
+        budget_bytes: u64::MAX,
     };
     decide(&d, &mut state, &[Event::Start], &mut ctx);
     assert_eq!(state.steps[0].scheduled_at, Some(later));
@@ -3628,6 +3632,7 @@ fn timestamps_come_from_the_context_clock() {
         now: later + Duration::minutes(1),
         random: &mut random,
         limits: Default::default(),
+        budget_bytes: u64::MAX,
     };
     decide(&d, &mut state, &[ok(0, 1, json!(1))], &mut ctx);
     assert_eq!(state.steps[0].ended_at, Some(later + Duration::minutes(1)));
@@ -3680,6 +3685,7 @@ fn run_limited(
         now: now(),
         random: &mut random,
         limits,
+        budget_bytes: u64::MAX,
     };
     decide(def, state, events, &mut ctx)
 }
@@ -3784,4 +3790,132 @@ fn an_element_result_over_the_limit_fails_its_for_each_step() {
     assert_eq!(state.steps[0].status, StepStatus::Failed);
     let items = state.steps[0].items.as_ref().unwrap();
     assert_eq!(items[1].status, StepStatus::Failed);
+}
+
+fn instance_limit(bytes: u64) -> EngineLimits {
+    EngineLimits {
+        max_instance_bytes: bytes,
+        ..EngineLimits::default()
+    }
+}
+
+#[test]
+fn steps_store_up_to_the_instance_limit_and_the_step_past_it_fails_the_instance() {
+    // Each output "xxxxxxxx" is 10 bytes as JSON; the output `true` is 4.
+    let d = def(json!({"output": true, "steps": [
+        {"id": "a", "value": "${input}"},
+        {"id": "b", "value": "${input}"},
+        {"id": "c", "value": "${input}", "needs": ["a", "b"]}]}));
+    let mut state = pending(json!("xxxxxxxx"));
+    run_limited(&d, &mut state, &[Event::Start], instance_limit(34));
+    assert_eq!(state.status, InstanceStatus::Completed);
+    assert_eq!(state.stored_bytes, 34, "what the steps and the output hold");
+    assert_eq!(state.stored_bytes, stored_bytes(&state));
+
+    let mut state = pending(json!("xxxxxxxx"));
+    run_limited(&d, &mut state, &[Event::Start], instance_limit(33));
+    assert_eq!(
+        state.status,
+        InstanceStatus::Failed,
+        "the output is one too many"
+    );
+    assert_eq!(state.error.as_ref().unwrap()["limit"], "max_instance_bytes");
+
+    let mut state = pending(json!("xxxxxxxx"));
+    run_limited(&d, &mut state, &[Event::Start], instance_limit(29));
+    assert_eq!(step(&d, &state, "c").status, StepStatus::Failed);
+    assert_eq!(
+        limit_of(step(&d, &state, "c")),
+        ("max_instance_bytes", false)
+    );
+    assert_eq!(state.status, InstanceStatus::Failed);
+    let message = step(&d, &state, "c").error.as_ref().unwrap()["message"].to_string();
+    assert!(
+        message.contains("to 30 bytes, over the limit of 29"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_task_input_past_the_instance_limit_fails_the_step_before_it_is_queued() {
+    let d = def(json!({"steps": [{"id": "t", "task": {"queue": "q", "input": "${input}"}}]}));
+    let mut state = pending(json!("xxxxxxxx"));
+    let decision = run_limited(&d, &mut state, &[Event::Start], instance_limit(10));
+    assert_eq!(state.steps[0].status, StepStatus::Scheduled, "at the limit");
+
+    let mut state = pending(json!("xxxxxxxx"));
+    let decision_past = run_limited(&d, &mut state, &[Event::Start], instance_limit(9));
+    assert_eq!(limit_of(&state.steps[0]), ("max_instance_bytes", false));
+    let queued = |d: &Decision| {
+        d.commands
+            .iter()
+            .filter(|c| matches!(c, Command::EnqueueTask { .. }))
+            .count()
+    };
+    assert_eq!((queued(&decision), queued(&decision_past)), (1, 0));
+}
+
+#[test]
+fn what_an_instance_stores_is_counted_anew_after_each_decision() {
+    // A retried instance replaces its failed step's input: no double count.
+    let d = def(json!({"steps": [{"id": "t", "task": {"queue": "q", "input": "${input}"}}]}));
+    let (mut state, _) = start(&d, json!("xxxxxxxx"));
+    assert_eq!(state.stored_bytes, 10);
+    run(&d, &mut state, &[fail(0, 1, "boom", false)]);
+    assert_eq!(state.status, InstanceStatus::Failed);
+    run(&d, &mut state, &[Event::RetryRequested]);
+    assert_eq!(state.stored_bytes, stored_bytes(&state));
+}
+
+fn history_limit(events: u32) -> EngineLimits {
+    EngineLimits {
+        max_history_events: events,
+        ..EngineLimits::default()
+    }
+}
+
+#[test]
+fn an_instance_below_the_history_limit_goes_on_and_one_at_it_fails_at_its_next_decision() {
+    let d = def(json!({"steps": [{"id": "approval", "signal": {"name": "approved"}}]}));
+    let (waiting, first) = start(&d, json!(null));
+    let recorded = waiting.recorded_events;
+    assert_eq!(recorded as usize, first.history.len());
+    assert!(recorded > 0);
+
+    let mut state = waiting.clone();
+    let events = [signal(1, "approved", json!(true))];
+    run_limited(&d, &mut state, &events, history_limit(recorded + 1));
+    assert_eq!(state.status, InstanceStatus::Completed);
+
+    let mut state = waiting;
+    run_limited(&d, &mut state, &events, history_limit(recorded));
+    assert_eq!(state.status, InstanceStatus::Failed);
+    assert_eq!(state.error.as_ref().unwrap()["limit"], "max_history_events");
+    assert_eq!(step(&d, &state, "approval").status, StepStatus::Cancelled);
+}
+
+#[test]
+fn a_decision_that_spent_its_byte_budget_leaves_the_next_steps_for_one_woken_at_once() {
+    // Each output is 10 bytes; the instance's output `true` 4.
+    let d = def(json!({"output": true, "steps": [
+        {"id": "a", "value": "${input}"},
+        {"id": "b", "value": "${input}"},
+        {"id": "c", "value": "${input}"}]}));
+    let mut state = pending(json!("xxxxxxxx"));
+    let mut random = || 0.5;
+    let mut ctx = Context {
+        now: now(),
+        random: &mut random,
+        limits: EngineLimits::default(),
+        budget_bytes: 15,
+    };
+    let first = decide(&d, &mut state, &[Event::Start], &mut ctx);
+    let statuses = |s: &InstanceState| s.steps.iter().map(|s| s.status).collect::<Vec<_>>();
+    use StepStatus::{Completed, Pending};
+    assert_eq!(statuses(&state), [Completed, Completed, Pending]);
+    assert_eq!((first.added_bytes, first.wake_at), (20, Some(now())));
+
+    let second = decide(&d, &mut state, &[], &mut ctx);
+    assert_eq!(state.status, InstanceStatus::Completed);
+    assert_eq!((second.added_bytes, second.wake_at), (14, None));
 }

@@ -30,7 +30,7 @@ macro_rules! due_columns {
          i.retry_requested_at IS NOT NULL, i.created_at,
          EXISTS (SELECT 1 FROM signals g WHERE g.instance_id = i.id AND g.consumed_at IS NULL
                  OFFSET 0),
-         i.parent_id IS NOT NULL, i.ctid::text"
+         i.parent_id IS NOT NULL, i.ctid::text, i.stored_bytes"
     };
 }
 
@@ -232,6 +232,7 @@ const UPDATE_INSTANCES: &str = "
     WITH updated AS (
     UPDATE instances i
     SET status = u.status, output = u.output, error = u.error, event_seq = u.event_seq,
+        stored_bytes = u.stored_bytes,
         -- A cancel requested but not yet seen by the engine must still wake
         -- the instance. (A parent in the same batch cancelling its child does
         -- so after this statement: CANCEL_CHILDREN sets wake_at itself.)
@@ -246,9 +247,9 @@ const UPDATE_INSTANCES: &str = "
                         THEN coalesce(i.ended_at, u.decided_at) END
     FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::jsonb[], $6::int[],
                 $7::timestamptz[], $8::text[], $9::timestamptz[], $11::timestamptz[],
-                $13::text[]::tid[])
+                $13::text[]::tid[], $14::bigint[])
          AS u(id, expected_version, status, output, error, event_seq, wake_at, ending,
-              deadline_at, decided_at, row_at)
+              deadline_at, decided_at, row_at, stored_bytes)
     -- Each row is found where it was locked (a TID scan, no index probe);
     -- the id must still match.
     WHERE i.ctid = ANY($13::text[]::tid[]) AND i.ctid = u.row_at AND i.id = u.id
@@ -281,6 +282,8 @@ pub(crate) struct DueBatch {
     /// Locked instances whose rows hold what this version cannot read, with
     /// the error that says which column and value.
     pub unreadable: Vec<(String, StoreError)>,
+    /// Locked instances left for a later batch: past the batch's byte bound.
+    pub deferred: usize,
 }
 
 impl DueBatch {
@@ -322,6 +325,9 @@ pub(crate) struct DueInstance {
     pub is_child: bool,
     /// Where its row lay when it was locked.
     pub row_at: RowAt,
+    /// What its steps store, in bytes of JSON text, as of its last
+    /// decision.
+    pub stored_bytes: i64,
     /// Steps that have left `pending` (the others have no row).
     pub steps: Vec<StoredStep>,
     /// Finished attempts not yet recorded, oldest first.
@@ -500,6 +506,8 @@ pub(crate) struct InstanceUpdate {
     pub wake_at: Option<DateTime<Utc>>,
     pub ending: Option<Ending>,
     pub deadline_at: Option<DateTime<Utc>>,
+    /// What its steps store, in bytes of JSON text.
+    pub stored_bytes: i64,
     /// When its last decision was taken (later than the batch's clock when
     /// steps ran inline): its `updated_at`, and `ended_at` if it ended.
     pub decided_at: DateTime<Utc>,
@@ -564,6 +572,7 @@ impl Store {
     pub(crate) async fn begin_and_lock_due(
         &self,
         limit: usize,
+        max_bytes: u64,
         slots: &[i32],
     ) -> Result<(AdvanceTx, DueBatch)> {
         let conn = self.conn().await?;
@@ -573,7 +582,7 @@ impl Store {
         let owned = slot_bitmap(slots);
         let params: [&(dyn ToSql + Sync); 2] = [&(limit as i64), &owned];
         let ((), rows) = futures::try_join!(c.batch_execute(KEYED_PLANS), c.query(&stmt, &params))?;
-        let batch = tx.due_batch(&rows).await?;
+        let batch = tx.due_batch(&rows, max_bytes).await?;
         Ok((tx, batch))
     }
 
@@ -585,6 +594,21 @@ impl Store {
         tx.client().batch_execute(KEYED_PLANS).await?;
         Ok(tx)
     }
+}
+
+/// How many of the leading sizes fit in `max_bytes` together; at least one,
+/// so that an instance larger than the bound still moves on, alone.
+fn rows_within(sizes: impl Iterator<Item = i64>, max_bytes: u64) -> usize {
+    let mut total = 0u64;
+    let mut fit = 0;
+    for size in sizes {
+        total = total.saturating_add(size.max(0) as u64);
+        if fit > 0 && total > max_bytes {
+            break;
+        }
+        fit += 1;
+    }
+    fit
 }
 
 /// The slots as a bitmap for `owned_slot`: bit n (bit n % 8 of byte n / 8)
@@ -625,19 +649,24 @@ impl AdvanceTx {
         let rows = c
             .query(&stmt, &[&(limit as i64), &slot_bitmap(slots)])
             .await?;
-        self.due_batch(&rows).await
+        self.due_batch(&rows, u64::MAX).await
     }
 
-    /// The batch of the locked rows, with what each instance needs loaded.
-    async fn due_batch(&self, rows: &[tokio_postgres::Row]) -> Result<DueBatch> {
+    /// The batch of the locked rows, with what each instance needs loaded:
+    /// as many as fit in `max_bytes` of stored state (`stored_bytes`; the
+    /// first always does). The rest stay locked, untouched, until this
+    /// transaction ends, and come up in a later batch (`deferred`).
+    async fn due_batch(&self, rows: &[tokio_postgres::Row], max_bytes: u64) -> Result<DueBatch> {
         let now = rows.first().map_or_else(Utc::now, |r| r.get(10));
+        let fit = rows_within(rows.iter().map(|r| r.get::<_, i64>(19)), max_bytes);
         let mut batch = DueBatch {
             now,
-            instances: Vec::with_capacity(rows.len()),
+            instances: Vec::with_capacity(fit),
             unreadable: Vec::new(),
+            deferred: rows.len() - fit,
         };
         let mut with_signals = Vec::new();
-        for r in rows {
+        for r in &rows[..fit] {
             match due_from_row(r) {
                 Ok(due) => {
                     if r.get::<_, bool>(16) {
@@ -790,6 +819,7 @@ fn due_from_row(r: &tokio_postgres::Row) -> Result<DueInstance> {
         created_at: r.get(15),
         is_child: r.get(17),
         row_at: RowAt(r.get(18)),
+        stored_bytes: r.get(19),
         steps: Vec::new(),
         results: Vec::new(),
         signals: Vec::new(),
@@ -977,6 +1007,7 @@ fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
     update.push(col(&w.instances, |r| r.decided_at));
     update.push(Box::new(w.instances.len() as i64));
     update.push(col(&w.instances, |r| r.row_at.0.as_str()));
+    update.push(col(&w.instances, |r| r.stored_bytes));
     p.push(UPDATE_INSTANCES, update);
     if !w.cancel_children_of.is_empty() {
         p.push(CANCEL_CHILDREN, vec![Box::new(&w.cancel_children_of)]);
@@ -1151,7 +1182,17 @@ fn fenced_or(e: tokio_postgres::Error, batch: usize) -> StoreError {
 
 #[cfg(test)]
 mod tests {
-    use super::slot_bitmap;
+    use super::{rows_within, slot_bitmap};
+
+    #[test]
+    fn a_batch_keeps_the_leading_rows_that_fit_in_its_bytes_and_always_one() {
+        let fit = |sizes: &[i64], max| rows_within(sizes.iter().copied(), max);
+        assert_eq!(fit(&[10, 10, 10], 30), 3);
+        assert_eq!(fit(&[10, 10, 11], 30), 2);
+        assert_eq!(fit(&[100, 1], 30), 1);
+        assert_eq!(fit(&[], 30), 0);
+        assert_eq!(fit(&[0, 0, 0], 0), 3);
+    }
 
     #[test]
     fn a_slot_bitmap_sets_bit_n_of_byte_n_over_8_for_each_slot() {

@@ -7,8 +7,9 @@
 use serde_json::{json, Value};
 use stead::{Handlers, TaskContext};
 
+use crate::harness::SANITY_LIMIT;
 use crate::support::{claim, step};
-use crate::{pretty, TestDb, TestNode};
+use crate::{pretty, wait_until, ServeProcess, TestDb, TestNode};
 
 /// 100 bytes of JSON: a string of 98 characters.
 fn text_of_json_len(len: usize) -> Value {
@@ -172,4 +173,178 @@ async fn a_for_each_past_its_element_limit_fails_with_a_limit_error() {
     assert_eq!(ended["status"], "failed", "{}", pretty(&ended));
     assert_eq!(step(&ended, "a")["error"]["limit"], "max_for_each_items");
     node.shutdown().await;
+}
+
+/// 500 kB of JSON as a client would send it: an order of 2,900 lines of
+/// about 200 bytes.
+fn order_of_500_kb() -> Value {
+    let lines: Vec<Value> = (0..2_900)
+        .map(|i| {
+            json!({"line": i, "sku": format!("SKU-{i:08}"), "qty": i % 7 + 1,
+                   "name": format!("Replacement part number {i} for the model 7 unit"),
+                   "price": format!("{}.{:02}", i % 500, i % 100),
+                   "note": "ship with the rest of the order, not on its own"})
+        })
+        .collect();
+    let order = json!({"customer": "c-42", "lines": lines});
+    let len = serde_json::to_string(&order).unwrap().len();
+    assert!((450_000..560_000).contains(&len), "{len}");
+    order
+}
+
+/// Starts an instance of `workflow` on the node at `base`.
+async fn start(http: &reqwest::Client, base: &str, workflow: &str, id: String, input: Value) {
+    let resp = http
+        .post(format!("{base}/v1/workflows/{workflow}/instances"))
+        .json(&json!({"id": id, "input": input}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+}
+
+/// The peak resident memory of process `pid` (`VmHWM`), in MB.
+fn peak_rss_mb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb / 1024
+}
+
+/// The instance of the issue: 1000 parallel `value` steps, each copying a
+/// 500 kB input, once drove a node to 7.6 GB and starved every other
+/// instance. It must now end `failed` on `--max-instance-bytes` (32 MiB by
+/// default) while the node stays under 512 MB resident, and other
+/// instances must keep completing while it runs: the advancer moves it on
+/// in batches of at most `--advance-batch-max-bytes`, between theirs.
+#[tokio::test]
+async fn an_instance_of_1000_steps_copying_500_kb_fails_on_its_limit_while_others_complete() {
+    let db = TestDb::new().await;
+    let node = ServeProcess::spawn(&db.url, "big", &[]).await;
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("{}{path}", node.base_url);
+    let steps: Vec<Value> = (0..1000)
+        .map(|n| json!({"id": format!("copy{n}"), "value": "${input}"}))
+        .collect();
+    for (name, doc) in [
+        ("big", json!({"steps": steps})),
+        (
+            "small",
+            json!({"steps": [{"id": "v", "value": "${input.n}"}]}),
+        ),
+    ] {
+        let resp = http
+            .put(url(&format!("/v1/workflows/{name}")))
+            .json(&doc)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    }
+    let base = node.base_url.clone();
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION pg_temp.ms(interval) RETURNS float8
+             LANGUAGE sql AS 'SELECT extract(epoch FROM $1) * 1000'",
+        )
+        .await
+        .unwrap();
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+
+    // Small instances all along, at a steady pace.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pacer = {
+        let (stop, http, base) = (stop.clone(), http.clone(), base.clone());
+        async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                start(&http, &base, "small", format!("small-{n}"), json!({"n": n})).await;
+                n += 1;
+            }
+            n
+        }
+    };
+    let pacer = tokio::spawn(pacer);
+    let done_small = "SELECT count(*) FROM stead.instances
+                      WHERE workflow_name = 'small' AND status = 'completed'";
+    wait_until("small instances to run", SANITY_LIMIT, || async {
+        count(done_small).await >= 20
+    })
+    .await;
+
+    start(&http, &base, "big", "big".into(), order_of_500_kb()).await;
+    wait_until("the big instance to end", 3 * SANITY_LIMIT, || async {
+        count("SELECT count(*) FROM stead.instances WHERE id = 'big' AND ended_at IS NOT NULL")
+            .await
+            == 1
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let started_small: i64 = pacer.await.unwrap();
+    wait_until("every small instance to complete", SANITY_LIMIT, || async {
+        count(done_small).await == started_small
+    })
+    .await;
+
+    let big = client
+        .query_one(
+            "SELECT status, error, pg_temp.ms(ended_at - created_at), stored_bytes FROM stead.instances
+             WHERE id = 'big'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (status, error): (String, Value) = (big.get(0), big.get(1));
+    assert_eq!(status, "failed", "{}", pretty(&error));
+    assert_eq!(
+        error["error"]["limit"],
+        "max_instance_bytes",
+        "{}",
+        pretty(&error)
+    );
+    let peak_mb = peak_rss_mb(node.pid());
+    // While the big one ran, small ones completed about as fast as they
+    // were started: between its batches, not after all of them.
+    let between = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.created_at BETWEEN b.created_at AND b.ended_at),
+                    count(*) FILTER (WHERE s.ended_at BETWEEN b.created_at AND b.ended_at),
+                    pg_temp.ms(percentile_disc(0.5) WITHIN GROUP (ORDER BY s.ended_at - s.created_at)
+                        FILTER (WHERE s.created_at BETWEEN b.created_at AND b.ended_at))
+             FROM stead.instances s, stead.instances b
+             WHERE b.id = 'big' AND s.workflow_name = 'small'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (started_during, completed_during): (i64, i64) = (between.get(0), between.get(1));
+    let before = client
+        .query_one(
+            "SELECT pg_temp.ms(percentile_disc(0.5) WITHIN GROUP (ORDER BY s.ended_at - s.created_at))
+             FROM stead.instances s, stead.instances b
+             WHERE b.id = 'big' AND s.workflow_name = 'small' AND s.ended_at < b.created_at",
+            &[],
+        )
+        .await
+        .unwrap();
+    eprintln!(
+        "big: {:.0} ms, stored {} bytes; peak RSS {peak_mb} MB; small: {started_small} started, \
+         {started_during} while it ran, {completed_during} completed meanwhile (p50 latency {:?} ms, \
+         before it {:?} ms)",
+        big.get::<_, f64>(2),
+        big.get::<_, i64>(3),
+        between.get::<_, Option<f64>>(2),
+        before.get::<_, Option<f64>>(0),
+    );
+    assert!(peak_mb < 512, "peak resident memory {peak_mb} MB");
+    assert!(
+        completed_during * 2 >= started_during && started_during > 0,
+        "small instances waited for the big one: {completed_during} of {started_during} completed"
+    );
 }

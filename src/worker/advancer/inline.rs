@@ -112,6 +112,8 @@ impl Working {
             }
         }
         self.decision.wake_at = later.wake_at;
+        self.decision.added_bytes += later.added_bytes;
+        self.decision.paused = later.paused;
         self.inline.decided_at = Some(at);
     }
 
@@ -185,6 +187,8 @@ pub(super) struct InlineRun<'a> {
     /// The slots whose attempts may run inline (not quarantined).
     pub ownership: &'a Ownership,
     pub limits: EngineLimits,
+    /// Most bytes each later round may add to what its instance stores.
+    pub budget_bytes: u64,
 }
 
 impl InlineRun<'_> {
@@ -338,6 +342,7 @@ impl InlineRun<'_> {
             now: at,
             random: &mut *self.random,
             limits: self.limits,
+            budget_bytes: self.budget_bytes,
         };
         let later = engine::decide(&w.def, &mut w.state, &events, &mut ctx);
         w.merge(later, at);

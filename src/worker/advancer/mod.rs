@@ -34,6 +34,9 @@ pub(crate) struct AdvancerConfig {
     pub member: String,
     /// Most instances one transaction locks and advances.
     pub batch_size: usize,
+    /// Most bytes of stored state (`instances.stored_bytes`) one batch loads;
+    /// an instance larger than this is advanced alone.
+    pub batch_max_bytes: u64,
     /// How long a batch may run attempts inline (0: never).
     pub inline_budget_ms: u64,
     /// What one instance may hold.
@@ -61,6 +64,8 @@ pub(crate) struct Advanced {
     /// Instances left as they were: their rows hold what this version
     /// cannot read.
     pub unreadable: usize,
+    /// Instances locked but left for the next batch (past its byte bound).
+    pub deferred: usize,
 }
 
 impl Advancer {
@@ -68,11 +73,13 @@ impl Advancer {
     async fn decide(
         &self,
         tx: &crate::store::AdvanceTx,
-        batch: &DueBatch,
+        batch: &mut DueBatch,
         random: &mut (dyn FnMut() -> f64 + Send),
     ) -> Result<Vec<Working>, StoreError> {
         let mut work = Vec::with_capacity(batch.instances.len());
-        for (i, due) in batch.instances.iter().enumerate() {
+        let mut added = 0u64;
+        let now = batch.now;
+        for (i, due) in batch.instances.iter_mut().enumerate() {
             let (name, version) = (&due.workflow_name, due.workflow_version);
             let Some(def) = self.definitions.get_in(tx, name, version).await? else {
                 tracing::error!(instance = %due.id, "instance refers to a missing or invalid definition");
@@ -81,14 +88,26 @@ impl Advancer {
             let (mut state, events) = plan::engine_inputs(&def, due);
             let steps_before = state.steps.iter().map(|s| s.status).collect();
             let mut ctx = Context {
-                now: batch.now,
+                now,
                 random: &mut *random,
                 limits: self.config.limits,
+                budget_bytes: self.budget_after(added),
             };
             let decision = engine::decide(&def, &mut state, &events, &mut ctx);
+            added += decision.added_bytes;
             work.push(Working::new(def, i, state, steps_before, decision));
         }
         Ok(work)
+    }
+
+    /// The byte budget of a decision after the batch's earlier ones added
+    /// `added`: what is left of `batch_max_bytes`, but never less than an
+    /// even share of it, so that every instance of a batch moves on. A
+    /// batch adds at most about twice `batch_max_bytes`.
+    fn budget_after(&self, added: u64) -> u64 {
+        let max = self.config.batch_max_bytes;
+        let share = max / self.config.batch_size.max(1) as u64;
+        max.saturating_sub(added).max(share)
     }
 
     /// Gives the executor the promoted attempts whose rows committed.
@@ -122,27 +141,32 @@ impl Service for Advancer {
             return Ok(Advanced::default());
         }
         let started = Instant::now();
-        let (tx, batch) = self
+        let (tx, mut batch) = self
             .store
-            .begin_and_lock_due(self.config.batch_size, owned.slots())
+            .begin_and_lock_due(
+                self.config.batch_size,
+                self.config.batch_max_bytes,
+                owned.slots(),
+            )
             .await?;
         for (id, e) in &batch.unreadable {
             tracing::error!(instance = %id, error = %Chain(e), "instance left as it is: it holds what this version of stead cannot read");
             self.metrics.db_error(Component::Advancer);
         }
-        let unreadable = batch.unreadable.len();
+        let (unreadable, deferred) = (batch.unreadable.len(), batch.deferred);
         if batch.instances.is_empty() {
             tx.rollback().await?;
             return Ok(Advanced {
                 instances: 0,
                 unreadable,
+                deferred,
             });
         }
         let clock_start = Instant::now();
         // StdRng rather than thread_rng: the future must stay Send.
         let mut rng = rand::rngs::StdRng::from_entropy();
         let mut random = move || rng.gen::<f64>();
-        let mut work = self.decide(&tx, &batch, &mut random).await?;
+        let mut work = self.decide(&tx, &mut batch, &mut random).await?;
         if let Some(local) = self
             .local
             .as_ref()
@@ -157,12 +181,19 @@ impl Service for Advancer {
                 random: &mut random,
                 ownership: &self.ownership,
                 limits: self.config.limits,
+                budget_bytes: self.config.batch_max_bytes,
             };
             run.run(&mut work).await;
         }
         let mut plan = Plan::new(batch.now, &self.config.member);
         let mut handovers = Vec::new();
-        for w in work {
+        // An instance that spent its byte budget goes on after the
+        // instances that became due while this batch ran, not before them.
+        let behind = batch.now + chrono::Duration::from_std(started.elapsed()).unwrap_or_default();
+        for mut w in work {
+            if w.decision.paused {
+                w.decision.wake_at = Some(behind);
+            }
             let due = &batch.instances[w.due];
             plan.record(&w.def, due, &w.steps_before, w.state, w.decision, w.inline);
             handovers.extend(w.handovers);
@@ -188,13 +219,15 @@ impl Service for Advancer {
         Ok(Advanced {
             instances: batch.instances.len(),
             unreadable,
+            deferred,
         })
     }
 
-    /// A full batch: more may be waiting, go again at once. (Unreadable
-    /// instances do not count: a slot full of them must not spin.)
+    /// A full batch, or one that left instances for later: more may be
+    /// waiting, go again at once. (Unreadable instances do not count: a
+    /// slot full of them must not spin.)
     fn next(&self, outcome: &Advanced) -> Next {
-        Next::now_if(outcome.instances >= self.config.batch_size)
+        Next::now_if(outcome.instances >= self.config.batch_size || outcome.deferred > 0)
     }
 
     async fn failed(&mut self, error: &StoreError) {

@@ -22,18 +22,31 @@ use crate::store::{
 /// What `engine::decide` reads about a locked instance: its state,
 /// index-aligned with the definition (steps without a row are pending), and
 /// the events since the last decision, in the order they apply.
-pub(super) fn engine_inputs(def: &Definition, due: &DueInstance) -> (InstanceState, Vec<Event>) {
-    let mut state = InstanceState::new(&due.id, due.input.clone(), def.steps.len());
+/// The instance's input and steps are moved out of `due`, not copied: they
+/// are the largest part of a batch's memory.
+pub(super) fn engine_inputs(
+    def: &Definition,
+    due: &mut DueInstance,
+) -> (InstanceState, Vec<Event>) {
+    let input = std::mem::take(&mut due.input);
+    let mut state = InstanceState::new(&due.id, input, def.steps.len());
     state.status = due.status;
     state.output = due.output.clone();
     state.error = due.error.clone();
     state.ending = due.ending;
     state.deadline_at = due.deadline_at;
-    for row in &due.steps {
+    state.recorded_events = due.event_seq.max(0) as u32;
+    for row in std::mem::take(&mut due.steps) {
         if let Some(i) = def.step_index(&row.step_id) {
-            state.steps[i] = row.state.clone();
+            state.steps[i] = row.state;
         }
     }
+    // Rows from before schema version 14 start at 0: count them once.
+    let stepped = state.steps.iter().any(|s| s.status != StepStatus::Pending);
+    state.stored_bytes = match due.stored_bytes {
+        0 if stepped => crate::engine::stored_bytes(&state),
+        n => n.max(0) as u64,
+    };
     let mut events = Vec::with_capacity(due.results.len() + due.signals.len() + 3);
     if due.status == InstanceStatus::Pending {
         events.push(Event::Start);
@@ -148,7 +161,7 @@ impl Plan {
     /// advancer does this in steps, running attempts inline between them).
     #[cfg(test)]
     pub(super) fn decide(&mut self, def: &Definition, due: &DueInstance, ctx: &mut Context<'_>) {
-        let (mut state, events) = engine_inputs(def, due);
+        let (mut state, events) = engine_inputs(def, &mut due.clone());
         let steps_before: Vec<StepStatus> = state.steps.iter().map(|s| s.status).collect();
         let decision = engine::decide(def, &mut state, &events, ctx);
         self.record(def, due, &steps_before, state, decision, Inline::default());
@@ -413,6 +426,7 @@ impl Plan {
             wake_at,
             ending: state.ending,
             deadline_at: state.deadline_at,
+            stored_bytes: i64::try_from(state.stored_bytes).unwrap_or(i64::MAX),
             decided_at,
         });
     }

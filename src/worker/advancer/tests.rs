@@ -41,6 +41,7 @@ async fn decide_now(store: &Store, def: &Definition) -> AdvanceWrites {
         now: batch.now,
         random: &mut random,
         limits: Default::default(),
+        budget_bytes: u64::MAX,
     };
     plan.decide(def, &batch.instances[0], &mut ctx);
     tx.rollback().await.unwrap();

@@ -44,6 +44,7 @@ fn due(status: InstanceStatus) -> DueInstance {
         created_at: now() - Duration::seconds(3),
         is_child: false,
         row_at: RowAt("(0,1)".into()),
+        stored_bytes: 0,
         steps: Vec::new(),
         results: Vec::new(),
         signals: Vec::new(),
@@ -93,6 +94,7 @@ fn planned(def: &Definition, due: &DueInstance) -> Plan {
         now: now(),
         random: &mut random,
         limits: Default::default(),
+        budget_bytes: u64::MAX,
     };
     plan.decide(def, due, &mut ctx);
     plan.finish();
@@ -103,7 +105,7 @@ fn planned(def: &Definition, due: &DueInstance) -> Plan {
 
 #[test]
 fn a_pending_instance_without_rows_starts_with_every_step_pending() {
-    let (state, events) = engine_inputs(&def(), &due(InstanceStatus::Pending));
+    let (state, events) = engine_inputs(&def(), &mut due(InstanceStatus::Pending));
     assert_eq!(state.id, "i-1");
     assert_eq!(state.status, InstanceStatus::Pending);
     assert_eq!(state.input, json!({"n": 1}));
@@ -138,7 +140,7 @@ fn rows_land_on_their_steps_and_become_events_in_order() {
     }];
     d.cancel_requested = Some("enough".into());
     d.retry_requested = true;
-    let (state, events) = engine_inputs(&def(), &d);
+    let (state, events) = engine_inputs(&def(), &mut d.clone());
     assert_eq!(state.ending, Some(Ending::Failed));
     assert_eq!(state.steps[0], scheduled(2));
     assert_eq!(state.steps[1], StepState::default());
@@ -283,7 +285,7 @@ fn a_result_for_an_unknown_step_is_consumed_but_not_counted() {
 fn commands_become_their_rows() {
     let def = def();
     let d = due(InstanceStatus::Running);
-    let state = engine_inputs(&def, &d).0;
+    let state = engine_inputs(&def, &mut d.clone()).0;
     let decision = Decision {
         commands: vec![
             Command::StartChild {
@@ -306,6 +308,8 @@ fn commands_become_their_rows() {
         }],
         changed_steps: Vec::new(),
         wake_at: Some(now() + Duration::minutes(5)),
+        added_bytes: 0,
+        paused: false,
     };
     let mut plan = Plan::new(now(), "m-1");
     plan.record(
