@@ -83,7 +83,7 @@ fn unauthorized(detail: &str) -> Response {
 pub(crate) fn need_of(method: &Method, route: &str, metrics_auth: bool) -> Option<Need> {
     let read = *method == Method::GET || *method == Method::HEAD;
     let need = match route {
-        "/healthz" | "/readyz" => return None,
+        "/healthz" | "/readyz" | "/v1/openapi.json" => return None,
         "/metrics" => return metrics_auth.then_some(Need::Read),
         "/v1/workflows/{name}" if *method == Method::PUT => Need::Admin,
         "/v1/workflows"

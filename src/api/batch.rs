@@ -8,8 +8,9 @@
 
 use axum::extract::State;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{check_id, check_size, ApiJson, ApiPath};
@@ -17,26 +18,56 @@ use super::instances::check_version;
 use super::AppState;
 use crate::model::StartOutcome;
 
-#[derive(Deserialize)]
+/// Up to `--max-batch-start` starts of one workflow version.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchStartRequest {
     items: Vec<BatchItem>,
+    #[schema(minimum = 1)]
     version: Option<i32>,
 }
 
-#[derive(Deserialize)]
+/// One start of a batch: its input, and optionally its id.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BatchItem {
+pub(crate) struct BatchItem {
     #[serde(default)]
     input: Value,
     id: Option<String>,
 }
 
+/// What became of one item of a batch, by its index in the request.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct BatchResult {
+    index: usize,
+    id: String,
+    outcome: StartOutcome,
+    /// Why it was refused (`conflict` or `invalid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<super::error::ProblemDocument>)]
+    problem: Option<Value>,
+}
+
+/// A batch's answer, item by item, with the counts.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct BatchStarted {
+    results: Vec<BatchResult>,
+    created: usize,
+    existing: usize,
+    rejected: usize,
+}
+
+/// Starts many instances in one transaction; each item is answered on its
+/// own (good ones start even when others are refused).
+#[utoipa::path(post, path = "/v1/workflows/{name}/instances/batch", tag = "instances",
+    params(("name" = String, Path, description = "the workflow")),
+    request_body = BatchStartRequest,
+    responses((status = 200, description = "item by item", body = BatchStarted)))]
 pub(crate) async fn start_batch(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiJson(req): ApiJson<BatchStartRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<BatchStarted>> {
     check_id("name", &name)?;
     check_version(req.version)?;
     let max_items = state.inner.limits.max_batch_start;
@@ -65,27 +96,26 @@ pub(crate) async fn start_batch(
 }
 
 /// `{results: [{index, id, outcome, problem?}], created, existing, rejected}`.
-fn batch_json(outcomes: &[(String, StartOutcome)]) -> Value {
+fn batch_json(outcomes: &[(String, StartOutcome)]) -> BatchStarted {
     let count = |wanted: StartOutcome| outcomes.iter().filter(|(_, o)| *o == wanted).count();
-    let results: Vec<Value> = outcomes
+    let results = outcomes
         .iter()
         .enumerate()
-        .map(|(index, (id, outcome))| {
-            let mut item = json!({"index": index, "id": id, "outcome": outcome});
-            if let Some(problem) = item_problem(index, id, *outcome) {
-                item["problem"] = problem.to_json();
-            }
-            item
+        .map(|(index, (id, outcome))| BatchResult {
+            index,
+            id: id.clone(),
+            outcome: *outcome,
+            problem: item_problem(index, id, *outcome).map(|p| p.to_json()),
         })
         .collect();
     let created = count(StartOutcome::Created);
     let existing = count(StartOutcome::Existing);
-    json!({
-        "results": results,
-        "created": created,
-        "existing": existing,
-        "rejected": outcomes.len() - created - existing,
-    })
+    BatchStarted {
+        results,
+        created,
+        existing,
+        rejected: outcomes.len() - created - existing,
+    }
 }
 
 fn item_problem(index: usize, id: &str, outcome: StartOutcome) -> Option<ApiError> {
@@ -104,12 +134,13 @@ mod tests {
 
     #[test]
     fn each_refused_item_carries_its_own_problem_naming_it() {
-        let body = batch_json(&[
+        let body = serde_json::to_value(batch_json(&[
             ("a".into(), StartOutcome::Created),
             ("b".into(), StartOutcome::Existing),
             ("c".into(), StartOutcome::Conflict),
             ("bad id".into(), StartOutcome::Invalid),
-        ]);
+        ]))
+        .unwrap();
         assert_eq!(
             (body["created"].as_u64(), body["existing"].as_u64()),
             (Some(1), Some(1))

@@ -10,7 +10,7 @@ use crate::error::Chain;
 use crate::store::StoreError;
 
 /// One problem with one field of the request.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub(crate) struct FieldProblem {
     /// JSON path (`$.steps[0].id`) or parameter name (`query.limit`).
     pub(crate) path: String,
@@ -33,13 +33,20 @@ pub(crate) struct ApiError {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DbFault;
 
-#[derive(Serialize)]
-struct ProblemDocument<'a> {
+/// An RFC 9457 problem document (`application/problem+json`): what every
+/// error response holds.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
+pub(crate) struct ProblemDocument<'a> {
+    /// `urn:stead:problem:<kind>`, e.g. `urn:stead:problem:validation`.
     #[serde(rename = "type")]
     kind: String,
     title: &'a str,
+    /// The HTTP status, again.
     status: u16,
+    /// What went wrong and what to do about it.
     detail: &'a str,
+    /// The fields at fault, each with its JSON path or parameter name.
     #[serde(skip_serializing_if = "<[FieldProblem]>::is_empty")]
     errors: &'a [FieldProblem],
 }

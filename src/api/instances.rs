@@ -5,9 +5,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
+use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{check_id, check_size, parse_json, ApiBytes, ApiJson, ApiPath, QueryParams};
@@ -21,15 +22,94 @@ const DEFAULT_PAGE: i64 = 50;
 /// Long-polls recheck the database this often even without a notification.
 const WAIT_POLL_MS: u64 = 1_000;
 
-#[derive(Deserialize)]
+/// A start: the input, and optionally the instance's id (a repeated start
+/// with the same id, workflow and input is answered with the instance it
+/// started) and the workflow version (the latest by default).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StartRequest {
     #[serde(default)]
     input: Value,
+    /// 1–200 characters of `[A-Za-z0-9._:@-]`; generated when absent.
     id: Option<String>,
+    #[schema(minimum = 1)]
     version: Option<i32>,
 }
 
+/// An instance as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Instance {
+    id: String,
+    workflow: String,
+    version: i32,
+    status: InstanceStatus,
+    input: Value,
+    output: Option<Value>,
+    error: Option<Value>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    updated_at: DateTime<Utc>,
+    ended_at: Option<DateTime<Utc>>,
+    /// The parent instance, for a child workflow's instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_id: Option<String>,
+}
+
+/// A start's answer: the instance, and whether this request created it
+/// (201) or found it started already with the same id and input (200).
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Started {
+    #[serde(flatten)]
+    instance: Instance,
+    created: bool,
+}
+
+/// One step of an instance, in definition order.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Step {
+    id: String,
+    /// The step's kind (`task`, `http`, `sleep`, `signal`, `value`,
+    /// `workflow`).
+    kind: String,
+    status: StepStatus,
+    /// The attempt scheduled or last run (0: never scheduled).
+    attempt: u32,
+    input: Option<Value>,
+    output: Option<Value>,
+    error: Option<Value>,
+    scheduled_at: Option<DateTime<Utc>>,
+    started_at: Option<DateTime<Utc>>,
+    ended_at: Option<DateTime<Utc>>,
+    /// When a waiting step is looked at next (a sleep's end, a signal's
+    /// timeout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wake_at: Option<DateTime<Utc>>,
+    /// The elements of a `for_each` step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    items: Option<Vec<crate::model::ItemState>>,
+    /// The step's compensation, once it has begun.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    compensation: Option<crate::model::CompensationState>,
+}
+
+/// An instance with its steps.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct InstanceWithSteps {
+    #[serde(flatten)]
+    instance: Instance,
+    steps: Vec<Step>,
+}
+
+/// Start an instance of the latest (or a given) version of a workflow.
+#[utoipa::path(post, path = "/v1/workflows/{name}/instances", tag = "instances",
+    params(("name" = String, Path, description = "the workflow")),
+    request_body = StartRequest,
+    responses(
+        (status = 201, description = "started", body = Started),
+        (status = 200, description = "started before with the same id and input", body = Started),
+    ))]
 pub(crate) async fn start(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -61,8 +141,10 @@ pub(crate) async fn start(
             .await?
             .ok_or_else(ApiError::internal)?,
     };
-    let mut body = instance_json(&record);
-    body["created"] = json!(created);
+    let body = Started {
+        instance: instance_json(&record),
+        created,
+    };
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -82,67 +164,67 @@ pub(crate) fn check_version(version: Option<i32>) -> ApiResult<()> {
     }
 }
 
-pub(crate) fn instance_json(r: &InstanceRecord) -> Value {
-    let mut v = json!({
-        "id": r.id,
-        "workflow": r.workflow_name,
-        "version": r.workflow_version,
-        "status": r.status,
-        "input": r.input,
-        "output": r.output,
-        "error": r.error,
-        "created_at": r.created_at,
-        "started_at": r.started_at,
-        "updated_at": r.updated_at,
-        "ended_at": r.ended_at,
-    });
-    if let Some(parent) = &r.parent_id {
-        v["parent_id"] = json!(parent);
+pub(crate) fn instance_json(r: &InstanceRecord) -> Instance {
+    Instance {
+        id: r.id.clone(),
+        workflow: r.workflow_name.clone(),
+        version: r.workflow_version,
+        status: r.status,
+        input: r.input.clone(),
+        output: r.output.clone(),
+        error: r.error.clone(),
+        created_at: r.created_at,
+        started_at: r.started_at,
+        updated_at: r.updated_at,
+        ended_at: r.ended_at,
+        parent_id: r.parent_id.clone(),
     }
-    v
 }
 
-fn step_json(id: &str, kind: &str, record: Option<&StepRecord>) -> Value {
-    let Some(record) = record else {
-        return json!({ "id": id, "kind": kind, "status": "pending", "attempt": 0 });
+fn step_json(id: &str, kind: &str, record: Option<&StepRecord>) -> Step {
+    // A step not reached yet has no row: it is pending, at attempt 0.
+    let pending = crate::model::StepState::default();
+    let (s, leased) = match record {
+        Some(r) => (&r.step.state, r.leased),
+        None => (&pending, false),
     };
-    let s = &record.step.state;
     // The steps table says 'scheduled' until the result is recorded; a held
     // lease means a worker is on it right now.
-    let status = if record.leased && s.status == StepStatus::Scheduled {
+    let status = if leased && s.status == StepStatus::Scheduled {
         StepStatus::Running
     } else {
         s.status
     };
-    let mut v = json!({
-        "id": id,
-        "kind": kind,
-        "status": status,
-        "attempt": s.attempt,
-        "input": s.input,
-        "output": s.output,
-        "error": s.error,
-        "scheduled_at": s.scheduled_at,
-        "started_at": s.started_at,
-        "ended_at": s.ended_at,
-    });
-    if s.wake_at.is_some() {
-        v["wake_at"] = json!(s.wake_at);
+    Step {
+        id: id.to_string(),
+        kind: kind.to_string(),
+        status,
+        attempt: s.attempt,
+        input: s.input.clone(),
+        output: s.output.clone(),
+        error: s.error.clone(),
+        scheduled_at: s.scheduled_at,
+        started_at: s.started_at,
+        ended_at: s.ended_at,
+        wake_at: s.wake_at,
+        items: s.items.clone(),
+        compensation: s.compensation.clone(),
     }
-    if let Some(items) = &s.items {
-        v["items"] = json!(items);
-    }
-    if let Some(c) = &s.compensation {
-        v["compensation"] = json!(c);
-    }
-    v
 }
 
+/// An instance with its steps; with `wait`, once it has ended or after
+/// that long (a long-poll).
+#[utoipa::path(get, path = "/v1/instances/{id}", tag = "instances",
+    params(("id" = String, Path, description = "the instance"),
+        ("wait" = Option<String>, Query, description = "wait up to this long for the end, e.g. `30s`")),
+    responses(
+        (status = 200, description = "the instance", body = InstanceWithSteps),
+    ))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
     query: QueryParams,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<InstanceWithSteps>> {
     query.only(&["wait"])?;
     check_id("id", &id)?;
     let wait_ms = match query.get("wait") {
@@ -158,8 +240,7 @@ pub(crate) async fn get(
         .definitions
         .get(store, &record.workflow_name, record.workflow_version)
         .await?;
-    let mut body = instance_json(&record);
-    body["steps"] = match def {
+    let steps = match def {
         Some(def) => def
             .steps
             .iter()
@@ -176,7 +257,10 @@ pub(crate) async fn get(
             .map(|s| step_json(&s.step.step_id, "", Some(s)))
             .collect(),
     };
-    Ok(Json(body))
+    Ok(Json(InstanceWithSteps {
+        instance: instance_json(&record),
+        steps,
+    }))
 }
 
 /// The instance and its steps once it has ended, or as they are after
@@ -218,10 +302,27 @@ async fn read_when_ended(
     }
 }
 
+/// A page of instances, newest first.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct InstancePage {
+    instances: Vec<Instance>,
+    /// Pass as `cursor` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+/// Instances, newest first, filtered and paged by cursor.
+#[utoipa::path(get, path = "/v1/instances", tag = "instances",
+    params(("workflow" = Option<String>, Query, description = "only this workflow's"),
+        ("status" = Option<InstanceStatus>, Query, description = "only those in this status"),
+        ("limit" = Option<i64>, Query, minimum = 1, description = "page size (50; at most --max-page)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the page before")),
+    responses(
+        (status = 200, description = "a page", body = InstancePage),
+    ))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     query: QueryParams,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<InstancePage>> {
     query.only(&["workflow", "status", "limit", "cursor"])?;
     let mut filter = InstanceFilter {
         limit: DEFAULT_PAGE,
@@ -260,10 +361,10 @@ pub(crate) async fn list(
     } else {
         None
     };
-    Ok(Json(json!({
-        "instances": rows.iter().map(instance_json).collect::<Vec<_>>(),
-        "next_cursor": next_cursor,
-    })))
+    Ok(Json(InstancePage {
+        instances: rows.iter().map(instance_json).collect(),
+        next_cursor,
+    }))
 }
 
 /// Cursors are opaque to clients: hex of "<micros>:<id>".
@@ -293,10 +394,38 @@ fn decode_cursor(cursor: &str) -> Option<(DateTime<Utc>, String)> {
     Some((time, id.to_string()))
 }
 
+/// One event of an instance's history.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct HistoryEvent {
+    /// 1, 2, 3…: gapless per instance.
+    seq: i32,
+    #[serde(rename = "type")]
+    kind: crate::model::EventType,
+    step_id: Option<String>,
+    attempt: Option<i32>,
+    data: Value,
+    at: DateTime<Utc>,
+    /// The member whose advancer recorded it.
+    member: Option<String>,
+}
+
+/// An instance's history, oldest first.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct History {
+    instance_id: String,
+    events: Vec<HistoryEvent>,
+}
+
+/// Every event of an instance, in order.
+#[utoipa::path(get, path = "/v1/instances/{id}/history", tag = "instances",
+    params(("id" = String, Path, description = "the instance")),
+    responses(
+        (status = 200, description = "the history", body = History),
+    ))]
 pub(crate) async fn history(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<History>> {
     check_id("id", &id)?;
     let store = &state.inner.store;
     if store.get_instance(&id).await?.is_none() {
@@ -305,22 +434,41 @@ pub(crate) async fn history(
         )));
     }
     let events = store.history(&id).await?;
-    Ok(Json(json!({
-        "instance_id": id,
-        "events": events.iter().map(|e| json!({
-            "seq": e.seq,
-            "type": e.kind,
-            "step_id": e.step_id,
-            "attempt": e.attempt,
-            "data": e.data,
-            "at": e.created_at,
-            "member": e.member,
-        })).collect::<Vec<_>>(),
-    })))
+    let events = events
+        .into_iter()
+        .map(|e| HistoryEvent {
+            seq: e.seq,
+            kind: e.kind,
+            step_id: e.step_id,
+            attempt: e.attempt,
+            data: e.data,
+            at: e.created_at,
+            member: e.member,
+        })
+        .collect();
+    Ok(Json(History {
+        instance_id: id,
+        events,
+    }))
 }
 
-/// `POST /v1/instances/{id}/signals/{name}`: the body is the payload (an
-/// empty body is null). Buffered until a step waits for it.
+/// A signal, taken.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SignalAccepted {
+    instance_id: String,
+    signal: String,
+    signal_id: i64,
+}
+
+/// Sends a signal: the body is its payload, any JSON (an empty body is
+/// null). Buffered until a step waits for it.
+#[utoipa::path(post, path = "/v1/instances/{id}/signals/{name}", tag = "instances",
+    params(("id" = String, Path, description = "the instance"),
+        ("name" = String, Path, description = "the signal")),
+    request_body(content = Value, description = "the payload", content_type = "application/json"),
+    responses(
+        (status = 202, description = "taken", body = SignalAccepted),
+    ))]
 pub(crate) async fn signal(
     State(state): State<AppState>,
     ApiPath((id, name)): ApiPath<(String, String)>,
@@ -339,18 +487,38 @@ pub(crate) async fn signal(
     state.inner.notifier.request();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "instance_id": id, "signal": name, "signal_id": signal_id })),
+        Json(SignalAccepted {
+            instance_id: id,
+            signal: name,
+            signal_id,
+        }),
     )
         .into_response())
 }
 
-#[derive(Deserialize, Default)]
+/// A cancel, with an optional reason (the body may be empty).
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CancelRequest {
+    #[schema(max_length = 1000)]
     reason: Option<String>,
 }
 
-/// `POST /v1/instances/{id}/cancel` with an optional `{reason}`.
+/// A request taken: the instance's engine acts on it at its next decision.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Requested {
+    instance_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cancel_requested: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_requested: Option<bool>,
+}
+
+/// Cancels an instance (compensations run); its children are cancelled too.
+#[utoipa::path(post, path = "/v1/instances/{id}/cancel", tag = "instances",
+    params(("id" = String, Path, description = "the instance")),
+    request_body(content = Option<CancelRequest>, description = "optional; may be empty"),
+    responses((status = 202, description = "taken", body = Requested)))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -376,13 +544,19 @@ pub(crate) async fn cancel(
     state.inner.notifier.request();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "instance_id": id, "cancel_requested": true })),
+        Json(Requested {
+            instance_id: id,
+            cancel_requested: Some(true),
+            retry_requested: None,
+        }),
     )
         .into_response())
 }
 
-/// `POST /v1/instances/{id}/retry`: a failed instance runs again from its
-/// failed steps.
+/// Runs a failed (or cancelled) instance again from its failed steps.
+#[utoipa::path(post, path = "/v1/instances/{id}/retry", tag = "instances",
+    params(("id" = String, Path, description = "the instance")),
+    responses((status = 202, description = "taken", body = Requested)))]
 pub(crate) async fn retry(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -392,7 +566,11 @@ pub(crate) async fn retry(
     state.inner.notifier.request();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "instance_id": id, "retry_requested": true })),
+        Json(Requested {
+            instance_id: id,
+            cancel_requested: None,
+            retry_requested: Some(true),
+        }),
     )
         .into_response())
 }

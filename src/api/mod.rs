@@ -8,6 +8,7 @@ mod error;
 mod extract;
 mod instances;
 mod keys;
+mod openapi;
 mod tasks;
 mod workflows;
 
@@ -18,9 +19,9 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::auth::Auth;
 use crate::config::{Limits, Tuning};
@@ -63,38 +64,10 @@ impl From<Shared> for AppState {
 
 pub(crate) fn router(state: AppState) -> Router {
     let body_limit = state.inner.limits.body_limit_bytes;
-    Router::new()
-        .route("/v1/workflows", get(workflows::list))
-        .route(
-            "/v1/workflows/{name}",
-            get(workflows::get_latest).put(workflows::put),
-        )
-        .route(
-            "/v1/workflows/{name}/versions/{version}",
-            get(workflows::get_version),
-        )
-        .route("/v1/workflows/{name}/instances", post(instances::start))
-        .route(
-            "/v1/workflows/{name}/instances/batch",
-            post(batch::start_batch),
-        )
-        .route("/v1/instances", get(instances::list))
-        .route("/v1/instances/{id}", get(instances::get))
-        .route("/v1/instances/{id}/history", get(instances::history))
-        .route("/v1/instances/{id}/signals/{name}", post(instances::signal))
-        .route("/v1/instances/{id}/cancel", post(instances::cancel))
-        .route("/v1/instances/{id}/retry", post(instances::retry))
-        .route("/v1/queues/{queue}/claim", post(tasks::claim))
-        .route("/v1/tasks/{task_id}/heartbeat", post(tasks::heartbeat))
-        .route("/v1/tasks/{task_id}/complete", post(tasks::complete))
-        .route("/v1/tasks/{task_id}/fail", post(tasks::fail))
-        .route("/v1/tasks/results", post(tasks::results))
-        .route("/v1/cluster", get(cluster))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v1/keys", get(keys::list).post(keys::create))
-        .route("/v1/keys/{id}", axum::routing::delete(keys::revoke))
+    // Every route is registered through the OpenAPI document's router, so
+    // none is served without being described.
+    let (routes, _) = openapi::routes().split_for_parts();
+    routes
         // Only matched routes: an unknown path is a 404 to anyone.
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
         .route_layer(middleware::from_fn_with_state(state.clone(), admit))
@@ -202,6 +175,9 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     response
 }
 
+/// Prometheus metrics, in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "the metrics", content_type = "text/plain", body = String)))]
 async fn metrics(State(state): State<AppState>) -> Response {
     let inner = &state.inner;
     // Pool numbers are read from memory; the gauges that need a query are
@@ -224,8 +200,35 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// A member of the cluster.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Member {
+    name: String,
+    /// Heartbeating within its TTL.
+    alive: bool,
+    heartbeat_at: chrono::DateTime<chrono::Utc>,
+    seconds_since_heartbeat: f64,
+    ttl_ms: i32,
+    joined_at: chrono::DateTime<chrono::Utc>,
+    /// Where its API listens, if it serves one.
+    api_url: Option<String>,
+    /// The slots it holds.
+    slots: Vec<i32>,
+}
+
+/// The cluster: members and who holds which slot.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Cluster {
+    slot_count: i32,
+    members: Vec<Member>,
+    /// Slots no live member holds (taken over within a heartbeat or two).
+    unowned_slots: Vec<i32>,
+}
+
 /// Members with their heartbeats and the slots each owns (as pg_locks shows).
-async fn cluster(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
+    responses((status = 200, description = "the cluster", body = Cluster)))]
+async fn cluster(State(state): State<AppState>) -> ApiResult<Json<Cluster>> {
     let store = &state.inner.store;
     let members = store.cluster_members().await?;
     let owners = store.slot_owners().await?;
@@ -239,32 +242,58 @@ async fn cluster(State(state): State<AppState>) -> ApiResult<Json<serde_json::Va
             .or_default()
             .push(*slot);
     }
-    Ok(Json(json!({
-        "slot_count": slot_count,
-        "members": members.iter().map(|m| json!({
-            "name": m.name,
-            "alive": m.alive,
-            "heartbeat_at": m.heartbeat_at,
-            "seconds_since_heartbeat": m.since_heartbeat_s,
-            "ttl_ms": m.ttl_ms,
-            "joined_at": m.joined_at,
-            "api_url": m.api_url,
-            "slots": by_member.get(&m.name).cloned().unwrap_or_default(),
-        })).collect::<Vec<_>>(),
-        "unowned_slots": unowned,
-    })))
+    let members = members
+        .into_iter()
+        .map(|m| Member {
+            slots: by_member.get(&m.name).cloned().unwrap_or_default(),
+            name: m.name,
+            alive: m.alive,
+            heartbeat_at: m.heartbeat_at,
+            seconds_since_heartbeat: m.since_heartbeat_s,
+            ttl_ms: m.ttl_ms,
+            joined_at: m.joined_at,
+            api_url: m.api_url,
+        })
+        .collect();
+    Ok(Json(Cluster {
+        slot_count,
+        members,
+        unowned_slots: unowned,
+    }))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+/// A health answer.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Health {
+    /// `ok` (healthz) or `ready` (readyz).
+    status: &'static str,
+    /// The database's schema version (readyz).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    schema_version: Option<i32>,
+}
+
+/// Alive: the process serves requests (no database needed).
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "alive", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        schema_version: None,
+    })
 }
 
 /// Ready when the database answers and its schema is the one this binary
 /// expects.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "ready", body = Health)))]
 async fn readyz(State(state): State<AppState>) -> Response {
     let expected = latest_migration_version();
     match state.inner.store.schema_version().await {
-        Ok(v) if v == expected => Json(json!({ "status": "ready", "schema_version": v })).into_response(),
+        Ok(v) if v == expected => Json(Health {
+            status: "ready",
+            schema_version: Some(v),
+        })
+        .into_response(),
         Ok(v) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not-ready",

@@ -7,8 +7,10 @@ use std::time::Duration;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::{Extension, Json};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::auth::Caller;
@@ -22,13 +24,22 @@ use crate::store::TaskOutcome;
 /// retries become ready without one).
 const CLAIM_POLL_MS: u64 = 250;
 
-#[derive(Deserialize)]
+/// A claim: who asks, how many tasks at most, how long to wait for one,
+/// and how long the lease lasts (a duration like `"30s"` or milliseconds).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ClaimRequest {
+    /// The worker's name (kept on the task and its history).
     worker: String,
+    /// 1 to `--max-claim` (1 by default).
     #[serde(default = "one")]
+    #[schema(minimum = 1)]
     max: i64,
+    /// Long-poll up to this long when no task is ready (0 by default).
+    #[schema(value_type = Option<DurationValue>)]
     wait: Option<Value>,
+    /// The lease (`--default-claim-lease-ms` by default).
+    #[schema(value_type = Option<DurationValue>)]
     lease: Option<Value>,
 }
 
@@ -36,12 +47,48 @@ fn one() -> i64 {
     1
 }
 
+/// A duration: a string like `"30s"` or `"500ms"`, or milliseconds.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub(crate) enum DurationValue {
+    Text(String),
+    Milliseconds(u64),
+}
+
+/// A task leased to the claimer.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ClaimedTask {
+    task_id: i64,
+    /// Sent back with every heartbeat, complete and fail.
+    lease_token: Uuid,
+    instance_id: String,
+    step_id: String,
+    attempt: i32,
+    /// The same for every attempt of the step: for the worker's own
+    /// deduplication.
+    idempotency_key: String,
+    input: Value,
+    lease_expires_at: DateTime<Utc>,
+}
+
+/// What a claim leased (empty if nothing was ready in time).
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Claimed {
+    tasks: Vec<ClaimedTask>,
+}
+
+/// Leases up to `max` ready tasks of a queue, waiting up to `wait` for one.
+#[utoipa::path(post, path = "/v1/queues/{queue}/claim", tag = "tasks",
+    params(("queue" = String, Path, description = "the queue")),
+    request_body = ClaimRequest,
+    responses((status = 200, description = "the tasks leased", body = Claimed)))]
 pub(crate) async fn claim(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(queue): ApiPath<String>,
     ApiJson(req): ApiJson<ClaimRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Claimed>> {
     check_id("queue", &queue)?;
     caller.check_queue(&queue)?;
     check_id("$.worker", &req.worker)?;
@@ -78,18 +125,20 @@ pub(crate) async fn claim(
                 .task_claimed(&t.queue, t.queue_wait_seconds);
         }
         if !tasks.is_empty() || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(json!({
-                "tasks": tasks.iter().map(|t| json!({
-                    "task_id": t.task_id,
-                    "lease_token": t.lease_token,
-                    "instance_id": t.instance_id,
-                    "step_id": t.step_id,
-                    "attempt": t.attempt,
-                    "idempotency_key": t.idempotency_key,
-                    "input": t.input,
-                    "lease_expires_at": t.lease_expires_at,
-                })).collect::<Vec<_>>(),
-            })));
+            let tasks = tasks
+                .into_iter()
+                .map(|t| ClaimedTask {
+                    task_id: t.task_id,
+                    lease_token: t.lease_token,
+                    instance_id: t.instance_id,
+                    step_id: t.step_id,
+                    attempt: t.attempt,
+                    idempotency_key: t.idempotency_key,
+                    input: t.input,
+                    lease_expires_at: t.lease_expires_at,
+                })
+                .collect();
+            return Ok(Json(Claimed { tasks }));
         }
         let until =
             deadline.min(tokio::time::Instant::now() + Duration::from_millis(CLAIM_POLL_MS));
@@ -145,19 +194,33 @@ fn lease_lost(task_id: i64) -> ApiError {
     ))
 }
 
-#[derive(Deserialize)]
+/// A heartbeat: the lease token, and optionally a new lease length.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HeartbeatRequest {
     lease_token: Uuid,
+    #[schema(value_type = Option<DurationValue>)]
     lease: Option<Value>,
 }
 
+/// A lease extended.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Extended {
+    task_id: i64,
+    lease_expires_at: DateTime<Utc>,
+}
+
+/// Extends the lease on a task.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/heartbeat", tag = "tasks",
+    params(("task_id" = i64, Path, minimum = 1, description = "the task")),
+    request_body = HeartbeatRequest,
+    responses((status = 200, description = "extended", body = Extended)))]
 pub(crate) async fn heartbeat(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     TaskId(task_id): TaskId,
     ApiJson(req): ApiJson<HeartbeatRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Extended>> {
     let lease_ms = lease_param(&state, req.lease.as_ref())?;
     check_task_queues(&state, &caller, &[task_id]).await?;
     match state
@@ -166,14 +229,16 @@ pub(crate) async fn heartbeat(
         .heartbeat_task(task_id, req.lease_token, lease_ms)
         .await?
     {
-        Some(expires) => Ok(Json(
-            json!({ "task_id": task_id, "lease_expires_at": expires }),
-        )),
+        Some(expires) => Ok(Json(Extended {
+            task_id,
+            lease_expires_at: expires,
+        })),
         None => Err(lease_lost(task_id)),
     }
 }
 
-#[derive(Deserialize)]
+/// A completion: the lease token and the output (null by default).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CompleteRequest {
     lease_token: Uuid,
@@ -181,12 +246,24 @@ pub(crate) struct CompleteRequest {
     output: Value,
 }
 
+/// A result recorded.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Recorded {
+    task_id: i64,
+    recorded: bool,
+}
+
+/// Completes a leased task with its output.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/complete", tag = "tasks",
+    params(("task_id" = i64, Path, minimum = 1, description = "the task")),
+    request_body = CompleteRequest,
+    responses((status = 200, description = "recorded", body = Recorded)))]
 pub(crate) async fn complete(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     TaskId(task_id): TaskId,
     ApiJson(req): ApiJson<CompleteRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Recorded>> {
     let max = state.inner.limits.max_step_output_bytes;
     check_size("$.output", &req.output, max, "--max-step-output-bytes")?;
     finish(
@@ -199,14 +276,16 @@ pub(crate) async fn complete(
     .await
 }
 
-#[derive(Deserialize)]
+/// A failure: the lease token and the error.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FailRequest {
     lease_token: Uuid,
     error: FailError,
 }
 
-#[derive(Deserialize)]
+/// Why an attempt failed; `retryable: false` fails the step at once.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FailError {
     message: String,
@@ -219,12 +298,17 @@ fn yes() -> bool {
     true
 }
 
+/// Fails a leased task: retried per the step's policy unless not retryable.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/fail", tag = "tasks",
+    params(("task_id" = i64, Path, minimum = 1, description = "the task")),
+    request_body = FailRequest,
+    responses((status = 200, description = "recorded", body = Recorded)))]
 pub(crate) async fn fail(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     TaskId(task_id): TaskId,
     ApiJson(req): ApiJson<FailRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Recorded>> {
     finish(
         &state,
         &caller,
@@ -248,7 +332,7 @@ async fn finish(
     task_id: i64,
     lease_token: Uuid,
     result: TaskResult,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Recorded>> {
     check_task_queues(state, caller, &[task_id]).await?;
     let outcome = TaskOutcome {
         task_id,
@@ -258,7 +342,10 @@ async fn finish(
     if record(state, &[outcome]).await?.is_empty() {
         return Err(lease_lost(task_id));
     }
-    Ok(Json(json!({ "task_id": task_id, "recorded": true })))
+    Ok(Json(Recorded {
+        task_id,
+        recorded: true,
+    }))
 }
 
 /// 403 if a caller held to some queues names a task of another queue.
@@ -296,31 +383,46 @@ async fn record(state: &AppState, outcomes: &[TaskOutcome]) -> ApiResult<HashSet
     Ok(recorded)
 }
 
-#[derive(Deserialize)]
+/// The results of up to `--max-claim` tasks.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ResultsRequest {
     results: Vec<ResultItem>,
 }
 
 /// One task's result: `output` completes it, `error` fails it.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ResultItem {
+    #[schema(minimum = 1)]
     task_id: i64,
     lease_token: Uuid,
     output: Option<Value>,
     error: Option<FailError>,
 }
 
+/// Each result, recorded or refused (its lease was not held), and the
+/// counts.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ResultsRecorded {
+    results: Vec<Recorded>,
+    recorded: usize,
+    refused: usize,
+}
+
 /// Records the results of up to `max_claim` tasks in one transaction, each
 /// exactly as its own complete or fail would: a result whose lease is not
 /// held is refused (`recorded: false`) and changes nothing, and the others
 /// are recorded all the same.
+/// Records the results of many tasks in one transaction.
+#[utoipa::path(post, path = "/v1/tasks/results", tag = "tasks",
+    request_body = ResultsRequest,
+    responses((status = 200, description = "result by result", body = ResultsRecorded)))]
 pub(crate) async fn results(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<ResultsRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ResultsRecorded>> {
     let max = state.inner.limits.max_claim;
     if req.results.is_empty() || req.results.len() > max {
         return Err(ApiError::unprocessable_field(
@@ -369,13 +471,16 @@ pub(crate) async fn results(
     check_task_queues(&state, &caller, &ids).await?;
     let recorded = record(&state, &outcomes).await?;
     let refused = outcomes.len() - recorded.len();
-    let items: Vec<Value> = outcomes
+    let results = outcomes
         .iter()
-        .map(|o| json!({"task_id": o.task_id, "recorded": recorded.contains(&o.task_id)}))
+        .map(|o| Recorded {
+            task_id: o.task_id,
+            recorded: recorded.contains(&o.task_id),
+        })
         .collect();
-    Ok(Json(json!({
-        "results": items,
-        "recorded": recorded.len(),
-        "refused": refused,
-    })))
+    Ok(Json(ResultsRecorded {
+        results,
+        recorded: recorded.len(),
+        refused,
+    }))
 }

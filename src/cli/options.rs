@@ -96,6 +96,10 @@ pub struct NodeArgs {
     /// answered 503, in milliseconds.
     #[arg(long, env = "STEAD_POOL_WAIT_TIMEOUT_MS", default_value_t = 10_000)]
     pub pool_wait_timeout_ms: u64,
+    /// Longest `wait` a long-poll (claim, instance read) may ask for, in
+    /// milliseconds.
+    #[arg(long, env = "STEAD_MAX_WAIT_MS", default_value_t = 60_000)]
+    pub max_wait_ms: u64,
     /// Most items one batch start may hold.
     #[arg(long, env = "STEAD_MAX_BATCH_START", default_value_t = 1000)]
     pub max_batch_start: usize,
@@ -146,6 +150,7 @@ impl NodeArgs {
             body_limit_bytes: self.body_limit_bytes,
             max_steps: self.max_steps,
             max_batch_start: self.max_batch_start,
+            max_wait_ms: self.max_wait_ms,
             max_concurrent_requests: self.max_concurrent_requests,
             max_step_output_bytes: self.max_step_output_bytes,
             max_for_each_items: self.max_for_each_items,

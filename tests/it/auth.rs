@@ -64,6 +64,7 @@ fn routes() -> Vec<(&'static str, &'static str, Option<Value>, May)> {
         ("GET", "/healthz", None, May::Anyone),
         ("GET", "/readyz", None, May::Anyone),
         ("GET", "/metrics", None, May::Anyone),
+        ("GET", "/v1/openapi.json", None, May::Anyone),
         ("GET", "/v1/workflows", None, May::Readers),
         ("GET", "/v1/workflows/w", None, May::Readers),
         ("PUT", "/v1/workflows/w", Some(def), May::Admins),

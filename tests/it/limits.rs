@@ -1,8 +1,10 @@
 //! Limits on what one instance may cost, each at and one past its edge: an
 //! instance's input and a signal's payload (413 naming the limit), a step's
 //! output from an in-process handler or a `value` step (the step fails with
-//! a permanent `limit` error) and from an external worker (413), and the
-//! element count of a `for_each`.
+//! a permanent `limit` error) and from an external worker (413), the
+//! element count of a `for_each`, everything one instance stores and its
+//! history length; and the instance of the issue (1000 steps copying 500 kB)
+//! against a real process's memory.
 
 use serde_json::{json, Value};
 use stead::{Handlers, TaskContext};
@@ -347,4 +349,86 @@ async fn an_instance_of_1000_steps_copying_500_kb_fails_on_its_limit_while_other
         completed_during * 2 >= started_during && started_during > 0,
         "small instances waited for the big one: {completed_during} of {started_during} completed"
     );
+}
+
+/// Waits until the instance `id` has recorded `events` history events.
+async fn wait_events(node: &TestNode, id: &str, events: usize) {
+    let path = format!("/v1/instances/{id}/history");
+    wait_until("history events", SANITY_LIMIT, || async {
+        let (_, body) = node.call("GET", &path, None).await;
+        body["events"].as_array().map_or(0, Vec::len) == events
+    })
+    .await;
+}
+
+/// The instance `id` once it has ended.
+async fn ended(node: &TestNode, id: &str) -> Value {
+    let path = format!("/v1/instances/{id}?wait=30s");
+    wait_until("the instance to end", SANITY_LIMIT, || async {
+        let (_, body) = node.call("GET", &path, None).await;
+        body["ended_at"].is_string().then_some(body)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn instance_bytes_and_history_events_past_their_flags_fail_the_instance_naming_them() {
+    let db = TestDb::new().await;
+    let mut config = TestNode::config(&db);
+    // Three copies of a 100-byte input and the output `true`: 304 bytes.
+    config.limits.max_instance_bytes = 304;
+    config.limits.max_history_events = 3;
+    let node = TestNode::start_with(config).await;
+    let copies = json!({"output": true, "steps": [
+        {"id": "a", "value": "${input}"}, {"id": "b", "value": "${input}", "needs": ["a"]},
+        {"id": "c", "value": "${input}", "needs": ["b"]}]});
+    node.put_workflow("copies", copies).await;
+    let path = "/v1/workflows/copies/instances";
+    for (id, len) in [("at", 100), ("past", 101), ("past-c", 102)] {
+        let body = json!({"id": id, "input": text_of_json_len(len)});
+        assert_eq!(node.call("POST", path, Some(body)).await.0, 201);
+    }
+    assert_eq!(ended(&node, "at").await["status"], "completed");
+    // 3 x 101 fits; the output's 4 bytes are one too many.
+    let past = ended(&node, "past").await;
+    assert_eq!(past["status"], "failed", "{}", pretty(&past));
+    assert_eq!(
+        past["error"]["limit"],
+        "max_instance_bytes",
+        "{}",
+        pretty(&past)
+    );
+    // 3 x 102 does not: step c fails.
+    let past = ended(&node, "past-c").await;
+    assert_eq!(step(&past, "c")["error"]["limit"], "max_instance_bytes");
+
+    // Two events on starting (started, waiting); two more per signal.
+    let one = json!({"steps": [{"id": "s1", "signal": {"name": "go"}}]});
+    let two = json!({"steps": [{"id": "s1", "signal": {"name": "go"}},
+                               {"id": "s2", "signal": {"name": "go"}, "needs": ["s1"]}]});
+    for (name, def) in [("one", one), ("two", two)] {
+        node.put_workflow(name, def).await;
+        let body = json!({"id": name});
+        let start = format!("/v1/workflows/{name}/instances");
+        assert_eq!(node.call("POST", &start, Some(body)).await.0, 201);
+        wait_events(&node, name, 2).await;
+        let signal = format!("/v1/instances/{name}/signals/go");
+        assert_eq!(node.call("POST", &signal, None).await.0, 202);
+    }
+    assert_eq!(
+        ended(&node, "one").await["status"],
+        "completed",
+        "2 events < 3"
+    );
+    wait_events(&node, "two", 4).await;
+    assert_eq!(
+        node.call("POST", "/v1/instances/two/signals/go", None)
+            .await
+            .0,
+        202
+    );
+    let two = ended(&node, "two").await;
+    assert_eq!(two["status"], "failed", "4 events >= 3: {}", pretty(&two));
+    assert_eq!(two["error"]["limit"], "max_history_events");
+    node.shutdown().await;
 }
