@@ -380,9 +380,6 @@ impl Run<'_, '_, '_, '_> {
                 if !self.live() {
                     return;
                 }
-                if self.out_of_budget() {
-                    return;
-                }
                 let status = self.state.steps[index].status;
                 if status == StepStatus::Pending
                     && self.def.steps[index]
@@ -390,6 +387,9 @@ impl Run<'_, '_, '_, '_> {
                         .iter()
                         .all(|&n| self.finished(n))
                 {
+                    if self.out_of_budget() {
+                        return;
+                    }
                     self.start_step(index);
                     progressed = true;
                 } else if status == StepStatus::Running && self.state.steps[index].items.is_some() {
@@ -408,8 +408,9 @@ impl Run<'_, '_, '_, '_> {
         }
     }
 
-    /// True once the decision has added its budget of bytes: it starts no
-    /// more steps (and is woken at once to go on).
+    /// True once the decision has added its budget of bytes, asked before
+    /// a step or element would start: it starts no more (and is woken at
+    /// once to go on).
     fn out_of_budget(&mut self) -> bool {
         if self.added_bytes >= self.ctx.budget_bytes {
             self.paused = true;

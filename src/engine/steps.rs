@@ -186,9 +186,6 @@ impl Run<'_, '_, '_, '_> {
             if !self.live() || self.state.steps[index].status != StepStatus::Running {
                 return true;
             }
-            if self.out_of_budget() {
-                return progressed;
-            }
             let items = self.state.steps[index].items.as_ref().expect("items");
             let active = items.iter().filter(|i| i.status.is_active()).count();
             if active >= limit {
@@ -197,9 +194,12 @@ impl Run<'_, '_, '_, '_> {
             if items[k].status != StepStatus::Pending {
                 continue;
             }
+            let item_value = items[k].input.clone();
+            if self.out_of_budget() {
+                return progressed;
+            }
             progressed = true;
             self.changed.insert(index);
-            let item_value = items[k].input.clone();
             if !self.start_item(index, k, Some((&item_value, k))) {
                 return true;
             }

@@ -3919,3 +3919,23 @@ fn a_decision_that_spent_its_byte_budget_leaves_the_next_steps_for_one_woken_at_
     assert_eq!(state.status, InstanceStatus::Completed);
     assert_eq!((second.added_bytes, second.wake_at), (14, None));
 }
+
+#[test]
+fn a_decision_that_reaches_its_byte_budget_with_nothing_left_to_start_does_not_pause() {
+    // The last step starts below the budget and takes the decision past it.
+    let d = def(json!({"output": true, "steps": [
+        {"id": "a", "value": "${input}"},
+        {"id": "b", "value": "${input}"}]}));
+    let mut state = pending(json!("xxxxxxxx"));
+    let mut random = || 0.5;
+    let mut ctx = Context {
+        now: now(),
+        random: &mut random,
+        limits: EngineLimits::default(),
+        budget_bytes: 15,
+    };
+    let decision = decide(&d, &mut state, &[Event::Start], &mut ctx);
+    assert_eq!(state.status, InstanceStatus::Completed);
+    assert!(!decision.paused);
+    assert_eq!(decision.wake_at, None);
+}
