@@ -14,7 +14,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{check_id, check_size, parse_json, ApiBytes, ApiJson, ApiPath, QueryParams};
 use super::AppState;
 use crate::definition::duration::parse_duration_ms;
-use crate::model::{InstanceStatus, StepStatus, Vocabulary};
+use crate::model::{Doc, InstanceStatus, StepStatus, Vocabulary};
 use crate::store::{InstanceFilter, InstanceRecord, StepRecord};
 
 /// Default page size of the instance list.
@@ -74,8 +74,10 @@ pub(crate) struct Step {
     status: StepStatus,
     /// The attempt scheduled or last run (0: never scheduled).
     attempt: u32,
-    input: Option<Value>,
-    output: Option<Value>,
+    #[schema(value_type = Option<Value>)]
+    input: Option<Doc>,
+    #[schema(value_type = Option<Value>)]
+    output: Option<Doc>,
     error: Option<Value>,
     scheduled_at: Option<DateTime<Utc>>,
     started_at: Option<DateTime<Utc>>,

@@ -26,7 +26,8 @@ use crate::definition::{Definition, HttpCall, OnFailure, RetryPolicy, StepKind};
 #[cfg(test)]
 use crate::model::{CompensationState, TaskKind};
 pub(crate) use crate::model::{
-    Ending, EventType, InstanceStatus, StepState, StepStatus, TaskFailure, TaskPurpose, TaskResult,
+    Doc, Ending, EventType, InstanceStatus, StepState, StepStatus, TaskFailure, TaskPurpose,
+    TaskResult,
 };
 pub(crate) use state::*;
 
@@ -141,6 +142,7 @@ pub(crate) fn decide(
 /// engine keeps `InstanceState::stored_bytes` as it goes; this counts anew.
 pub(crate) fn stored_bytes(state: &InstanceState) -> u64 {
     let opt = |v: &Option<Value>| v.as_ref().map_or(0, json_len) as u64;
+    let doc = |d: &Option<Doc>| d.as_ref().map_or(0, Doc::len) as u64;
     let items = |s: &StepState| -> u64 {
         s.items
             .iter()
@@ -151,7 +153,7 @@ pub(crate) fn stored_bytes(state: &InstanceState) -> u64 {
     let steps: u64 = state
         .steps
         .iter()
-        .map(|s| opt(&s.input) + opt(&s.output) + items(s))
+        .map(|s| doc(&s.input) + doc(&s.output) + items(s))
         .sum();
     steps + opt(&state.output)
 }
@@ -500,8 +502,11 @@ impl Run<'_, '_, '_, '_> {
         (0..self.def.steps.len())
             .filter(|&i| self.has_output(i))
             .map(|i| {
-                let output = self.state.steps[i].output.clone();
-                (self.def.steps[i].id.clone(), output.unwrap_or(Value::Null))
+                let output = self.state.steps[i].output.as_ref();
+                (
+                    self.def.steps[i].id.clone(),
+                    output.map_or(Value::Null, Doc::to_value),
+                )
             })
             .collect()
     }
@@ -513,8 +518,12 @@ impl Run<'_, '_, '_, '_> {
         static NULL: Value = Value::Null;
         let lookup = |id: &str| {
             let index = self.def.step_index(id)?;
-            self.has_output(index)
-                .then(|| self.state.steps[index].output.as_ref().unwrap_or(&NULL))
+            self.has_output(index).then(|| {
+                self.state.steps[index]
+                    .output
+                    .as_ref()
+                    .map_or(&NULL, Doc::value)
+            })
         };
         let scope = Scope {
             input: &self.state.input,

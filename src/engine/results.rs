@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use super::{backoff_ms, error_json, Finished, Run};
 use crate::definition::{OnFailure, StepKind};
 use crate::model::{
-    CompensationState, EventType, InstanceStatus, StepStatus, TaskFailure, TaskPurpose, TaskResult,
+    CompensationState, Doc, EventType, InstanceStatus, StepStatus, TaskFailure, TaskPurpose,
+    TaskResult,
 };
 
 impl Run<'_, '_, '_, '_> {
@@ -89,7 +90,10 @@ impl Run<'_, '_, '_, '_> {
             Some(attempt),
             json!({ "error": error, "retry_in_ms": delay_ms, "worker": f.worker }),
         );
-        let input = self.state.steps[index].input.clone().unwrap_or(Value::Null);
+        let input = self.state.steps[index]
+            .input
+            .as_ref()
+            .map_or(Value::Null, Doc::to_value);
         self.enqueue(index, None, TaskPurpose::Run, attempt + 1, input, delay_ms);
     }
 
@@ -112,7 +116,7 @@ impl Run<'_, '_, '_, '_> {
         let failure = match f.result {
             TaskResult::Failed(failure) => failure,
             TaskResult::Completed(output) => {
-                if let Err(error) = self.admit_output(index, Some(k), output) {
+                if let Err(error) = self.admit_output(index, Some(k), super::json_len(output)) {
                     let failure = TaskFailure::new(
                         error["message"].as_str().unwrap_or("limit").to_string(),
                         false,

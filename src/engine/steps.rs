@@ -7,7 +7,9 @@ use serde_json::{json, Value};
 use super::{child_id, json_len, limit_error, ms, Command, ItemScope, Run, HTTP_QUEUE};
 use crate::definition::template::{self, type_name};
 use crate::definition::{CompensationAction, OnFailure, SleepSpec, StepKind};
-use crate::model::{Ending, EventType, ItemState, StepState, StepStatus, TaskKind, TaskPurpose};
+use crate::model::{
+    Doc, Ending, EventType, ItemState, StepState, StepStatus, TaskKind, TaskPurpose,
+};
 
 impl Run<'_, '_, '_, '_> {
     /// Starts a step whose needs are met: skips it (`when`), fans it out
@@ -71,7 +73,7 @@ impl Run<'_, '_, '_, '_> {
         let now = self.ctx.now;
         let s = &mut self.state.steps[index];
         s.status = StepStatus::Skipped;
-        s.output = Some(Value::Null);
+        s.output = Some(Doc::null());
         s.ended_at = Some(now);
         self.record(
             EventType::StepSkipped,
@@ -150,11 +152,12 @@ impl Run<'_, '_, '_, '_> {
     }
 
     fn start_child(&mut self, index: usize, name: &str, version: Option<i32>, input: Value) {
-        if let Err(error) = self.admit_input(index, None, &input) {
+        let doc = Doc::of(&input);
+        if let Err(error) = self.admit_input(index, None, doc.len()) {
             self.fail_step(index, 0, error);
             return;
         }
-        self.begin(index, StepStatus::Running).input = Some(input.clone());
+        self.begin(index, StepStatus::Running).input = Some(doc);
         let child = child_id(&self.state.id, &self.def.steps[index].id, None);
         self.record(
             EventType::ChildStarted,
@@ -214,7 +217,7 @@ impl Run<'_, '_, '_, '_> {
         match &step_def.kind {
             StepKind::Value(template) => {
                 let output = self.render(template, scope);
-                if let Err(error) = self.admit_output(index, Some(k), &output) {
+                if let Err(error) = self.admit_output(index, Some(k), json_len(&output)) {
                     self.fail_step(index, 1, error);
                     return false;
                 }
@@ -239,7 +242,7 @@ impl Run<'_, '_, '_, '_> {
                 input,
             } => {
                 let input = self.render_optional(input.as_ref(), scope);
-                if let Err(error) = self.admit_input(index, Some(k), &input) {
+                if let Err(error) = self.admit_input(index, Some(k), json_len(&input)) {
                     self.fail_step(index, 1, error);
                     return false;
                 }
@@ -303,7 +306,8 @@ impl Run<'_, '_, '_, '_> {
     }
 
     fn schedule(&mut self, index: usize, input: Value) {
-        if let Err(error) = self.admit_input(index, None, &input) {
+        let doc = Doc::of(&input);
+        if let Err(error) = self.admit_input(index, None, doc.len()) {
             self.fail_step(index, 0, error);
             return;
         }
@@ -311,7 +315,7 @@ impl Run<'_, '_, '_, '_> {
         let s = &mut self.state.steps[index];
         s.status = StepStatus::Scheduled;
         s.attempt = 1;
-        s.input = Some(input.clone());
+        s.input = Some(doc);
         s.scheduled_at = Some(now);
         self.queue_first_attempt(index, TaskPurpose::Run, input);
     }
@@ -409,10 +413,9 @@ impl Run<'_, '_, '_, '_> {
         &mut self,
         index: usize,
         item: Option<usize>,
-        output: &Value,
+        len: usize,
     ) -> Result<(), Value> {
         let max = self.ctx.limits.max_step_output_bytes;
-        let len = json_len(output);
         let what = match item {
             Some(k) => format!("element {k} of step {}", self.def.steps[index].id),
             None => format!("step {}", self.def.steps[index].id),
@@ -443,12 +446,7 @@ impl Run<'_, '_, '_, '_> {
     }
 
     /// Admits the input of step `index` (element `item`), like an output.
-    fn admit_input(
-        &mut self,
-        index: usize,
-        item: Option<usize>,
-        input: &Value,
-    ) -> Result<(), Value> {
+    fn admit_input(&mut self, index: usize, item: Option<usize>, len: usize) -> Result<(), Value> {
         let what = match item {
             Some(k) => format!(
                 "the input of element {k} of step {}",
@@ -456,7 +454,7 @@ impl Run<'_, '_, '_, '_> {
             ),
             None => format!("the input of step {}", self.def.steps[index].id),
         };
-        self.admit_bytes(&what, json_len(input))
+        self.admit_bytes(&what, len)
     }
 
     fn next_completion_order(&self) -> u32 {
@@ -469,7 +467,8 @@ impl Run<'_, '_, '_, '_> {
     }
 
     pub(super) fn complete_step(&mut self, index: usize, output: Value, mut data: Value) {
-        if let Err(error) = self.admit_output(index, None, &output) {
+        let doc = Doc::of(&output);
+        if let Err(error) = self.admit_output(index, None, doc.len()) {
             let attempt = self.state.steps[index].attempt.max(1);
             self.fail_step(index, attempt, error);
             return;
@@ -478,7 +477,7 @@ impl Run<'_, '_, '_, '_> {
         let now = self.ctx.now;
         let s = &mut self.state.steps[index];
         s.status = StepStatus::Completed;
-        s.output = Some(output.clone());
+        s.output = Some(doc);
         s.error = None;
         s.ended_at = Some(now);
         s.completion_order = Some(order);
@@ -501,7 +500,7 @@ impl Run<'_, '_, '_, '_> {
         s.wake_at = None;
         s.ended_at = Some(now);
         if continue_on_failure {
-            s.output = Some(error.clone());
+            s.output = Some(Doc::of(&error));
         }
         self.changed.insert(index);
         self.record(

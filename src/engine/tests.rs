@@ -418,9 +418,9 @@ fn start_schedules_root_task_with_rendered_input_queue_key_and_timeout() {
     let s = step(&d, &state, "charge");
     assert_eq!(s.status, StepStatus::Scheduled);
     assert_eq!(s.attempt, 1);
-    assert_eq!(s.input, Some(input));
+    assert_eq!(s.input.as_ref().map(Doc::to_value), Some(input));
     assert_eq!(s.scheduled_at, Some(now()));
-    assert_eq!(s.output, None);
+    assert_eq!(s.output.as_ref().map(Doc::to_value), None);
     assert_eq!(step(&d, &state, "ship").status, StepStatus::Pending);
     assert_eq!(changed(&d, &decision), ["charge"]);
 }
@@ -481,7 +481,10 @@ fn http_step_is_enqueued_on_internal_queue_with_rendered_call() {
         }]
     );
     assert_eq!(HTTP_QUEUE, "stead.http");
-    assert_eq!(step(&d, &state, "call").input, Some(input));
+    assert_eq!(
+        step(&d, &state, "call").input.as_ref().map(Doc::to_value),
+        Some(input)
+    );
 }
 
 #[test]
@@ -657,7 +660,10 @@ fn steps_listed_before_their_needs_still_run_in_dependency_order() {
             "instance_completed"
         ]
     );
-    assert_eq!(step(&d, &state, "c").output, Some(json!("a-b-c")));
+    assert_eq!(
+        step(&d, &state, "c").output.as_ref().map(Doc::to_value),
+        Some(json!("a-b-c"))
+    );
 }
 
 // ----- value steps ------------------------------------------------------
@@ -687,7 +693,10 @@ fn value_step_completes_inline_and_unlocks_dependents_in_same_decision() {
     let s = step(&d, &state, "shape");
     assert_eq!(s.status, StepStatus::Completed);
     assert_eq!(s.attempt, 1);
-    assert_eq!(s.output, Some(json!({"x": 5, "tag": "n=5"})));
+    assert_eq!(
+        s.output.as_ref().map(Doc::to_value),
+        Some(json!({"x": 5, "tag": "n=5"}))
+    );
     assert_eq!(s.scheduled_at, Some(now()));
     assert_eq!(s.started_at, Some(now()));
     assert_eq!(s.ended_at, Some(now()));
@@ -770,11 +779,11 @@ fn when_false_skips_step_with_null_output_and_dependents_run() {
     );
     let s = step(&d, &state, "maybe");
     assert_eq!(s.status, StepStatus::Skipped);
-    assert_eq!(s.output, Some(Value::Null));
+    assert_eq!(s.output.as_ref().map(Doc::to_value), Some(Value::Null));
     assert_eq!(s.ended_at, Some(now()));
     assert_eq!(s.attempt, 0);
     assert_eq!(
-        step(&d, &state, "after").output,
+        step(&d, &state, "after").output.as_ref().map(Doc::to_value),
         Some(json!({"prev": null}))
     );
     assert_eq!(state.status, InstanceStatus::Completed);
@@ -926,7 +935,7 @@ fn task_result_for_current_attempt_completes_the_step() {
 
     let s = step(&d, &state, "a");
     assert_eq!(s.status, StepStatus::Completed);
-    assert_eq!(s.output, Some(json!({"r": 1})));
+    assert_eq!(s.output.as_ref().map(Doc::to_value), Some(json!({"r": 1})));
     assert_eq!(s.error, None);
     assert_eq!(s.started_at, Some(started));
     assert_eq!(s.ended_at, Some(now()));
@@ -940,7 +949,10 @@ fn duplicate_result_for_completed_step_is_ignored() {
     run(&d, &mut state, &[ok(0, 1, json!("first"))]);
     assert_ignored(&d, &mut state, &[ok(0, 1, json!("second"))]);
     assert_ignored(&d, &mut state, &[fail(0, 1, "late failure", false)]);
-    assert_eq!(step(&d, &state, "a").output, Some(json!("first")));
+    assert_eq!(
+        step(&d, &state, "a").output.as_ref().map(Doc::to_value),
+        Some(json!("first"))
+    );
 }
 
 #[test]
@@ -957,7 +969,10 @@ fn duplicate_results_in_one_batch_are_recorded_once() {
         ],
     );
     assert_eq!(log(&decision), ["step_completed:a#1", "step_scheduled:b#1"]);
-    assert_eq!(step(&d, &state, "a").output, Some(json!("first")));
+    assert_eq!(
+        step(&d, &state, "a").output.as_ref().map(Doc::to_value),
+        Some(json!("first"))
+    );
     assert_eq!(enqueued(&d, &decision), [en("b", 1)]);
 }
 
@@ -1043,7 +1058,7 @@ fn retryable_failure_with_attempts_left_reschedules_next_attempt_with_backoff() 
     assert_eq!(s.error, Some(error));
     assert_eq!(s.started_at, None);
     assert_eq!(s.ended_at, None);
-    assert_eq!(s.output, None);
+    assert_eq!(s.output.as_ref().map(Doc::to_value), None);
     assert_eq!(state.status, InstanceStatus::Running);
     assert_eq!(withdraws(&decision), 0);
     assert_eq!(changed(&d, &decision), ["a"]);
@@ -1235,7 +1250,7 @@ fn exhausted_retries_fail_the_step_and_the_instance() {
     assert_eq!(s.status, StepStatus::Failed);
     assert_eq!(s.error, Some(step_error));
     assert_eq!(s.ended_at, Some(now()));
-    assert_eq!(s.output, None);
+    assert_eq!(s.output.as_ref().map(Doc::to_value), None);
     assert_eq!(
         step(&d, &state, "ship").status,
         StepStatus::Pending,
@@ -1340,9 +1355,12 @@ fn on_failure_continue_uses_error_as_output_and_lets_dependents_run() {
     assert_eq!(withdraws(&decision), 0);
     let a = step(&d, &state, "a");
     assert_eq!(a.status, StepStatus::Failed);
-    assert_eq!(a.output, Some(error.clone()));
+    assert_eq!(a.output.as_ref().map(Doc::to_value), Some(error.clone()));
     assert_eq!(a.error, Some(error.clone()));
-    assert_eq!(step(&d, &state, "b").output, Some(json!({"why": "boom"})));
+    assert_eq!(
+        step(&d, &state, "b").output.as_ref().map(Doc::to_value),
+        Some(json!({"why": "boom"}))
+    );
     assert_eq!(state.status, InstanceStatus::Completed);
     assert_eq!(state.error, None);
     assert_eq!(
@@ -1438,7 +1456,7 @@ fn sleep_duration_waits_until_now_plus_the_duration() {
     assert_eq!(s.scheduled_at, Some(now()));
     assert_eq!(s.started_at, Some(now()));
     assert_eq!(s.ended_at, None);
-    assert_eq!(s.output, None);
+    assert_eq!(s.output.as_ref().map(Doc::to_value), None);
     assert_eq!(step(&d, &state, "after").status, StepStatus::Pending);
     assert_eq!(state.status, InstanceStatus::Running);
 }
@@ -1483,7 +1501,7 @@ fn sleep_completes_at_its_wake_time_with_null_output_and_unlocks_dependents() {
     assert_eq!(changed(&d, &decision), ["nap", "after"]);
     let s = step(&d, &state, "nap");
     assert_eq!(s.status, StepStatus::Completed);
-    assert_eq!(s.output, Some(Value::Null));
+    assert_eq!(s.output.as_ref().map(Doc::to_value), Some(Value::Null));
     assert_eq!(s.wake_at, None);
     assert_eq!(s.ended_at, Some(wake));
     assert_eq!(s.completion_order, Some(1));
@@ -1614,7 +1632,10 @@ fn zero_sleep_completes_in_the_same_decision() {
     );
     assert_eq!(enqueued(&d, &decision), [en("after", 1)]);
     assert_eq!(step(&d, &state, "nap").status, StepStatus::Completed);
-    assert_eq!(step(&d, &state, "nap").output, Some(Value::Null));
+    assert_eq!(
+        step(&d, &state, "nap").output.as_ref().map(Doc::to_value),
+        Some(Value::Null)
+    );
     assert_eq!(decision.wake_at, None);
 }
 
@@ -1715,7 +1736,10 @@ fn matching_signal_completes_the_step_with_its_payload_and_is_consumed() {
     assert_eq!(only_enqueue_of(&decision).0, json!({"by": "ada"}));
     let s = step(&d, &state, "approval");
     assert_eq!(s.status, StepStatus::Completed);
-    assert_eq!(s.output, Some(json!({"by": "ada"})));
+    assert_eq!(
+        s.output.as_ref().map(Doc::to_value),
+        Some(json!({"by": "ada"}))
+    );
     assert_eq!(s.ended_at, Some(now()));
     // The driver re-delivers only unconsumed signals; a repeat changes nothing.
     assert_ignored(
@@ -1749,7 +1773,13 @@ fn signal_with_another_name_is_not_consumed() {
         cmds(&d, &decision),
         ["consume 2 approval", "enqueue ship/run#1"]
     );
-    assert_eq!(step(&d, &state, "approval").output, Some(json!(2)));
+    assert_eq!(
+        step(&d, &state, "approval")
+            .output
+            .as_ref()
+            .map(Doc::to_value),
+        Some(json!(2))
+    );
 }
 
 #[test]
@@ -1789,7 +1819,13 @@ fn signal_sent_before_the_step_waits_is_consumed_once_it_waits() {
     assert_eq!(step(&d, &state, "approval").status, StepStatus::Waiting);
     let d2 = run(&d, &mut state, &[early]);
     assert_eq!(cmds(&d, &d2), ["consume 5 approval", "enqueue ship/run#1"]);
-    assert_eq!(step(&d, &state, "approval").output, Some(json!("yes")));
+    assert_eq!(
+        step(&d, &state, "approval")
+            .output
+            .as_ref()
+            .map(Doc::to_value),
+        Some(json!("yes"))
+    );
 }
 
 #[test]
@@ -1808,7 +1844,10 @@ fn two_waiting_steps_with_the_same_name_take_one_signal_each_in_id_order() {
         &[signal(3, "go", json!("a")), signal(4, "go", json!("b"))],
     );
     assert_eq!(cmds(&d, &decision), ["consume 3 first", "consume 4 second"]);
-    assert_eq!(step(&d, &state, "join").output, Some(json!(["a", "b"])));
+    assert_eq!(
+        step(&d, &state, "join").output.as_ref().map(Doc::to_value),
+        Some(json!(["a", "b"]))
+    );
     assert_eq!(state.status, InstanceStatus::Completed);
 
     // One at a time: each signal is consumed by one step only.
@@ -1818,7 +1857,10 @@ fn two_waiting_steps_with_the_same_name_take_one_signal_each_in_id_order() {
     assert_eq!(step(&d, &state, "second").status, StepStatus::Waiting);
     let d2 = run(&d, &mut state, &[signal(4, "go", json!("b"))]);
     assert_eq!(cmds(&d, &d2), ["consume 4 second"]);
-    assert_eq!(step(&d, &state, "join").output, Some(json!(["a", "b"])));
+    assert_eq!(
+        step(&d, &state, "join").output.as_ref().map(Doc::to_value),
+        Some(json!(["a", "b"]))
+    );
 }
 
 #[test]
@@ -1837,7 +1879,13 @@ fn one_waiting_step_consumes_only_the_oldest_of_several_signals() {
         cmds(&d, &decision),
         ["consume 10 approval", "enqueue ship/run#1"]
     );
-    assert_eq!(step(&d, &state, "approval").output, Some(json!("old")));
+    assert_eq!(
+        step(&d, &state, "approval")
+            .output
+            .as_ref()
+            .map(Doc::to_value),
+        Some(json!("old"))
+    );
     // The other one stays in the database and is never consumed here.
     assert_ignored(&d, &mut state, &[signal(11, "approved", json!("new"))]);
 }
@@ -1938,7 +1986,11 @@ fn signal_timeout_with_on_failure_continue_lets_the_workflow_finish() {
     );
     assert_eq!(withdraws(&decision), 0);
     assert_eq!(state.status, InstanceStatus::Completed);
-    let after = step(&d, &state, "after").output.clone().unwrap();
+    let after = step(&d, &state, "after")
+        .output
+        .as_ref()
+        .unwrap()
+        .to_value();
     assert!(after.as_str().unwrap().contains("timed out"), "{after}");
 }
 
@@ -2059,7 +2111,11 @@ fn cancel_withdraws_work_and_compensates_in_reverse_completion_order() {
     ));
     let a = step(&d, &state, "a");
     assert_eq!(a.status, StepStatus::Compensated);
-    assert_eq!(a.output, Some(json!("A")), "the step's own output is kept");
+    assert_eq!(
+        a.output.as_ref().map(Doc::to_value),
+        Some(json!("A")),
+        "the step's own output is kept"
+    );
     let comp = a.compensation.clone().unwrap();
     assert_eq!(comp.status, StepStatus::Completed);
     assert_eq!(comp.output, Some(json!({"undone": true})));
@@ -2755,11 +2811,11 @@ fn for_each_output_is_in_input_order_whatever_the_completion_order() {
         ]
     );
     assert_eq!(
-        step(&d, &state, "each").output,
+        step(&d, &state, "each").output.as_ref().map(Doc::to_value),
         Some(json!(["A", "B", "C"]))
     );
     assert_eq!(
-        step(&d, &state, "after").output,
+        step(&d, &state, "after").output.as_ref().map(Doc::to_value),
         Some(json!(["A", "B", "C"]))
     );
     assert_eq!(state.status, InstanceStatus::Completed);
@@ -2932,9 +2988,15 @@ fn failing_item_with_on_failure_continue_becomes_its_array_element() {
     run(&d, &mut state, &[item_ok(0, 1, 1, json!("B"))]);
     let error = json!({"message": "bad", "retryable": true, "attempt": 1});
     assert_eq!(step(&d, &state, "each").status, StepStatus::Completed);
-    assert_eq!(step(&d, &state, "each").output, Some(json!([error, "B"])));
+    assert_eq!(
+        step(&d, &state, "each").output.as_ref().map(Doc::to_value),
+        Some(json!([error, "B"]))
+    );
     assert_eq!(state.status, InstanceStatus::Completed);
-    assert_eq!(step(&d, &state, "after").output, Some(json!([error, "B"])));
+    assert_eq!(
+        step(&d, &state, "after").output.as_ref().map(Doc::to_value),
+        Some(json!([error, "B"]))
+    );
 }
 
 #[test]
@@ -2962,7 +3024,7 @@ fn value_for_each_completes_inline() {
         assert_eq!(sq.status, StepStatus::Completed);
         assert_eq!(items(sq), [StepStatus::Completed; 3]);
         assert_eq!(
-            sq.output,
+            sq.output.as_ref().map(Doc::to_value),
             Some(json!([
                 {"x": 10, "i": 0, "t": "0:10"},
                 {"x": 20, "i": 1, "t": "1:20"},
@@ -2989,7 +3051,10 @@ fn for_each_over_an_empty_array_completes_with_an_empty_array() {
         ]
     );
     assert_eq!(cmds(&d, &decision), ["enqueue after/run#1"]);
-    assert_eq!(step(&d, &state, "each").output, Some(json!([])));
+    assert_eq!(
+        step(&d, &state, "each").output.as_ref().map(Doc::to_value),
+        Some(json!([]))
+    );
     assert_eq!(step(&d, &state, "each").status, StepStatus::Completed);
 }
 
@@ -3197,13 +3262,16 @@ fn workflow_step_starts_a_child_with_its_rendered_input() {
     let s = step(&d, &state, "sub");
     assert_eq!(s.status, StepStatus::Running);
     assert_eq!(s.attempt, 1);
-    assert_eq!(s.input, Some(input));
+    assert_eq!(s.input.as_ref().map(Doc::to_value), Some(input));
     assert_eq!(decision.wake_at, None);
 
     // The child's end comes back as the result of attempt 1.
     let d1 = run(&d, &mut state, &[ok(0, 1, json!({"paid": true}))]);
     assert_eq!(log(&d1), ["step_completed:sub#1", "step_scheduled:after#1"]);
-    assert_eq!(step(&d, &state, "sub").output, Some(json!({"paid": true})));
+    assert_eq!(
+        step(&d, &state, "sub").output.as_ref().map(Doc::to_value),
+        Some(json!({"paid": true}))
+    );
     assert_eq!(only_enqueue(&d1).0, json!({"paid": true}));
     assert_ignored(&d, &mut state, &[ok(0, 1, json!("again"))]);
 }
@@ -3382,7 +3450,7 @@ fn retry_restarts_the_failed_step_and_keeps_completed_ones() {
     assert_eq!(state.ending, None);
     let a = step(&d, &state, "a");
     assert_eq!(a.status, StepStatus::Completed);
-    assert_eq!(a.output, Some(json!("A")));
+    assert_eq!(a.output.as_ref().map(Doc::to_value), Some(json!("A")));
     assert_eq!(a.ended_at, Some(now()), "untouched");
     let b = step(&d, &state, "b");
     assert_eq!(b.status, StepStatus::Scheduled);
@@ -3428,7 +3496,7 @@ fn retry_resets_cancelled_and_compensated_steps_too() {
     assert_eq!(a.status, StepStatus::Scheduled);
     assert_eq!(a.compensation, None);
     assert_eq!(a.completion_order, None);
-    assert_eq!(a.output, None);
+    assert_eq!(a.output.as_ref().map(Doc::to_value), None);
     assert_eq!(step(&d, &state, "c").status, StepStatus::Pending);
     assert_eq!(step(&d, &state, "c").error, None);
     assert_eq!(step(&d, &state, "keep").status, StepStatus::Completed);
@@ -3610,7 +3678,10 @@ fn results_for_steps_not_yet_scheduled_in_the_same_batch_are_ignored() {
         ]
     );
     assert_eq!(enqueued(&d, &decision), [en("b", 1), en("c", 1)]);
-    assert_eq!(step(&d, &state, "b").output, None);
+    assert_eq!(
+        step(&d, &state, "b").output.as_ref().map(Doc::to_value),
+        None
+    );
     assert_eq!(step(&d, &state, "d").status, StepStatus::Pending);
 }
 

@@ -8,9 +8,11 @@
 //! enum with `parse` and treats a value it does not know as a permanent
 //! error that names the column, never as a default.
 
+mod doc;
 mod step;
 mod task;
 
+pub(crate) use doc::Doc;
 pub(crate) use step::{CompensationState, ItemState, StepState};
 pub(crate) use task::{TaskFailure, TaskResult};
 

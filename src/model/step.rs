@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::StepStatus;
+use super::{Doc, StepStatus};
 
 /// One step of an instance, index-aligned with `Definition::steps` inside
 /// the engine.
@@ -13,8 +13,10 @@ pub(crate) struct StepState {
     pub status: StepStatus,
     /// The attempt currently scheduled or last run (0 = never scheduled).
     pub attempt: u32,
-    pub input: Option<Value>,
-    pub output: Option<Value>,
+    /// Held as text, parsed when read (`Doc`): most of what an instance
+    /// stores, and loaded with each of its decisions.
+    pub input: Option<Doc>,
+    pub output: Option<Doc>,
     pub error: Option<Value>,
     pub scheduled_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,

@@ -194,6 +194,18 @@ fn order_of_500_kb() -> Value {
     order
 }
 
+/// 500 kB of JSON in the shape that costs most memory once parsed: 14,000
+/// tiny objects.
+fn tiny_objects_of_500_kb() -> Value {
+    let lines: Vec<Value> = (0..14_000)
+        .map(|i| json!({"n": i, "sku": format!("S{i:06}"), "qty": i % 7}))
+        .collect();
+    let order = json!({"lines": lines});
+    let len = serde_json::to_string(&order).unwrap().len();
+    assert!((450_000..560_000).contains(&len), "{len}");
+    order
+}
+
 /// Starts an instance of `workflow` on the node at `base`.
 async fn start(http: &reqwest::Client, base: &str, workflow: &str, id: String, input: Value) {
     let resp = http
@@ -219,8 +231,18 @@ fn peak_rss_mb(pid: u32) -> u64 {
 /// default) while the node stays under 512 MB resident, and other
 /// instances must keep completing while it runs: the advancer moves it on
 /// in batches of at most `--advance-batch-max-bytes`, between theirs.
+/// (An order document, and the same size of tiny objects.)
 #[tokio::test]
 async fn an_instance_of_1000_steps_copying_500_kb_fails_on_its_limit_while_others_complete() {
+    one_big_instance_among_small_ones(order_of_500_kb()).await;
+}
+
+#[tokio::test]
+async fn the_same_with_500_kb_of_tiny_objects_stays_under_512_mb_too() {
+    one_big_instance_among_small_ones(tiny_objects_of_500_kb()).await;
+}
+
+async fn one_big_instance_among_small_ones(input: Value) {
     let db = TestDb::new().await;
     let node = ServeProcess::spawn(&db.url, "big", &[]).await;
     let http = reqwest::Client::new();
@@ -280,7 +302,7 @@ async fn an_instance_of_1000_steps_copying_500_kb_fails_on_its_limit_while_other
     })
     .await;
 
-    start(&http, &base, "big", "big".into(), order_of_500_kb()).await;
+    start(&http, &base, "big", "big".into(), input).await;
     wait_until("the big instance to end", 3 * SANITY_LIMIT, || async {
         count("SELECT count(*) FROM stead.instances WHERE id = 'big' AND ended_at IS NOT NULL")
             .await

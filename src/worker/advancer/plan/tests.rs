@@ -55,7 +55,7 @@ fn scheduled(attempt: u32) -> StepState {
     StepState {
         status: StepStatus::Scheduled,
         attempt,
-        input: Some(json!({"n": 1})),
+        input: Some(json!({"n": 1}).into()),
         scheduled_at: Some(now() - Duration::seconds(2)),
         ..StepState::default()
     }
