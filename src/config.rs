@@ -64,13 +64,13 @@ pub struct Limits {
     pub max_step_output_bytes: usize,
     /// Most elements one `for_each` step may have.
     pub max_for_each_items: usize,
-    /// Most bytes (as JSON text) the steps of one instance may store, all
-    /// inputs, outputs and errors together: the step that would take it
-    /// past fails with a permanent `limit` error.
+    /// Most bytes (as JSON text) one instance may store: the inputs and
+    /// outputs of its steps and elements, and its own output. The step that
+    /// would take it past fails with a permanent `limit` error.
     pub max_instance_bytes: u64,
-    /// Most history events one instance may record while it runs: at its
-    /// next decision past it the instance fails with a `limit` error (its
-    /// compensations still run).
+    /// Most history events one instance may record (its whole history,
+    /// retries included): at its next decision past it the instance fails
+    /// with a `limit` error (its compensations still run).
     pub max_history_events: u32,
     /// Largest input of an instance (as JSON text), at start (413).
     pub max_input_bytes: usize,
@@ -290,6 +290,18 @@ impl Config {
                 self.limits.max_concurrent_requests,
             ),
             ("error_backoff_ms", t.error_backoff_ms as usize),
+            (
+                "--advance-batch-max-bytes",
+                t.advance_batch_max_bytes as usize,
+            ),
+            (
+                "--max-instance-bytes",
+                self.limits.max_instance_bytes as usize,
+            ),
+            (
+                "--max-history-events",
+                self.limits.max_history_events as usize,
+            ),
             ("reconnect_min_ms", t.reconnect_min_ms as usize),
         ];
         // A zero here would make a loop spin.

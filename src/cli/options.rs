@@ -67,13 +67,13 @@ pub struct NodeArgs {
     /// Most elements one for_each step may have.
     #[arg(long, env = "STEAD_MAX_FOR_EACH_ITEMS", default_value_t = 10_000)]
     pub max_for_each_items: usize,
-    /// Most bytes (as JSON) the steps of one instance may store, inputs,
-    /// outputs and errors together: the step that would pass it fails
-    /// (limit error).
+    /// Most bytes (as JSON) one instance may store: its steps' inputs and
+    /// outputs and its own output; the step that would pass it fails (limit
+    /// error).
     #[arg(long, env = "STEAD_MAX_INSTANCE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_instance_bytes: u64,
-    /// Most history events one instance may record while it runs; at its
-    /// next decision past it, it fails (limit error; compensations run).
+    /// Most history events one instance may record (retries included); at
+    /// its next decision past it, it fails (limit error; compensations run).
     #[arg(long, env = "STEAD_MAX_HISTORY_EVENTS", default_value_t = 50_000)]
     pub max_history_events: u32,
     /// Most instances one advance transaction locks and decides.

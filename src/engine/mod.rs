@@ -56,12 +56,12 @@ pub(crate) struct EngineLimits {
     pub max_step_output_bytes: usize,
     /// Most elements one `for_each` step may have.
     pub max_for_each_items: usize,
-    /// Most bytes (as JSON text) the steps of one instance may store:
-    /// inputs, outputs and errors of steps, elements and compensations.
+    /// Most bytes (as JSON text) one instance may store: the inputs and
+    /// outputs of its steps and elements, and its own output.
     pub max_instance_bytes: u64,
-    /// Most history events one instance may record while it runs: at its
-    /// next decision past it, the instance fails (its compensations still
-    /// run and are recorded).
+    /// Most history events one instance may record (its whole history,
+    /// retries included): at its next decision past it, the instance fails
+    /// (its compensations still run and are recorded).
     pub max_history_events: u32,
 }
 

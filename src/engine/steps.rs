@@ -241,11 +241,9 @@ impl Run<'_, '_, '_, '_> {
                 version,
                 input,
             } => {
+                // The child stores its input (and holds it to its own
+                // limit); the element stays as it was counted.
                 let input = self.render_optional(input.as_ref(), scope);
-                if let Err(error) = self.admit_input(index, Some(k), json_len(&input)) {
-                    self.fail_step(index, 1, error);
-                    return false;
-                }
                 let it = &mut self.state.steps[index].items.as_mut().expect("items")[k];
                 it.status = StepStatus::Running;
                 it.attempt = 1;

@@ -30,7 +30,8 @@ macro_rules! due_columns {
          i.retry_requested_at IS NOT NULL, i.created_at,
          EXISTS (SELECT 1 FROM signals g WHERE g.instance_id = i.id AND g.consumed_at IS NULL
                  OFFSET 0),
-         i.parent_id IS NOT NULL, i.ctid::text, i.stored_bytes"
+         i.parent_id IS NOT NULL, i.ctid::text, i.stored_bytes,
+         i.stored_bytes + pg_column_size(i.input)"
     };
 }
 
@@ -596,19 +597,24 @@ impl Store {
     }
 }
 
-/// How many of the leading sizes fit in `max_bytes` together; at least one,
-/// so that an instance larger than the bound still moves on, alone.
-fn rows_within(sizes: impl Iterator<Item = i64>, max_bytes: u64) -> usize {
+/// Which of the sizes, taken in order, fit in `max_bytes` together: the
+/// first always (so an instance larger than the bound still moves on,
+/// alone), then each that still fits, skipping those that do not (so one
+/// large instance does not hold back the small ones behind it).
+fn rows_within(sizes: impl Iterator<Item = i64>, max_bytes: u64) -> Vec<bool> {
     let mut total = 0u64;
-    let mut fit = 0;
-    for size in sizes {
-        total = total.saturating_add(size.max(0) as u64);
-        if fit > 0 && total > max_bytes {
-            break;
-        }
-        fit += 1;
-    }
-    fit
+    let mut first = true;
+    sizes
+        .map(|size| {
+            let size = size.max(0) as u64;
+            let keep = first || total.saturating_add(size) <= max_bytes;
+            if keep {
+                total = total.saturating_add(size);
+            }
+            first = false;
+            keep
+        })
+        .collect()
 }
 
 /// The slots as a bitmap for `owned_slot`: bit n (bit n % 8 of byte n / 8)
@@ -653,20 +659,27 @@ impl AdvanceTx {
     }
 
     /// The batch of the locked rows, with what each instance needs loaded:
-    /// as many as fit in `max_bytes` of stored state (`stored_bytes`; the
-    /// first always does). The rest stay locked, untouched, until this
-    /// transaction ends, and come up in a later batch (`deferred`).
+    /// those whose stored state and input fit in `max_bytes` together, in
+    /// lock order (the first always does). The rest stay locked, untouched,
+    /// until this transaction ends, and come up in a later batch
+    /// (`deferred`).
     async fn due_batch(&self, rows: &[tokio_postgres::Row], max_bytes: u64) -> Result<DueBatch> {
         let now = rows.first().map_or_else(Utc::now, |r| r.get(10));
-        let fit = rows_within(rows.iter().map(|r| r.get::<_, i64>(19)), max_bytes);
         let mut batch = DueBatch {
             now,
-            instances: Vec::with_capacity(fit),
+            instances: Vec::with_capacity(rows.len()),
             unreadable: Vec::new(),
-            deferred: rows.len() - fit,
+            deferred: 0,
         };
+        // What loading a row costs: its steps' stored state and its input
+        // (as stored: a lower bound on its text).
+        let kept = rows_within(rows.iter().map(|r| r.get::<_, i64>(20)), max_bytes);
         let mut with_signals = Vec::new();
-        for r in &rows[..fit] {
+        for (r, keep) in rows.iter().zip(kept) {
+            if !keep {
+                batch.deferred += 1;
+                continue;
+            }
             match due_from_row(r) {
                 Ok(due) => {
                     if r.get::<_, bool>(16) {
@@ -1185,13 +1198,18 @@ mod tests {
     use super::{rows_within, slot_bitmap};
 
     #[test]
-    fn a_batch_keeps_the_leading_rows_that_fit_in_its_bytes_and_always_one() {
+    fn a_batch_keeps_the_rows_that_fit_in_its_bytes_and_always_the_first() {
         let fit = |sizes: &[i64], max| rows_within(sizes.iter().copied(), max);
-        assert_eq!(fit(&[10, 10, 10], 30), 3);
-        assert_eq!(fit(&[10, 10, 11], 30), 2);
-        assert_eq!(fit(&[100, 1], 30), 1);
-        assert_eq!(fit(&[], 30), 0);
-        assert_eq!(fit(&[0, 0, 0], 0), 3);
+        assert_eq!(fit(&[10, 10, 10], 30), [true, true, true]);
+        assert_eq!(fit(&[10, 10, 11], 30), [true, true, false]);
+        assert_eq!(fit(&[100, 1], 30), [true, false], "the first alone");
+        assert_eq!(
+            fit(&[10, 25, 5], 30),
+            [true, false, true],
+            "past a large one"
+        );
+        assert_eq!(fit(&[], 30), Vec::<bool>::new());
+        assert_eq!(fit(&[0, 0, 0], 0), [true, true, true]);
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub(crate) struct Advanced {
     pub unreadable: usize,
     /// Instances locked but left for the next batch (past its byte bound).
     pub deferred: usize,
+    /// Decided instances that spent their byte budget with steps to start.
+    pub paused: usize,
 }
 
 impl Advancer {
@@ -106,8 +108,13 @@ impl Advancer {
     /// batch adds at most about twice `batch_max_bytes`.
     fn budget_after(&self, added: u64) -> u64 {
         let max = self.config.batch_max_bytes;
-        let share = max / self.config.batch_size.max(1) as u64;
-        max.saturating_sub(added).max(share)
+        max.saturating_sub(added).max(self.share())
+    }
+
+    /// An even share of the batch's byte bound (at least a byte, so every
+    /// decision may start a step).
+    fn share(&self) -> u64 {
+        (self.config.batch_max_bytes / self.config.batch_size.max(1) as u64).max(1)
     }
 
     /// Gives the executor the promoted attempts whose rows committed.
@@ -160,6 +167,7 @@ impl Service for Advancer {
                 instances: 0,
                 unreadable,
                 deferred,
+                paused: 0,
             });
         }
         let clock_start = Instant::now();
@@ -181,18 +189,26 @@ impl Service for Advancer {
                 random: &mut random,
                 ownership: &self.ownership,
                 limits: self.config.limits,
-                budget_bytes: self.config.batch_max_bytes,
+                // Later rounds get a share each, so that running attempts
+                // inline cannot take a batch past its byte bound.
+                budget_bytes: self.share(),
             };
             run.run(&mut work).await;
         }
         let mut plan = Plan::new(batch.now, &self.config.member);
         let mut handovers = Vec::new();
         // An instance that spent its byte budget goes on after the
-        // instances that became due while this batch ran, not before them.
-        let behind = batch.now + chrono::Duration::from_std(started.elapsed()).unwrap_or_default();
+        // instances that became due while this batch ran, not before them
+        // (the time since the lock returned: never past the database's
+        // clock at the next lock).
+        let since_lock = chrono::Duration::from_std(clock_start.elapsed()).unwrap_or_default();
+        let behind = batch.now + since_lock;
+        let decided = work.len();
+        let mut paused = 0;
         for mut w in work {
             if w.decision.paused {
                 w.decision.wake_at = Some(behind);
+                paused += 1;
             }
             let due = &batch.instances[w.due];
             plan.record(&w.def, due, &w.steps_before, w.state, w.decision, w.inline);
@@ -217,17 +233,20 @@ impl Service for Advancer {
         }
         plan.observed.apply(&self.metrics);
         Ok(Advanced {
-            instances: batch.instances.len(),
+            instances: decided,
             unreadable,
             deferred,
+            paused,
         })
     }
 
-    /// A full batch, or one that left instances for later: more may be
-    /// waiting, go again at once. (Unreadable instances do not count: a
-    /// slot full of them must not spin.)
+    /// A full batch, or one that moved instances on and left some for
+    /// later (deferred, or paused on their byte budget): go again at once.
+    /// (Instances left as they were do not count: a slot full of them must
+    /// not spin.)
     fn next(&self, outcome: &Advanced) -> Next {
-        Next::now_if(outcome.instances >= self.config.batch_size || outcome.deferred > 0)
+        let more = outcome.deferred > 0 || outcome.paused > 0;
+        Next::now_if(outcome.instances >= self.config.batch_size || (outcome.instances > 0 && more))
     }
 
     async fn failed(&mut self, error: &StoreError) {
