@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value};
 
+use super::steps::Counted;
 use super::{json_len, ms, Command, Run};
 use crate::definition::{CompensationAction, StepKind};
 use crate::model::{
@@ -110,7 +111,7 @@ impl Run<'_, '_, '_, '_> {
             Some(template) => self.render(template, None),
             None => Value::Object(self.outputs()),
         };
-        if let Err(error) = self.admit_bytes("the instance's output", json_len(&output)) {
+        if let Err(error) = self.admit_bytes(Counted::InstanceOutput, json_len(&output)) {
             self.begin_ending(Ending::Failed, error);
             return;
         }

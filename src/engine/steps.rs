@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::{child_id, json_len, limit_error, ms, Command, ItemScope, Run, HTTP_QUEUE};
 use crate::definition::template::{self, type_name};
-use crate::definition::{CompensationAction, OnFailure, SleepSpec, StepKind};
+use crate::definition::{CompensationAction, Definition, OnFailure, SleepSpec, StepKind};
 use crate::model::{
     Doc, Ending, EventType, ItemState, StepState, StepStatus, TaskKind, TaskPurpose,
 };
@@ -103,8 +103,7 @@ impl Run<'_, '_, '_, '_> {
             return;
         }
         let len = items.iter().map(json_len).sum();
-        let what = format!("the elements of step {}", self.def.steps[index].id);
-        if let Err(error) = self.admit_bytes(&what, len) {
+        if let Err(error) = self.admit_bytes(Counted::Elements(index), len) {
             self.fail_step(index, 0, error);
             return;
         }
@@ -334,11 +333,7 @@ impl Run<'_, '_, '_, '_> {
         // The rendered input replaces the element, which is counted already.
         let element = &self.state.steps[index].items.as_ref().expect("items")[k].input;
         let added = json_len(&input).saturating_sub(json_len(element));
-        let what = format!(
-            "the input of element {k} of step {}",
-            self.def.steps[index].id
-        );
-        if let Err(error) = self.admit_bytes(&what, added) {
+        if let Err(error) = self.admit_bytes(Counted::Input(index, Some(k)), added) {
             self.fail_step(index, 1, error);
             return false;
         }
@@ -414,28 +409,31 @@ impl Run<'_, '_, '_, '_> {
         len: usize,
     ) -> Result<(), Value> {
         let max = self.ctx.limits.max_step_output_bytes;
-        let what = match item {
-            Some(k) => format!("element {k} of step {}", self.def.steps[index].id),
-            None => format!("step {}", self.def.steps[index].id),
-        };
+        let what = Counted::Output(index, item);
         if len > max {
             return Err(limit_error(
                 "max_step_output_bytes",
-                format!("the output of {what} is {len} bytes, over the limit of {max} (--max-step-output-bytes)"),
+                format!(
+                    "{} is {len} bytes, over the limit of {max} (--max-step-output-bytes)",
+                    what.describe(self.def)
+                ),
             ));
         }
-        self.admit_bytes(&format!("the output of {what}"), len)
+        self.admit_bytes(what, len)
     }
 
     /// Counts `len` more bytes (of `what`) in what the instance stores: the
     /// `limit` error if they would take it past `max_instance_bytes`.
-    pub(super) fn admit_bytes(&mut self, what: &str, len: usize) -> Result<(), Value> {
+    pub(super) fn admit_bytes(&mut self, what: Counted, len: usize) -> Result<(), Value> {
         let max = self.ctx.limits.max_instance_bytes;
         let total = self.state.stored_bytes.saturating_add(len as u64);
         if total > max {
             return Err(limit_error(
                 "max_instance_bytes",
-                format!("{what} ({len} bytes) would bring what the instance stores to {total} bytes, over the limit of {max} (--max-instance-bytes)"),
+                format!(
+                    "{} ({len} bytes) would bring what the instance stores to {total} bytes, over the limit of {max} (--max-instance-bytes)",
+                    what.describe(self.def)
+                ),
             ));
         }
         self.state.stored_bytes = total;
@@ -445,14 +443,7 @@ impl Run<'_, '_, '_, '_> {
 
     /// Admits the input of step `index` (element `item`), like an output.
     fn admit_input(&mut self, index: usize, item: Option<usize>, len: usize) -> Result<(), Value> {
-        let what = match item {
-            Some(k) => format!(
-                "the input of element {k} of step {}",
-                self.def.steps[index].id
-            ),
-            None => format!("the input of step {}", self.def.steps[index].id),
-        };
-        self.admit_bytes(&what, len)
+        self.admit_bytes(Counted::Input(index, item), len)
     }
 
     fn next_completion_order(&self) -> u32 {
@@ -523,5 +514,33 @@ impl Run<'_, '_, '_, '_> {
                 "error": error,
             }),
         );
+    }
+}
+
+/// What a count of stored bytes is of: named in the limit error only, so
+/// that a value within the limits costs no text.
+#[derive(Clone, Copy)]
+pub(super) enum Counted {
+    /// The output of step `.0` (element `.1`).
+    Output(usize, Option<usize>),
+    /// The input of step `.0` (element `.1`).
+    Input(usize, Option<usize>),
+    /// The elements of `for_each` step `.0`.
+    Elements(usize),
+    /// The instance's own output.
+    InstanceOutput,
+}
+
+impl Counted {
+    fn describe(self, def: &Definition) -> String {
+        let step = |i: usize| &def.steps[i].id;
+        match self {
+            Counted::Output(i, Some(k)) => format!("the output of element {k} of step {}", step(i)),
+            Counted::Output(i, None) => format!("the output of step {}", step(i)),
+            Counted::Input(i, Some(k)) => format!("the input of element {k} of step {}", step(i)),
+            Counted::Input(i, None) => format!("the input of step {}", step(i)),
+            Counted::Elements(i) => format!("the elements of step {}", step(i)),
+            Counted::InstanceOutput => "the instance's output".to_string(),
+        }
     }
 }

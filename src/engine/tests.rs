@@ -3744,6 +3744,24 @@ fn failing_instance_cancels_steps_still_in_flight() {
 
 // ---- limits -------------------------------------------------------------------
 
+/// One decision under `limits`, with a byte budget of `budget_bytes`.
+fn run_bounded(
+    def: &Definition,
+    state: &mut InstanceState,
+    events: &[Event],
+    limits: EngineLimits,
+    budget_bytes: u64,
+) -> Decision {
+    let mut random = || 0.5;
+    let mut ctx = Context {
+        now: now(),
+        random: &mut random,
+        limits,
+        budget_bytes,
+    };
+    decide(def, state, events, &mut ctx)
+}
+
 /// One decision under `limits`.
 fn run_limited(
     def: &Definition,
@@ -3751,14 +3769,17 @@ fn run_limited(
     events: &[Event],
     limits: EngineLimits,
 ) -> Decision {
-    let mut random = || 0.5;
-    let mut ctx = Context {
-        now: now(),
-        random: &mut random,
-        limits,
-        budget_bytes: u64::MAX,
-    };
-    decide(def, state, events, &mut ctx)
+    run_bounded(def, state, events, limits, u64::MAX)
+}
+
+/// One decision with a byte budget of `budget_bytes`.
+fn run_budgeted(
+    def: &Definition,
+    state: &mut InstanceState,
+    events: &[Event],
+    budget_bytes: u64,
+) -> Decision {
+    run_bounded(def, state, events, EngineLimits::default(), budget_bytes)
 }
 
 fn output_limit(bytes: usize) -> EngineLimits {
@@ -3973,20 +3994,13 @@ fn a_decision_that_spent_its_byte_budget_leaves_the_next_steps_for_one_woken_at_
         {"id": "b", "value": "${input}"},
         {"id": "c", "value": "${input}"}]}));
     let mut state = pending(json!("xxxxxxxx"));
-    let mut random = || 0.5;
-    let mut ctx = Context {
-        now: now(),
-        random: &mut random,
-        limits: EngineLimits::default(),
-        budget_bytes: 15,
-    };
-    let first = decide(&d, &mut state, &[Event::Start], &mut ctx);
+    let first = run_budgeted(&d, &mut state, &[Event::Start], 15);
     let statuses = |s: &InstanceState| s.steps.iter().map(|s| s.status).collect::<Vec<_>>();
     use StepStatus::{Completed, Pending};
     assert_eq!(statuses(&state), [Completed, Completed, Pending]);
     assert_eq!((first.added_bytes, first.wake_at), (20, Some(now())));
 
-    let second = decide(&d, &mut state, &[], &mut ctx);
+    let second = run_budgeted(&d, &mut state, &[], 15);
     assert_eq!(state.status, InstanceStatus::Completed);
     assert_eq!((second.added_bytes, second.wake_at), (14, None));
 }
@@ -3998,14 +4012,7 @@ fn a_decision_that_reaches_its_byte_budget_with_nothing_left_to_start_does_not_p
         {"id": "a", "value": "${input}"},
         {"id": "b", "value": "${input}"}]}));
     let mut state = pending(json!("xxxxxxxx"));
-    let mut random = || 0.5;
-    let mut ctx = Context {
-        now: now(),
-        random: &mut random,
-        limits: EngineLimits::default(),
-        budget_bytes: 15,
-    };
-    let decision = decide(&d, &mut state, &[Event::Start], &mut ctx);
+    let decision = run_budgeted(&d, &mut state, &[Event::Start], 15);
     assert_eq!(state.status, InstanceStatus::Completed);
     assert!(!decision.paused);
     assert_eq!(decision.wake_at, None);
