@@ -39,6 +39,9 @@ pub struct Config {
     /// (`10.0.0.0/8`), addresses and host names (`--http-allow`). Loopback,
     /// link-local, private and unspecified addresses are closed otherwise.
     pub http_allow: Vec<String>,
+    /// Grafana's base URL (`https://grafana.example.com`): the console
+    /// links each page to the matching panel of the stead dashboard.
+    pub grafana_url: Option<String>,
 }
 
 /// Bounds on what a client may send.
@@ -249,6 +252,7 @@ impl Config {
             auth: Auth::Keys,
             metrics_auth: false,
             http_allow: Vec::new(),
+            grafana_url: None,
         }
     }
 }
@@ -309,6 +313,14 @@ impl Config {
             return Err(crate::Error::Config(format!("{name} must be at least 1")));
         }
         crate::worker::HttpAllow::parse(&self.http_allow).map_err(crate::Error::Config)?;
+        if let Some(g) = &self.grafana_url {
+            let parsed = url::Url::parse(g).ok();
+            if !parsed.is_some_and(|u| matches!(u.scheme(), "http" | "https")) {
+                return Err(crate::Error::Config(format!(
+                    "--grafana-url {g:?} must be an http:// or https:// URL"
+                )));
+            }
+        }
         crate::store::validate_schema_name(&self.schema).map_err(crate::Error::Config)
     }
 }

@@ -184,6 +184,7 @@ async fn serve_api(
         admission: Arc::new(tokio::sync::Semaphore::new(
             config.limits.max_concurrent_requests,
         )),
+        grafana_url: config.grafana_url.clone(),
     };
     let router = crate::api::router(shared.into());
     let cancel = sup.token();

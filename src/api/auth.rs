@@ -23,7 +23,7 @@ pub(crate) struct Caller {
 
 impl Caller {
     /// Anyone, when the API runs without keys.
-    fn open() -> Self {
+    pub(super) fn open() -> Self {
         Caller {
             role: Role::Admin,
             queues: None,
@@ -106,6 +106,22 @@ pub(crate) fn need_of(method: &Method, route: &str, metrics_auth: bool) -> Optio
         {
             Need::Operate
         }
+        // The console: its pages read, its forms act on instances; the
+        // login form and the assets are open.
+        "/login" | "/logout" | "/assets/{file}" => return None,
+        "/" | "/instances/{id}" | "/workflows" | "/workflows/{name}" | "/queues" | "/cluster"
+            if read =>
+        {
+            Need::Read
+        }
+        "/instances/bulk"
+        | "/instances/{id}/cancel"
+        | "/instances/{id}/retry"
+        | "/instances/{id}/signal"
+            if *method == Method::POST =>
+        {
+            Need::Operate
+        }
         "/v1/queues/{queue}/claim"
         | "/v1/tasks/{task_id}/heartbeat"
         | "/v1/tasks/{task_id}/complete"
@@ -120,6 +136,16 @@ pub(crate) fn need_of(method: &Method, route: &str, metrics_auth: bool) -> Optio
     Some(need)
 }
 
+/// What the request's route needs (`need_of`), by its route template.
+pub(super) fn need_of_request(request: &Request, metrics_auth: bool) -> Option<Need> {
+    // The route template borrowed, not copied: this runs on every request.
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("", |p| p.as_str());
+    need_of(request.method(), route, metrics_auth)
+}
+
 /// The middleware of every route: admits the request with its `Caller`, or
 /// answers 401 (no key, or not a live key) or 403 (a key whose role may
 /// not make it).
@@ -128,12 +154,7 @@ pub(crate) async fn require(
     mut request: Request,
     next: Next,
 ) -> Response {
-    // The route template borrowed, not copied: this runs on every request.
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("", |p| p.as_str());
-    let Some(need) = need_of(request.method(), route, state.inner.metrics_auth) else {
+    let Some(need) = need_of_request(&request, state.inner.metrics_auth) else {
         return next.run(request).await;
     };
     let caller = match state.inner.auth {
@@ -171,26 +192,44 @@ async fn identify(state: &AppState, header: Option<HeaderValue>) -> Result<Calle
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some((id, secret)) = presented.and_then(auth::parse) else {
-        return Err(unauthorized(
-            "the Authorization header must be `Bearer stead_<id>_<secret>`",
-        ));
-    };
+        .map(str::trim)
+        .unwrap_or_default();
+    caller_of_key(state, presented)
+        .await
+        .map_err(|refused| match refused {
+            Refused::Malformed => {
+                unauthorized("the Authorization header must be `Bearer stead_<id>_<secret>`")
+            }
+            // The same answer for an unknown, revoked or wrong key.
+            Refused::NotLive => unauthorized("the key is not valid (unknown, revoked or mistyped)"),
+            Refused::Store(e) => e.into_response(),
+        })
+}
+
+/// Why a presented key names no caller.
+pub(super) enum Refused {
+    /// It does not have a key's shape.
+    Malformed,
+    /// Unknown, revoked or mistyped (one answer for all three).
+    NotLive,
+    /// The database could not say.
+    Store(ApiError),
+}
+
+/// The caller a presented key (`stead_<id>_<secret>`) names.
+pub(super) async fn caller_of_key(state: &AppState, presented: &str) -> Result<Caller, Refused> {
+    let (id, secret) = auth::parse(presented).ok_or(Refused::Malformed)?;
     let key = state
         .inner
         .store
         .find_live_key(id)
         .await
-        .map_err(|e| ApiError::from(e).into_response())?;
+        .map_err(|e| Refused::Store(e.into()))?;
     match key {
         Some(key) if auth::matches(secret, &key.secret_sha256) => Ok(Caller {
             role: key.role,
             queues: (key.role == Role::Worker).then_some(key.queues),
         }),
-        // The same answer for an unknown, revoked or wrong key.
-        _ => Err(unauthorized(
-            "the key is not valid (unknown, revoked or mistyped)",
-        )),
+        _ => Err(Refused::NotLive),
     }
 }

@@ -190,13 +190,7 @@ fn step_json(id: &str, kind: &str, record: Option<&StepRecord>) -> Step {
         Some(r) => (&r.step.state, r.leased),
         None => (&pending, false),
     };
-    // The steps table says 'scheduled' until the result is recorded; a held
-    // lease means a worker is on it right now.
-    let status = if leased && s.status == StepStatus::Scheduled {
-        StepStatus::Running
-    } else {
-        s.status
-    };
+    let status = shown_status(s.status, leased);
     Step {
         id: id.to_string(),
         kind: kind.to_string(),
@@ -211,6 +205,16 @@ fn step_json(id: &str, kind: &str, record: Option<&StepRecord>) -> Step {
         wake_at: s.wake_at,
         items: s.items.clone(),
         compensation: s.compensation.clone(),
+    }
+}
+
+/// A step's status as shown: the steps table says `scheduled` until the
+/// result is recorded; a held lease means a worker is on it right now.
+pub(crate) fn shown_status(stored: StepStatus, leased: bool) -> StepStatus {
+    if leased && stored == StepStatus::Scheduled {
+        StepStatus::Running
+    } else {
+        stored
     }
 }
 
@@ -316,6 +320,9 @@ pub(crate) struct InstancePage {
 #[utoipa::path(get, path = "/v1/instances", tag = "instances",
     params(("workflow" = Option<String>, Query, description = "only this workflow's"),
         ("status" = Option<InstanceStatus>, Query, description = "only those in this status"),
+        ("created_after" = Option<String>, Query, description = "created at or after this time (RFC 3339; without a zone, UTC)"),
+        ("created_before" = Option<String>, Query, description = "created before this time (RFC 3339; without a zone, UTC)"),
+        ("id_prefix" = Option<String>, Query, description = "only ids that begin with this"),
         ("limit" = Option<i64>, Query, minimum = 1, description = "page size (50; at most --max-page)"),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the page before")),
     responses(
@@ -325,16 +332,39 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     query: QueryParams,
 ) -> ApiResult<Json<InstancePage>> {
-    query.only(&["workflow", "status", "limit", "cursor"])?;
+    query.only(LIST_PARAMS)?;
+    let filter = instance_filter(&query, state.inner.limits.max_page)?;
+    let rows = state.inner.store.list_instances(&filter).await?;
+    let next_cursor = next_cursor(&filter, &rows);
+    Ok(Json(InstancePage {
+        instances: rows.iter().map(instance_json).collect(),
+        next_cursor,
+    }))
+}
+
+/// The parameters of the instance list (and the console's).
+pub(crate) const LIST_PARAMS: &[&str] = &[
+    "workflow",
+    "status",
+    "created_after",
+    "created_before",
+    "id_prefix",
+    "limit",
+    "cursor",
+];
+
+/// The filter the list parameters name; a bad one is a 400 naming it.
+pub(crate) fn instance_filter(query: &QueryParams, max_page: usize) -> ApiResult<InstanceFilter> {
+    let param = |name: &str| query.get(name);
     let mut filter = InstanceFilter {
         limit: DEFAULT_PAGE,
         ..Default::default()
     };
-    if let Some(w) = query.get("workflow") {
+    if let Some(w) = param("workflow") {
         check_id("query.workflow", w)?;
         filter.workflow = Some(w.to_string());
     }
-    if let Some(s) = query.get("status") {
+    if let Some(s) = param("status") {
         filter.status = Some(InstanceStatus::parse(s).ok_or_else(|| {
             ApiError::bad_field(
                 "query.status",
@@ -342,8 +372,23 @@ pub(crate) async fn list(
             )
         })?);
     }
-    if let Some(l) = query.get("limit") {
-        let max = state.inner.limits.max_page as i64;
+    filter.created_after = param("created_after")
+        .map(|t| parse_time("query.created_after", t))
+        .transpose()?;
+    filter.created_before = param("created_before")
+        .map(|t| parse_time("query.created_before", t))
+        .transpose()?;
+    if let Some(p) = param("id_prefix") {
+        if p.len() > 200 || !super::extract::is_valid_id(p) {
+            return Err(ApiError::bad_field(
+                "query.id_prefix",
+                "must be 1-200 characters of [A-Za-z0-9._:@-]",
+            ));
+        }
+        filter.id_prefix = Some(p.to_string());
+    }
+    if let Some(l) = param("limit") {
+        let max = max_page as i64;
         filter.limit = l
             .parse::<i64>()
             .ok()
@@ -352,21 +397,53 @@ pub(crate) async fn list(
                 ApiError::bad_field("query.limit", format!("must be an integer from 1 to {max}"))
             })?;
     }
-    if let Some(c) = query.get("cursor") {
+    if let Some(c) = param("cursor") {
         filter.after = Some(decode_cursor(c).ok_or_else(|| {
             ApiError::bad_field("query.cursor", "not a cursor returned by this API")
         })?);
     }
-    let rows = state.inner.store.list_instances(&filter).await?;
-    let next_cursor = if rows.len() as i64 == filter.limit {
+    Ok(filter)
+}
+
+/// The cursor of the page after `rows`, unless they are the last.
+pub(crate) fn next_cursor(filter: &InstanceFilter, rows: &[InstanceRecord]) -> Option<String> {
+    if rows.len() as i64 == filter.limit {
         rows.last().map(|r| encode_cursor(r.created_at, &r.id))
     } else {
         None
-    };
-    Ok(Json(InstancePage {
-        instances: rows.iter().map(instance_json).collect(),
-        next_cursor,
-    }))
+    }
+}
+
+/// A time parameter: RFC 3339, or a date and time without a zone (as an
+/// HTML `datetime-local` field sends it), read as UTC.
+pub(crate) fn parse_time(path: &str, text: &str) -> ApiResult<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%d",
+    ]
+    .iter()
+    .find_map(|f| {
+        chrono::NaiveDateTime::parse_from_str(text, f)
+            .ok()
+            .or_else(|| {
+                chrono::NaiveDate::parse_from_str(text, f)
+                    .ok()
+                    .and_then(|d| d.and_hms_opt(0, 0, 0))
+            })
+    })
+    .filter(|t| (1..=9999).contains(&chrono::Datelike::year(t)))
+    .map(|t| t.and_utc())
+    .ok_or_else(|| {
+        ApiError::bad_field(
+            path,
+            "must be a time like 2026-12-01T09:30:00Z (RFC 3339; without a zone, UTC)",
+        )
+    })
 }
 
 /// Cursors are opaque to clients: hex of "<micros>:<id>".
@@ -588,5 +665,24 @@ mod tests {
         assert_eq!(decode_cursor(&c), Some((t, "order:42".to_string())));
         assert_eq!(decode_cursor("zz"), None);
         assert_eq!(decode_cursor("abc"), None);
+    }
+
+    #[test]
+    fn times_are_rfc3339_or_a_form_field_read_as_utc() {
+        let at = |t: &str| parse_time("t", t).map(|t| t.to_rfc3339()).ok();
+        assert_eq!(
+            at("2026-12-01T09:30:00+01:00").as_deref(),
+            Some("2026-12-01T08:30:00+00:00")
+        );
+        assert_eq!(
+            at("2026-12-01T09:30").as_deref(),
+            Some("2026-12-01T09:30:00+00:00")
+        );
+        assert_eq!(
+            at("2026-12-01").as_deref(),
+            Some("2026-12-01T00:00:00+00:00")
+        );
+        assert_eq!(at("yesterday"), None);
+        assert_eq!(at("2026-13-01T00:00"), None);
     }
 }

@@ -4,6 +4,7 @@
 
 mod auth;
 mod batch;
+mod console;
 mod error;
 mod extract;
 mod instances;
@@ -52,6 +53,8 @@ pub(crate) struct Shared {
     pub metrics_auth: bool,
     /// One permit per request served at once (`max_concurrent_requests`).
     pub admission: Arc<tokio::sync::Semaphore>,
+    /// Grafana's base URL, for the console's links to its panels.
+    pub grafana_url: Option<String>,
 }
 
 impl From<Shared> for AppState {
@@ -70,6 +73,9 @@ pub(crate) fn router(state: AppState) -> Router {
     routes
         // Only matched routes: an unknown path is a 404 to anyone.
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
+        // The console's HTML pages: not API operations (so not in the
+        // OpenAPI document), with the same table of who may do what.
+        .merge(console::routes(state.clone()))
         .route_layer(middleware::from_fn_with_state(state.clone(), admit))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -130,6 +130,10 @@ pub struct NodeArgs {
     /// by default, for Prometheus).
     #[arg(long, env = "STEAD_METRICS_AUTH")]
     pub metrics_auth: bool,
+    /// Grafana's base URL (https://grafana.example.com): each console page
+    /// links to the matching panel of the stead dashboard.
+    #[arg(long, env = "STEAD_GRAFANA_URL")]
+    pub grafana_url: Option<String>,
     /// How long shutdown waits for in-flight work, in milliseconds.
     #[arg(long, env = "STEAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -146,6 +150,7 @@ impl NodeArgs {
         config.slot_count = self.slot_count;
         config.metrics_auth = self.metrics_auth;
         config.http_allow = self.http_allow.clone();
+        config.grafana_url = self.grafana_url.clone();
         config.limits = Limits {
             body_limit_bytes: self.body_limit_bytes,
             max_steps: self.max_steps,

@@ -38,8 +38,23 @@ const LIST_INSTANCES: &str = "
     WHERE ($1::text IS NULL OR workflow_name = $1)
       AND ($2::text IS NULL OR status = $2)
       AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+      AND ($6::timestamptz IS NULL OR created_at >= $6)
+      AND ($7::timestamptz IS NULL OR created_at < $7)
+      AND ($8::text IS NULL OR starts_with(id, $8))
     ORDER BY created_at DESC, id DESC
     LIMIT $5";
+/// How many instances per status match a filter (all but its status),
+/// counted over the newest $5 that match, so a count costs a bounded scan.
+const COUNT_INSTANCES: &str = "
+    SELECT status, count(*) FROM (
+        SELECT status FROM instances
+        WHERE ($1::text IS NULL OR workflow_name = $1)
+          AND ($2::timestamptz IS NULL OR created_at >= $2)
+          AND ($3::timestamptz IS NULL OR created_at < $3)
+          AND ($4::text IS NULL OR starts_with(id, $4))
+        ORDER BY created_at DESC, id DESC
+        LIMIT $5) newest
+    GROUP BY status";
 /// An instance and its steps in one statement, so in one snapshot: a row
 /// per step that has left `pending` (in definition order), or one row with
 /// null step columns. Each step says whether a worker holds a lease on its
@@ -106,6 +121,12 @@ pub(crate) struct InstanceFilter {
     pub status: Option<InstanceStatus>,
     /// Keyset cursor: rows strictly older than this (created_at, id).
     pub after: Option<(DateTime<Utc>, String)>,
+    /// Created at or after this time.
+    pub created_after: Option<DateTime<Utc>>,
+    /// Created before this time.
+    pub created_before: Option<DateTime<Utc>>,
+    /// Ids that begin with this.
+    pub id_prefix: Option<String>,
     pub limit: i64,
 }
 
@@ -130,7 +151,7 @@ pub(crate) struct EventRecord {
     pub member: Option<String>,
 }
 
-fn event_from_row(r: &tokio_postgres::Row) -> Result<EventRecord> {
+pub(super) fn event_from_row(r: &tokio_postgres::Row) -> Result<EventRecord> {
     Ok(EventRecord {
         seq: r.get(0),
         kind: decode("events.type", r.get(1))?,
@@ -247,10 +268,38 @@ impl Store {
                     &after_time,
                     &after_id,
                     &filter.limit,
+                    &filter.created_after,
+                    &filter.created_before,
+                    &filter.id_prefix,
                 ],
             )
             .await?;
         rows.iter().map(instance_from_row).collect()
+    }
+
+    /// Instances per status among the newest `scan` that match `filter`
+    /// (its status, cursor and limit aside).
+    pub(crate) async fn count_instances(
+        &self,
+        filter: &InstanceFilter,
+        scan: i64,
+    ) -> Result<Vec<(InstanceStatus, i64)>> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                COUNT_INSTANCES,
+                &[
+                    &filter.workflow,
+                    &filter.created_after,
+                    &filter.created_before,
+                    &filter.id_prefix,
+                    &scan,
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((decode("instances.status", r.get(0))?, r.get(1))))
+            .collect()
     }
 
     /// Delivers a signal; returns its id.

@@ -12,6 +12,8 @@
 //!   the cluster views;
 //! - `notify.rs`: LISTEN sessions and NOTIFY;
 //! - `advance.rs`: the engine's transaction (lock, load, write);
+//! - `overview.rs`: the console's reads beside an instance's own rows
+//!   (pending signals, children, leased tasks, duty holders);
 //! - `keys.rs`: API keys;
 //! - `admin.rs`: the embedded cluster's database creation.
 //!
@@ -27,6 +29,7 @@ mod keys;
 mod members;
 mod migrations;
 mod notify;
+mod overview;
 mod queue;
 mod tls;
 mod workflows;
@@ -48,10 +51,11 @@ pub(crate) use advance::{
 #[cfg(test)]
 pub(crate) use advance::{RowAt, SignalRow, StoredStep};
 pub(crate) use error::{Cause, StoreError};
-pub(crate) use instances::{InstanceFilter, InstanceRecord, StepRecord};
+pub(crate) use instances::{EventRecord, InstanceFilter, InstanceRecord, StepRecord};
 pub(crate) use members::{ClusterCounts, MemberSession};
 pub(crate) use migrations::latest_migration_version;
 pub(crate) use notify::{ended_ids, Channel};
+pub(crate) use overview::LeasedTask;
 pub(crate) use queue::{ClaimedTask, QueueDepth, TaskOutcome};
 pub(crate) use workflows::WorkflowRecord;
 

@@ -1,0 +1,170 @@
+//! What an operator looks at beside one instance's own rows: its pending
+//! signals and children, the instances running per workflow version, the
+//! leased tasks, the duty holders, a bounded head of a history. The console
+//! reads these; each is bounded by a limit its caller passes.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::instances::{event_from_row, EventRecord};
+use super::{decode, Result, Store};
+use crate::model::InstanceStatus;
+
+const PENDING_SIGNALS: &str = "
+    SELECT id, name, payload, created_at FROM signals
+    WHERE instance_id = $1 AND consumed_at IS NULL
+    ORDER BY id LIMIT $2";
+const CHILDREN: &str = "
+    SELECT id, status FROM instances WHERE parent_id = $1 ORDER BY id LIMIT $2";
+/// Not ended, per workflow version. It reads every instance that has not
+/// ended (there is no index on status: one would cost every transition an
+/// index write).
+const UNENDED_BY_VERSION: &str = "
+    SELECT workflow_name, workflow_version, count(*) FROM instances
+    WHERE status IN ('pending', 'running')
+    GROUP BY 1, 2";
+const LEASED_TASKS: &str = "
+    SELECT id, queue, instance_id, step_id, attempt, item, purpose = 'compensate', leased_by,
+           leased_at, lease_expires_at, extract(epoch FROM lease_expires_at - now())::float8
+    FROM tasks WHERE status = 'leased' AND kind <> 'workflow'
+    ORDER BY lease_expires_at LIMIT $1";
+const INSTANCE_LEASES: &str = "
+    SELECT id, queue, instance_id, step_id, attempt, item, purpose = 'compensate', leased_by,
+           leased_at, lease_expires_at, extract(epoch FROM lease_expires_at - now())::float8
+    FROM tasks WHERE instance_id = $1 AND status = 'leased' AND kind <> 'workflow'
+    ORDER BY id LIMIT $2";
+const DUTY_HOLDERS: &str = "SELECT duty, holder FROM duty_holders ORDER BY duty";
+const HISTORY_HEAD: &str = "
+    SELECT seq, type, step_id, attempt, data, created_at, member
+    FROM events WHERE instance_id = $1 AND seq <= $2 ORDER BY seq";
+
+/// A signal sent and not yet taken by a step.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingSignal {
+    pub id: i64,
+    pub name: String,
+    pub payload: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Instances of one workflow version that have not ended.
+#[derive(Debug, Clone)]
+pub(crate) struct VersionCount {
+    pub workflow: String,
+    pub version: i32,
+    pub unended: i64,
+}
+
+/// A task a worker holds.
+#[derive(Debug, Clone)]
+pub(crate) struct LeasedTask {
+    pub id: i64,
+    pub queue: String,
+    pub instance_id: String,
+    pub step_id: String,
+    pub attempt: i32,
+    pub item: Option<i32>,
+    /// An attempt of the step's compensation.
+    pub compensation: bool,
+    pub worker: Option<String>,
+    pub leased_at: Option<DateTime<Utc>>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Seconds until the lease expires (negative: expired, not reaped yet).
+    pub expires_in_s: Option<f64>,
+}
+
+impl Store {
+    /// The first `limit` signals sent to `instance_id` that no step took.
+    pub(crate) async fn pending_signals(
+        &self,
+        instance_id: &str,
+        limit: i64,
+    ) -> Result<Vec<PendingSignal>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(PENDING_SIGNALS, &[&instance_id, &limit]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| PendingSignal {
+                id: r.get(0),
+                name: r.get(1),
+                payload: r.get(2),
+                created_at: r.get(3),
+            })
+            .collect())
+    }
+
+    /// The first `limit` child instances of `parent_id`, with their status.
+    pub(crate) async fn children(
+        &self,
+        parent_id: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, InstanceStatus)>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(CHILDREN, &[&parent_id, &limit]).await?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), decode("instances.status", r.get(1))?)))
+            .collect()
+    }
+
+    /// Instances not ended, per workflow version.
+    pub(crate) async fn unended_by_version(&self) -> Result<Vec<VersionCount>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(UNENDED_BY_VERSION, &[]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| VersionCount {
+                workflow: r.get(0),
+                version: r.get(1),
+                unended: r.get(2),
+            })
+            .collect())
+    }
+
+    /// The `limit` leased tasks whose leases expire first.
+    pub(crate) async fn leased_tasks(&self, limit: i64) -> Result<Vec<LeasedTask>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(LEASED_TASKS, &[&limit]).await?;
+        Ok(rows.iter().map(lease_from_row).collect())
+    }
+
+    /// The first `limit` leases held on attempts of `instance_id`.
+    pub(crate) async fn instance_leases(
+        &self,
+        instance_id: &str,
+        limit: i64,
+    ) -> Result<Vec<LeasedTask>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(INSTANCE_LEASES, &[&instance_id, &limit]).await?;
+        Ok(rows.iter().map(lease_from_row).collect())
+    }
+
+    /// Each singleton duty and the member holding it.
+    pub(crate) async fn duty_holders(&self) -> Result<Vec<(String, Option<String>)>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(DUTY_HOLDERS, &[]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The history's events up to `last_seq`, in order.
+    pub(crate) async fn history_head(&self, id: &str, last_seq: i32) -> Result<Vec<EventRecord>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(HISTORY_HEAD, &[&id, &last_seq]).await?;
+        rows.iter().map(event_from_row).collect()
+    }
+}
+
+fn lease_from_row(r: &tokio_postgres::Row) -> LeasedTask {
+    LeasedTask {
+        id: r.get(0),
+        queue: r.get(1),
+        instance_id: r.get(2),
+        step_id: r.get(3),
+        attempt: r.get(4),
+        item: r.get(5),
+        compensation: r.get(6),
+        worker: r.get(7),
+        leased_at: r.get(8),
+        lease_expires_at: r.get(9),
+        expires_in_s: r.get(10),
+    }
+}
