@@ -632,7 +632,7 @@ pub(crate) async fn cancel(
         .into_response())
 }
 
-/// Runs a failed (or cancelled) instance again from its failed steps.
+/// Runs a failed instance again from its failed steps.
 #[utoipa::path(post, path = "/v1/instances/{id}/retry", tag = "instances",
     params(("id" = String, Path, description = "the instance")),
     responses((status = 202, description = "taken", body = Requested)))]

@@ -58,6 +58,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     let api = node.api_url().unwrap_or_default();
     println!();
+    println!("  console:  {api}/");
     println!("  API:      {api}/v1/workflows");
     println!("  metrics:  {api}/metrics");
     if open {

@@ -87,6 +87,27 @@ fn markup_workflow() -> Value {
     ]})
 }
 
+/// Every field a user fills in has a label: its own `<label for>`, an
+/// `aria-label`, or a label around it.
+fn assert_fields_labelled(html: &str, page: &str) {
+    for tag in ["<input", "<select", "<textarea"] {
+        for field in html.split(tag).skip(1) {
+            let field = field.split('>').next().unwrap();
+            if field.contains("type=\"hidden\"") || field.contains("aria-label=") {
+                continue;
+            }
+            let id = field
+                .split("id=\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .unwrap_or_else(|| panic!("{page}: a field without id or label: {tag}{field}>"));
+            let labelled = html.contains(&format!("for=\"{id}\""))
+                || html.contains(&format!("<label class=\"refresh\"><input id=\"{id}\""));
+            assert!(labelled, "{page}: field {id} has no label");
+        }
+    }
+}
+
 fn assert_no_markup_from_data(html: &str, page: &str) {
     assert!(
         !html.contains(XSS),
@@ -148,6 +169,7 @@ async fn every_page_renders_and_shows_user_data_as_text() {
         assert!(csp.contains("script-src 'self'"), "{path}: {csp}");
         assert_eq!(headers["x-frame-options"], "DENY");
         assert_no_markup_from_data(&html, path);
+        assert_fields_labelled(&html, path);
     }
     let (_, _, html) = page(&node, &format!("/instances/{id}"), None).await;
     for shown in [
@@ -186,6 +208,45 @@ async fn every_page_renders_and_shows_user_data_as_text() {
         .contains("immutable"));
     assert!(css.contains(".st-failed"));
     node.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_a_grafana_url_every_page_links_to_its_panel() {
+    let db = TestDb::new().await;
+    let mut config = TestNode::config(&db);
+    config.grafana_url = Some("https://grafana.example.com/".into());
+    let node = TestNode::start_with(config).await;
+    node.put_workflow("markup", markup_workflow()).await;
+    let id = node.start_instance("markup", json!(1)).await;
+    let base = "https://grafana.example.com/d/stead/stead?viewPanel=";
+    for (path, panel) in [
+        ("/".to_string(), "3&amp;var-workflow=%24__all"),
+        (format!("/instances/{id}"), "7&amp;var-workflow=markup"),
+        ("/workflows".into(), "2"),
+        ("/workflows/markup".into(), "2&amp;var-workflow=markup"),
+        ("/queues".into(), "13"),
+        ("/cluster".into(), "25"),
+    ] {
+        let (status, _, html) = page(&node, &path, None).await;
+        assert_eq!(status, 200);
+        let link = format!("href=\"{base}{panel}\"");
+        assert!(html.contains(&link), "{path} links {link}:\n{html}");
+    }
+    // Without the flag, no link.
+    let plain = TestNode::start(&db).await;
+    let (_, _, html) = page(&plain, "/", None).await;
+    assert!(!html.contains("grafana"), "{html}");
+    plain.shutdown().await;
+    node.shutdown().await;
+
+    // A URL that is not one is refused at start, naming the flag.
+    let mut config = TestNode::config(&db);
+    config.grafana_url = Some("grafana.example.com".into());
+    let refused = stead::start(config)
+        .await
+        .err()
+        .expect("a bad --grafana-url");
+    assert!(refused.to_string().contains("--grafana-url"), "{refused}");
 }
 
 #[tokio::test]

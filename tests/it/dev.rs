@@ -81,6 +81,21 @@ async fn dev_runs_the_quickstart_and_keeps_its_data() {
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["output"], json!({"message": "hello world!"}));
 
+    // The printed console opens directly (no key on loopback) and shows it.
+    let console = format!("{api}/instances/greet-1");
+    let page = http.get(&console).send().await.expect("the console");
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("data-step=\"shout\" data-status=\"completed\""),
+        "{html}"
+    );
+    assert!(
+        dev.output().contains(&format!("console:  {api}/")),
+        "{}",
+        dev.output()
+    );
+
     // The printed psql command opens the database with the instance in it.
     let psql_line = wait_until(
         "stead dev prints the psql command",

@@ -11,7 +11,7 @@ use maud::{html, Markup};
 use crate::model::StepStatus;
 
 /// Box size and spacing, in SVG pixels.
-const NODE_W: i64 = 184;
+const NODE_W: i64 = 200;
 const NODE_H: i64 = 52;
 const GAP_X: i64 = 20;
 const GAP_Y: i64 = 36;
@@ -20,6 +20,8 @@ const PAD: i64 = 8;
 const MAX_ACROSS: usize = 6;
 /// Characters of a step id shown in its box (the whole id is its tooltip).
 const ID_CHARS: usize = 22;
+/// Characters of the line under it.
+const META_CHARS: usize = 27;
 
 /// One step to draw.
 #[derive(Debug, Clone)]
@@ -93,7 +95,8 @@ fn layout(nodes: &[Node]) -> (Vec<Place>, i64, i64) {
         .max()
         .unwrap_or(1)
         .max(1) as i64;
-    let width = PAD * 2 + across * NODE_W + (across - 1) * GAP_X;
+    // A gap each side: room for the arrows that bow around a row.
+    let width = (PAD + GAP_X) * 2 + across * NODE_W + (across - 1) * GAP_X;
     let mut places = vec![Place { x: 0, y: 0 }; nodes.len()];
     let mut row = 0i64;
     for group in &by_depth {
@@ -154,11 +157,27 @@ pub(crate) fn svg(nodes: &[Node], label: &str) -> Markup {
 fn edge(from: Place, to: Place) -> Markup {
     let (x1, y1) = (from.x + NODE_W / 2, from.y + NODE_H);
     let (x2, y2) = (to.x + NODE_W / 2, to.y);
-    let bend = ((y2 - y1) / 2).max(GAP_Y / 2);
-    html! {
-        path.edge d=(format!("M {x1} {y1} C {x1} {} {x2} {} {x2} {y2}", y1 + bend, y2 - bend))
-            marker-end="url(#arrow)" {}
-    }
+    let d = if y2 - y1 > NODE_H + GAP_Y {
+        // Past a row between: bow out to the source's side, around the
+        // boxes of the rows it crosses.
+        let clear = NODE_W / 2 + GAP_X / 2;
+        let out = if x1 >= x2 { x1 + clear } else { x1 - clear };
+        format!(
+            "M {x1} {y1} C {x1} {} {out} {} {out} {} S {x2} {} {x2} {y2}",
+            y1 + GAP_Y / 2,
+            y1 + GAP_Y / 2,
+            (y1 + y2) / 2,
+            y2 - GAP_Y,
+        )
+    } else {
+        let bend = ((y2 - y1) / 2).max(GAP_Y / 2);
+        format!(
+            "M {x1} {y1} C {x1} {} {x2} {} {x2} {y2}",
+            y1 + bend,
+            y2 - bend
+        )
+    };
+    html! { path.edge d=(d) marker-end="url(#arrow)" {} }
 }
 
 fn node_box(node: &Node, at: Place) -> Markup {
@@ -173,7 +192,7 @@ fn node_box(node: &Node, at: Place) -> Markup {
             title { (node.id) ": " (meta) }
             rect x=(at.x) y=(at.y) width=(NODE_W) height=(NODE_H) rx="6" {}
             text.step-id x=(at.x + 10) y=(at.y + 21) { (shorten(&node.id, ID_CHARS)) }
-            text.step-meta x=(at.x + 10) y=(at.y + 40) { (shorten(&meta, ID_CHARS + 6)) }
+            text.step-meta x=(at.x + 10) y=(at.y + 40) { (shorten(&meta, META_CHARS)) }
         }
     }
 }
@@ -219,7 +238,10 @@ mod tests {
         nodes.extend((0..20).map(|k| node(&format!("s{k}"), &[0])));
         let (_, width, height) = layout(&nodes);
         let across = MAX_ACROSS as i64;
-        assert_eq!(width, PAD * 2 + across * NODE_W + (across - 1) * GAP_X);
+        assert_eq!(
+            width,
+            (PAD + GAP_X) * 2 + across * NODE_W + (across - 1) * GAP_X
+        );
         // The root's row and four rows of at most six.
         assert_eq!(height, PAD * 2 + 5 * NODE_H + 4 * GAP_Y);
         let cycle = [node("x", &[1]), node("y", &[0]), node("z", &[7])];

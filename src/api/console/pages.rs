@@ -409,7 +409,9 @@ fn summary(r: &InstanceRecord) -> Markup {
             div { dt { "Created" } dd { (time(Some(r.created_at))) } }
             div { dt { "Started" } dd { (time(r.started_at)) } }
             div { dt { "Ended" } dd { (time(r.ended_at)) } }
-            div { dt { "Took" } dd { (between(Some(r.created_at), r.ended_at)) } }
+            @if r.ended_at.is_some() {
+                div { dt { "Took" } dd { (between(Some(r.created_at), r.ended_at)) } }
+            }
             @if let Some(p) = &r.parent_id {
                 div { dt { "Parent" } dd { a href=(format!("/instances/{}", path_part(p))) { (p) } } }
             }
@@ -420,7 +422,8 @@ fn summary(r: &InstanceRecord) -> Markup {
 fn actions(r: &InstanceRecord, session: &Session) -> Markup {
     let base = format!("/instances/{}", path_part(&r.id));
     let ended = r.status.is_terminal();
-    let retryable = matches!(r.status, InstanceStatus::Failed | InstanceStatus::Cancelled);
+    // As the API: only a failed instance can be retried.
+    let retryable = r.status == InstanceStatus::Failed;
     html! {
         section.actions aria-labelledby="h-actions" {
             h2 #h-actions { "Actions" }
@@ -450,7 +453,7 @@ fn actions(r: &InstanceRecord, session: &Session) -> Markup {
                     }
                 }
                 @if ended && !retryable {
-                    p.empty { "Completed: nothing to act on." }
+                    p.empty { "Ended " (r.status.as_str()) ": nothing to act on." }
                 }
             }
         }

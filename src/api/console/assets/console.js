@@ -16,7 +16,9 @@
   function refresh(main) {
     if (document.hidden || busy(main)) return;
     fetch(location.href, { headers: { Accept: "text/html" }, credentials: "same-origin" })
-      .then(function (r) { return r.ok ? r.text() : null; })
+      // A redirect (to the login form, when the session ended) is not
+      // this page: keep what is shown.
+      .then(function (r) { return r.ok && !r.redirected ? r.text() : null; })
       .then(function (text) {
         if (!text) return;
         var doc = new DOMParser().parseFromString(text, "text/html");
