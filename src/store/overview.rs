@@ -16,9 +16,9 @@ const PENDING_SIGNALS: &str = "
     ORDER BY id LIMIT $2";
 const CHILDREN: &str = "
     SELECT id, status FROM instances WHERE parent_id = $1 ORDER BY id LIMIT $2";
-/// Not ended, per workflow version. It reads every instance that has not
-/// ended (there is no index on status: one would cost every transition an
-/// index write).
+/// Not ended, per workflow version. It reads every instance (there is no
+/// index on status: one would cost every transition an index write), so it
+/// runs under a statement timeout of its own.
 const UNENDED_BY_VERSION: &str = "
     SELECT workflow_name, workflow_version, count(*) FROM instances
     WHERE status IN ('pending', 'running')
@@ -106,18 +106,33 @@ impl Store {
             .collect()
     }
 
-    /// Instances not ended, per workflow version.
-    pub(crate) async fn unended_by_version(&self) -> Result<Vec<VersionCount>> {
-        let conn = self.conn().await?;
-        let rows = conn.query(UNENDED_BY_VERSION, &[]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| VersionCount {
-                workflow: r.get(0),
-                version: r.get(1),
-                unended: r.get(2),
-            })
-            .collect())
+    /// Instances not ended, per workflow version; `None` if counting them
+    /// took longer than `timeout_ms`.
+    pub(crate) async fn unended_by_version(
+        &self,
+        timeout_ms: u64,
+    ) -> Result<Option<Vec<VersionCount>>> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = {timeout_ms}"))
+            .await?;
+        let rows = match tx.query(UNENDED_BY_VERSION, &[]).await {
+            Ok(rows) => rows,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tx.commit().await?;
+        Ok(Some(
+            rows.iter()
+                .map(|r| VersionCount {
+                    workflow: r.get(0),
+                    version: r.get(1),
+                    unended: r.get(2),
+                })
+                .collect(),
+        ))
     }
 
     /// The `limit` leased tasks whose leases expire first.

@@ -515,7 +515,16 @@ async fn with_keys_the_console_asks_for_one_and_holds_each_role_to_its_own() {
     assert_eq!(status, 303);
     assert!(headers[LOCATION].to_str().unwrap().starts_with("/login"));
     assert!(headers[SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
-    // Logging out forgets the cookie.
+    // Logging out forgets the cookie; another site cannot log one out.
+    let (status, _, _) = post_form(
+        &node,
+        "/logout",
+        Some(&reader),
+        &[],
+        &[("sec-fetch-site", "cross-site")],
+    )
+    .await;
+    assert_eq!(status, 403);
     let (status, headers, _) = post_form(&node, "/logout", Some(&reader), &[], &[]).await;
     assert_eq!(status, 303);
     assert!(headers[SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
@@ -569,6 +578,17 @@ async fn a_bulk_action_acts_on_exactly_the_selected_rows() {
         html.contains("Cancel requested for 1 instance(s). 1 refused"),
         "{html}"
     );
+    // A bad id among good ones: refused before any is acted on.
+    let fields = [
+        ("token", token.as_str()),
+        ("action", "cancel"),
+        ("id", "b-2"),
+        ("id", "no such id!"),
+    ];
+    let (status, _, html) = post_form(&node, "/instances/bulk", None, &fields, &[]).await;
+    assert_eq!(status, 400, "{html}");
+    let (_, body) = node.call("GET", "/v1/instances/b-2", None).await;
+    assert_eq!(body["status"], "running", "b-2 was not cancelled: {body}");
     // Nothing selected, or an unknown action: a 400 that says what to do.
     let (status, _, html) = post_form(
         &node,

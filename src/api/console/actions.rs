@@ -101,10 +101,13 @@ pub(crate) async fn bulk(State(state): State<AppState>, form: Form) -> PageResul
             format!("id: at most {MAX_BULK} instances at once"),
         ));
     }
+    // Every id is checked before any is acted on: a bad one acts on none.
+    for id in &ids {
+        check_id("id", id)?;
+    }
     let store = &state.inner.store;
     let (mut done, mut refused) = (0u32, 0u32);
     for id in ids {
-        check_id("id", id)?;
         let outcome = match action {
             "cancel" => store.request_cancel(id, None).await,
             _ => store.request_retry(id).await,

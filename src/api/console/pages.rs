@@ -22,7 +22,7 @@ use crate::store::{InstanceRecord, StepRecord};
 
 /// Counts per status cover at most this many of the newest matching
 /// instances (a count is a scan).
-const COUNT_SCAN: i64 = 100_000;
+const COUNT_SCAN: i64 = 10_000;
 /// History events one instance page shows.
 const HISTORY_SHOWN: i32 = 1_000;
 /// Leases, pending signals and children one instance page shows.
@@ -31,6 +31,9 @@ const INSTANCE_ROWS: i64 = 1_000;
 const LEASES_SHOWN: i64 = 200;
 /// Workflows the pages list.
 const WORKFLOWS_LISTED: i64 = 10_000;
+/// Longest the workflows pages may spend counting instances not ended (a
+/// scan of every instance); past it they say so instead.
+const UNENDED_COUNT_TIMEOUT_MS: u64 = 2_000;
 /// Slots per row of the cluster's slot map.
 const SLOTS_ACROSS: i32 = 32;
 
@@ -675,13 +678,16 @@ pub(crate) async fn workflows(
 ) -> PageResult<Markup> {
     let store = &state.inner.store;
     let latest = store.list_workflows(WORKFLOWS_LISTED).await?;
-    let counts = store.unended_by_version().await?;
-    let unended = |name: &str| -> i64 {
-        counts
-            .iter()
-            .filter(|c| c.workflow == name)
-            .map(|c| c.unended)
-            .sum()
+    let counts = store.unended_by_version(UNENDED_COUNT_TIMEOUT_MS).await?;
+    let unended = |name: &str| -> String {
+        counts.as_ref().map_or(NOT_COUNTED.into(), |counts| {
+            let n: i64 = counts
+                .iter()
+                .filter(|c| c.workflow == name)
+                .map(|c| c.unended)
+                .sum();
+            n.to_string()
+        })
     };
     let f = frame(
         &state,
@@ -749,12 +755,15 @@ pub(crate) async fn workflow(
         .find(|v| v.version == chosen)
         .ok_or_else(not_found)?;
     let def = state.inner.definitions.get(store, &name, chosen).await?;
-    let counts = store.unended_by_version().await?;
-    let unended = |v: i32| {
-        counts
-            .iter()
-            .find(|c| c.workflow == name && c.version == v)
-            .map_or(0, |c| c.unended)
+    let counts = store.unended_by_version(UNENDED_COUNT_TIMEOUT_MS).await?;
+    let unended = |v: i32| -> String {
+        counts.as_ref().map_or(NOT_COUNTED.into(), |counts| {
+            let n = counts
+                .iter()
+                .find(|c| c.workflow == name && c.version == v)
+                .map_or(0, |c| c.unended);
+            n.to_string()
+        })
     };
     let f = frame(
         &state,
@@ -785,6 +794,9 @@ pub(crate) async fn workflow(
     };
     Ok(view::page(&f, body))
 }
+
+/// Shown for a count that took too long.
+const NOT_COUNTED: &str = "not counted (over 2 s)";
 
 fn definition_nodes(def: &Definition) -> Vec<Node> {
     def.steps

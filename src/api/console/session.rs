@@ -188,8 +188,12 @@ pub(crate) async fn login(State(state): State<AppState>, request: Request) -> Re
     }
 }
 
-/// `POST /logout`: forgets the cookie.
-pub(crate) async fn logout() -> Response {
+/// `POST /logout`: forgets the cookie (asked from a page of this console).
+pub(crate) async fn logout(headers: HeaderMap) -> Response {
+    if !super::same_origin(&headers) {
+        return PageError::new(StatusCode::FORBIDDEN, "log out from the console's own page")
+            .into_response();
+    }
     let mut response = Redirect::to("/login").into_response();
     response
         .headers_mut()
