@@ -463,6 +463,48 @@ async fn the_console_lists_filters_and_acts_in_a_real_browser() {
         b.find("main h1").await;
         b.screenshot(shot).await;
     }
+
+    // The keyboard alone: type a prefix into the filter and press Enter.
+    b.goto(&format!("{base}/")).await;
+    b.fill("#f-prefix", "o-\u{E007}").await;
+    wait_until("the list filtered by the keyboard", UI_WAIT, || async {
+        let url = b.client.current_url().await.ok()?;
+        url.query()
+            .unwrap_or("")
+            .contains("id_prefix=o-")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(b.listed().await, ["o-1", "o-2"]);
+
+    // On a phone's width no page is wider than the screen (wide tables
+    // scroll inside their box).
+    b.client.set_window_size(390, 844).await.unwrap();
+    for page in [
+        "/",
+        "/instances/o-1",
+        "/workflows/order",
+        "/queues",
+        "/cluster",
+    ] {
+        b.goto(&format!("{base}{page}")).await;
+        b.find("main h1").await;
+        let fits = b
+            .client
+            .execute(
+                "return document.documentElement.scrollWidth <= window.innerWidth",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(fits, json!(true), "{page} is wider than a phone's screen");
+        let name = page.trim_matches('/').split('/').next().unwrap_or_default();
+        b.screenshot(&format!(
+            "10-phone-{}",
+            if name.is_empty() { "list" } else { name }
+        ))
+        .await;
+    }
     b.client.clone().close().await.unwrap();
     drop(peer);
     node.shutdown().await;
