@@ -392,7 +392,7 @@ pub(crate) async fn instance(
         }
         section aria-labelledby="h-history" {
             h2 #h-history { "History" }
-            (history_table(&events))
+            (history_table(&id, &events))
             @if events.len() as i32 >= HISTORY_SHOWN {
                 p.hint { "The first " (HISTORY_SHOWN) " events; "
                     code { "GET /v1/instances/" (id) "/history" } " has them all." }
@@ -644,7 +644,8 @@ fn attempt_table(attempts: &[Attempt]) -> Markup {
     }
 }
 
-fn history_table(events: &[crate::store::EventRecord]) -> Markup {
+fn history_table(id: &str, events: &[crate::store::EventRecord]) -> Markup {
+    let whole = format!("GET /v1/instances/{id}/history");
     html! {
         div.scroll { table.history {
             caption.sr-only { "History, oldest first" }
@@ -661,7 +662,7 @@ fn history_table(events: &[crate::store::EventRecord]) -> Markup {
                 td { (e.attempt.map(|a| a.to_string()).unwrap_or_default()) }
                 td { (e.member.as_deref().unwrap_or("")) }
                 td { @if !matches!(e.data.as_object(), Some(o) if o.is_empty()) {
-                    (json("data", Some(&e.data), "GET /v1/instances/{id}/history"))
+                    (json("data", Some(&e.data), &whole))
                 } }
             } } }
         } }
