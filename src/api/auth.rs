@@ -114,10 +114,7 @@ pub(crate) fn need_of(method: &Method, route: &str, metrics_auth: bool) -> Optio
         {
             Need::Read
         }
-        "/instances/bulk"
-        | "/instances/{id}/cancel"
-        | "/instances/{id}/retry"
-        | "/instances/{id}/signal"
+        "/" | "/instances/{id}/cancel" | "/instances/{id}/retry" | "/instances/{id}/signal"
             if *method == Method::POST =>
         {
             Need::Operate

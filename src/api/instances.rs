@@ -335,7 +335,8 @@ pub(crate) async fn list(
     query.only(LIST_PARAMS)?;
     let filter = instance_filter(&query, state.inner.limits.max_page)?;
     let rows = state.inner.store.list_instances(&filter).await?;
-    let next_cursor = next_cursor(&filter, &rows);
+    let last = rows.last().map(|r| (r.created_at, r.id.as_str()));
+    let next_cursor = next_cursor(&filter, rows.len(), last);
     Ok(Json(InstancePage {
         instances: rows.iter().map(instance_json).collect(),
         next_cursor,
@@ -406,9 +407,14 @@ pub(crate) fn instance_filter(query: &QueryParams, max_page: usize) -> ApiResult
 }
 
 /// The cursor of the page after `rows`, unless they are the last.
-pub(crate) fn next_cursor(filter: &InstanceFilter, rows: &[InstanceRecord]) -> Option<String> {
-    if rows.len() as i64 == filter.limit {
-        rows.last().map(|r| encode_cursor(r.created_at, &r.id))
+/// (`rows` rows were read, the last created at `last`.)
+pub(crate) fn next_cursor(
+    filter: &InstanceFilter,
+    rows: usize,
+    last: Option<(DateTime<Utc>, &str)>,
+) -> Option<String> {
+    if rows as i64 == filter.limit {
+        last.map(|(created_at, id)| encode_cursor(created_at, id))
     } else {
         None
     }

@@ -278,28 +278,31 @@ impl Store {
     }
 
     /// Instances per status among the newest `scan` that match `filter`
-    /// (its status, cursor and limit aside).
+    /// (its status, cursor and limit aside); `None` if counting took longer
+    /// than `timeout_ms` (a filter few rows match walks far back).
     pub(crate) async fn count_instances(
         &self,
         filter: &InstanceFilter,
         scan: i64,
-    ) -> Result<Vec<(InstanceStatus, i64)>> {
-        let conn = self.conn().await?;
-        let rows = conn
-            .query(
-                COUNT_INSTANCES,
-                &[
-                    &filter.workflow,
-                    &filter.created_after,
-                    &filter.created_before,
-                    &filter.id_prefix,
-                    &scan,
-                ],
-            )
-            .await?;
+        timeout_ms: u64,
+    ) -> Result<Option<Vec<(InstanceStatus, i64)>>> {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+            &filter.workflow,
+            &filter.created_after,
+            &filter.created_before,
+            &filter.id_prefix,
+            &scan,
+        ];
+        let Some(rows) = self
+            .query_within(COUNT_INSTANCES, &params, timeout_ms)
+            .await?
+        else {
+            return Ok(None);
+        };
         rows.iter()
             .map(|r| Ok((decode("instances.status", r.get(0))?, r.get(1))))
-            .collect()
+            .collect::<Result<_>>()
+            .map(Some)
     }
 
     /// Delivers a signal; returns its id.

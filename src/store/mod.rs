@@ -55,7 +55,7 @@ pub(crate) use instances::{EventRecord, InstanceFilter, InstanceRecord, StepReco
 pub(crate) use members::{ClusterCounts, MemberSession};
 pub(crate) use migrations::latest_migration_version;
 pub(crate) use notify::{ended_ids, Channel};
-pub(crate) use overview::LeasedTask;
+pub(crate) use overview::{InstanceBrief, LeasedTask};
 pub(crate) use queue::{ClaimedTask, QueueDepth, TaskOutcome};
 pub(crate) use workflows::WorkflowRecord;
 

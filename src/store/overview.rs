@@ -6,9 +6,29 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::instances::{event_from_row, EventRecord};
+use super::instances::{event_from_row, EventRecord, InstanceFilter};
 use super::{decode, Result, Store};
 use crate::model::InstanceStatus;
+
+/// An instance in a list: no values.
+#[derive(Debug, Clone)]
+pub(crate) struct InstanceBrief {
+    pub id: String,
+    pub workflow_name: String,
+    pub workflow_version: i32,
+    pub status: InstanceStatus,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// A registered version, without its definition.
+#[derive(Debug, Clone)]
+pub(crate) struct VersionBrief {
+    pub workflow: String,
+    pub version: i32,
+    pub created_at: DateTime<Utc>,
+}
 
 const PENDING_SIGNALS: &str = "
     SELECT id, name, payload, created_at FROM signals
@@ -34,9 +54,33 @@ const INSTANCE_LEASES: &str = "
     FROM tasks WHERE instance_id = $1 AND status = 'leased' AND kind <> 'workflow'
     ORDER BY id LIMIT $2";
 const DUTY_HOLDERS: &str = "SELECT duty, holder FROM duty_holders ORDER BY duty";
+/// The `events` view's expansion, over only the history rows up to $2 (the
+/// view's computed seq would make the whole history be read first).
 const HISTORY_HEAD: &str = "
-    SELECT seq, type, step_id, attempt, data, created_at, member
-    FROM events WHERE instance_id = $1 AND seq <= $2 ORDER BY seq";
+    SELECT h.seq + e.n::integer - 1, e.ev ->> 'type', e.ev ->> 'step_id',
+           (e.ev ->> 'attempt')::integer, coalesce(e.ev -> 'data', '{}'::jsonb),
+           coalesce((e.ev ->> 'at')::timestamptz, h.created_at), h.member
+    FROM history h
+    CROSS JOIN LATERAL jsonb_array_elements(h.events) WITH ORDINALITY AS e(ev, n)
+    WHERE h.instance_id = $1 AND h.seq <= $2 AND h.seq + e.n::integer - 1 <= $2
+    ORDER BY 1";
+/// A page of the instance list without the values (the list shows none).
+const INSTANCE_BRIEFS: &str = "
+    SELECT id, workflow_name, workflow_version, status, created_at, updated_at, ended_at
+    FROM instances
+    WHERE ($1::text IS NULL OR workflow_name = $1)
+      AND ($2::text IS NULL OR status = $2)
+      AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+      AND ($6::timestamptz IS NULL OR created_at >= $6)
+      AND ($7::timestamptz IS NULL OR created_at < $7)
+      AND ($8::text IS NULL OR starts_with(id, $8))
+    ORDER BY created_at DESC, id DESC
+    LIMIT $5";
+/// Registered versions (of one workflow, or all), without definitions.
+const WORKFLOW_VERSIONS: &str = "
+    SELECT name, version, created_at FROM workflows
+    WHERE ($1::text IS NULL OR name = $1)
+    ORDER BY name, version LIMIT $2";
 
 /// A signal sent and not yet taken by a step.
 #[derive(Debug, Clone)]
@@ -74,6 +118,66 @@ pub(crate) struct LeasedTask {
 }
 
 impl Store {
+    /// A page of instances as `list_instances` pages them, without values.
+    pub(crate) async fn list_instance_briefs(
+        &self,
+        filter: &InstanceFilter,
+    ) -> Result<Vec<InstanceBrief>> {
+        let conn = self.conn().await?;
+        let (after_time, after_id) = match &filter.after {
+            Some((t, id)) => (Some(*t), Some(id.as_str())),
+            None => (None, None),
+        };
+        let status = filter.status.map(InstanceStatus::as_str);
+        let rows = conn
+            .query(
+                INSTANCE_BRIEFS,
+                &[
+                    &filter.workflow,
+                    &status,
+                    &after_time,
+                    &after_id,
+                    &filter.limit,
+                    &filter.created_after,
+                    &filter.created_before,
+                    &filter.id_prefix,
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(InstanceBrief {
+                    id: r.get(0),
+                    workflow_name: r.get(1),
+                    workflow_version: r.get(2),
+                    status: decode("instances.status", r.get(3))?,
+                    created_at: r.get(4),
+                    updated_at: r.get(5),
+                    ended_at: r.get(6),
+                })
+            })
+            .collect()
+    }
+
+    /// The first `limit` registered versions (of `workflow`, or of all), by
+    /// name and version.
+    pub(crate) async fn workflow_versions(
+        &self,
+        workflow: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<VersionBrief>> {
+        let conn = self.conn().await?;
+        let rows = conn.query(WORKFLOW_VERSIONS, &[&workflow, &limit]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| VersionBrief {
+                workflow: r.get(0),
+                version: r.get(1),
+                created_at: r.get(2),
+            })
+            .collect())
+    }
+
     /// The first `limit` signals sent to `instance_id` that no step took.
     pub(crate) async fn pending_signals(
         &self,
@@ -112,18 +216,12 @@ impl Store {
         &self,
         timeout_ms: u64,
     ) -> Result<Option<Vec<VersionCount>>> {
-        let mut conn = self.conn().await?;
-        let tx = conn.transaction().await?;
-        tx.batch_execute(&format!("SET LOCAL statement_timeout = {timeout_ms}"))
-            .await?;
-        let rows = match tx.query(UNENDED_BY_VERSION, &[]).await {
-            Ok(rows) => rows,
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
-                return Ok(None);
-            }
-            Err(e) => return Err(e.into()),
+        let Some(rows) = self
+            .query_within(UNENDED_BY_VERSION, &[], timeout_ms)
+            .await?
+        else {
+            return Ok(None);
         };
-        tx.commit().await?;
         Ok(Some(
             rows.iter()
                 .map(|r| VersionCount {
@@ -165,6 +263,32 @@ impl Store {
         let conn = self.conn().await?;
         let rows = conn.query(HISTORY_HEAD, &[&id, &last_seq]).await?;
         rows.iter().map(event_from_row).collect()
+    }
+}
+
+impl Store {
+    /// Runs a read under a statement timeout of its own: `None` if it took
+    /// longer than `timeout_ms`.
+    pub(super) async fn query_within(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        timeout_ms: u64,
+    ) -> Result<Option<Vec<tokio_postgres::Row>>> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = {timeout_ms}"))
+            .await?;
+        match tx.query(sql, params).await {
+            Ok(rows) => {
+                tx.commit().await?;
+                Ok(Some(rows))
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -186,6 +186,10 @@ async fn every_page_renders_and_shows_user_data_as_text() {
     }
     let (_, _, html) = page(&node, &format!("/instances/{cancelled}"), None).await;
     assert!(html.contains("instance_cancel_requested"), "{html}");
+    // Any id has its page, even one that reads like a route.
+    crate::support::start_with_id(&node, "markup", "bulk", json!(1)).await;
+    let (status, _, html) = page(&node, "/instances/bulk", None).await;
+    assert_eq!(status, 200, "{html}");
 
     // Not there, or asked for wrongly: an HTML page with the right status.
     for (path, want, says) in [
@@ -355,7 +359,7 @@ async fn login(node: &TestNode, key: &str) -> String {
     assert_eq!(status, 303, "{html}");
     assert_eq!(headers[LOCATION], "/queues");
     let cookie = headers[SET_COOKIE].to_str().unwrap();
-    for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+    for attribute in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/", "__Host-"] {
         assert!(
             cookie.contains(attribute),
             "the cookie is {attribute}: {cookie}"
@@ -549,7 +553,7 @@ async fn a_bulk_action_acts_on_exactly_the_selected_rows() {
         ("id", "b-3"),
         ("back", "workflow=markup&notice=forged"),
     ];
-    let (status, headers, html) = post_form(&node, "/instances/bulk", None, &fields, &[]).await;
+    let (status, headers, html) = post_form(&node, "/", None, &fields, &[]).await;
     assert_eq!(status, 303, "{html}");
     assert_eq!(
         headers[LOCATION],
@@ -571,7 +575,7 @@ async fn a_bulk_action_acts_on_exactly_the_selected_rows() {
         ("id", "b-1"),
         ("id", "b-0"),
     ];
-    let (_, headers, _) = post_form(&node, "/instances/bulk", None, &fields, &[]).await;
+    let (_, headers, _) = post_form(&node, "/", None, &fields, &[]).await;
     assert_eq!(headers[LOCATION], "/?notice=bulk-cancel&done=1&refused=1");
     let (_, _, html) = page(&node, "/?notice=bulk-cancel&done=1&refused=1", None).await;
     assert!(
@@ -585,14 +589,14 @@ async fn a_bulk_action_acts_on_exactly_the_selected_rows() {
         ("id", "b-2"),
         ("id", "no such id!"),
     ];
-    let (status, _, html) = post_form(&node, "/instances/bulk", None, &fields, &[]).await;
+    let (status, _, html) = post_form(&node, "/", None, &fields, &[]).await;
     assert_eq!(status, 400, "{html}");
     let (_, body) = node.call("GET", "/v1/instances/b-2", None).await;
     assert_eq!(body["status"], "running", "b-2 was not cancelled: {body}");
     // Nothing selected, or an unknown action: a 400 that says what to do.
     let (status, _, html) = post_form(
         &node,
-        "/instances/bulk",
+        "/",
         None,
         &[("token", &token), ("action", "cancel")],
         &[],
@@ -602,7 +606,7 @@ async fn a_bulk_action_acts_on_exactly_the_selected_rows() {
     assert!(html.contains("select at least one"), "{html}");
     let (status, _, _) = post_form(
         &node,
-        "/instances/bulk",
+        "/",
         None,
         &[("token", &token), ("action", "delete"), ("id", "b-0")],
         &[],

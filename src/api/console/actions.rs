@@ -14,10 +14,8 @@ use crate::api::error::ApiError;
 use crate::api::extract::{check_id, check_size, parse_json, ApiPath};
 use crate::api::AppState;
 
-/// Most rows one bulk action may name (a page holds at most `--max-page`).
-const MAX_BULK: usize = 1_000;
-/// Longest cancel reason, as the API allows.
-const MAX_REASON_CHARS: usize = 1_000;
+/// Longest cancel reason in bytes, as the API allows.
+const MAX_REASON_BYTES: usize = 1_000;
 
 fn back_to(id: &str, notice: &str) -> Redirect {
     Redirect::to(&format!(
@@ -35,10 +33,16 @@ pub(crate) async fn cancel(
 ) -> PageResult<Redirect> {
     check_id("id", &id)?;
     let reason = form.get("reason").map(str::trim).filter(|r| !r.is_empty());
-    if reason.is_some_and(|r| r.chars().count() > MAX_REASON_CHARS) {
+    if reason.is_some_and(|r| r.len() > MAX_REASON_BYTES) {
         return Err(PageError::bad_request(format!(
-            "reason: must be at most {MAX_REASON_CHARS} characters"
+            "reason: must be at most {MAX_REASON_BYTES} bytes"
         )));
+    }
+    // PostgreSQL text cannot hold NUL (JSON bodies cannot carry one either).
+    if reason.is_some_and(|r| r.contains('\0')) {
+        return Err(PageError::bad_request(
+            "reason: must not contain a NUL character",
+        ));
     }
     state.inner.store.request_cancel(&id, reason).await?;
     state.inner.notifier.request();
@@ -80,7 +84,7 @@ pub(crate) async fn signal(
     Ok(back_to(&id, "signal-sent"))
 }
 
-/// `POST /instances/bulk` (`action` = cancel | retry, `id` repeated, `back`
+/// `POST /` (the list's own form: `action` = cancel | retry, `id` repeated, `back`
 /// the list's query): acts on each selected instance and says how many it
 /// could act on; one that has ended (cancel) or is not failed (retry) is
 /// counted as refused, not an error.
@@ -95,10 +99,12 @@ pub(crate) async fn bulk(State(state): State<AppState>, form: Form) -> PageResul
             "id: select at least one instance (tick its box), then choose the action",
         ));
     }
-    if ids.len() > MAX_BULK {
+    // A page holds at most `--max-page` rows; so may one action.
+    let max = state.inner.limits.max_page;
+    if ids.len() > max {
         return Err(PageError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("id: at most {MAX_BULK} instances at once"),
+            format!("id: at most {max} instances at once (--max-page)"),
         ));
     }
     // Every id is checked before any is acted on: a bad one acts on none.

@@ -6,13 +6,13 @@
 //! Who may see and do what is the API's table (`need_of`): the pages need a
 //! role that may read, the forms one that may operate. With `--auth keys`
 //! the console asks for a key once (`/login`) and keeps it in a `Secure`,
-//! `HttpOnly`, `SameSite=Strict` cookie; with `--auth none` (`stead dev` on
+//! `HttpOnly`, `SameSite=Lax` cookie (`__Host-`); with `--auth none` (`stead dev` on
 //! loopback) it opens directly. A form is taken only from a page of the same
 //! origin (`Sec-Fetch-Site`/`Origin`) and with the page's token, so another
 //! site cannot make a browser act through it.
 //!
 //! - `pages.rs`: the pages (instances, instance, workflows, queues, cluster);
-//! - `actions.rs`: the forms (cancel, retry, signal, bulk);
+//! - `actions.rs`: the forms (cancel, retry, signal, and bulk, posted to `/`);
 //! - `session.rs`: the cookie, the login form, the token;
 //! - `view.rs`: the layout and the pieces every page shares;
 //! - `graph.rs`: a step graph as SVG; `timeline.rs`: attempts from history.
@@ -40,8 +40,7 @@ pub(crate) use session::Session;
 /// The console's routes, with their access check and headers.
 pub(crate) fn routes(state: AppState) -> Router<AppState> {
     Router::new()
-        .route("/", get(pages::instances))
-        .route("/instances/bulk", post(actions::bulk))
+        .route("/", get(pages::instances).post(actions::bulk))
         .route("/instances/{id}", get(pages::instance))
         .route("/instances/{id}/cancel", post(actions::cancel))
         .route("/instances/{id}/retry", post(actions::retry))
@@ -88,6 +87,8 @@ async fn page_headers(request: Request, next: Next) -> Response {
 pub(crate) struct PageError {
     status: StatusCode,
     message: String,
+    /// The database failed (counted in `stead_db_errors_total`).
+    db_fault: bool,
 }
 
 impl PageError {
@@ -95,6 +96,7 @@ impl PageError {
         PageError {
             status,
             message: message.into(),
+            db_fault: false,
         }
     }
 
@@ -105,7 +107,10 @@ impl PageError {
 
 impl From<ApiError> for PageError {
     fn from(e: ApiError) -> Self {
-        PageError::new(e.status, e.detail)
+        PageError {
+            db_fault: e.db_fault,
+            ..PageError::new(e.status, e.detail)
+        }
     }
 }
 
@@ -117,7 +122,19 @@ impl From<crate::store::StoreError> for PageError {
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
-        (self.status, view::error_page(self.status, &self.message)).into_response()
+        let mut response =
+            (self.status, view::error_page(self.status, &self.message)).into_response();
+        // As the API's errors: counted as a database fault, and a 503 says
+        // when to come back.
+        if self.db_fault {
+            response.extensions_mut().insert(super::error::DbFault);
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 

@@ -18,11 +18,13 @@ use crate::auth::Need;
 use crate::definition::{Definition, StepKind};
 use crate::engine::child_id;
 use crate::model::{InstanceStatus, StepStatus, Vocabulary};
-use crate::store::{InstanceRecord, StepRecord};
+use crate::store::{InstanceBrief, InstanceRecord, StepRecord};
 
 /// Counts per status cover at most this many of the newest matching
 /// instances (a count is a scan).
 const COUNT_SCAN: i64 = 10_000;
+/// Longest the list may spend counting per status.
+const COUNT_TIMEOUT_MS: u64 = 2_000;
 /// History events one instance page shows.
 const HISTORY_SHOWN: i32 = 1_000;
 /// Leases, pending signals and children one instance page shows.
@@ -100,7 +102,13 @@ pub(crate) async fn instances(
     );
     let notices = QueryParams(given.clone());
     let store = &state.inner.store;
-    let workflows = store.list_workflows(WORKFLOWS_LISTED).await?;
+    let mut workflows: Vec<String> = store
+        .workflow_versions(None, WORKFLOWS_LISTED)
+        .await?
+        .into_iter()
+        .map(|v| v.workflow)
+        .collect();
+    workflows.dedup();
     let checked = params
         .only(LIST_PARAMS)
         .and_then(|()| instance_filter(&params, state.inner.limits.max_page));
@@ -110,12 +118,17 @@ pub(crate) async fn instances(
     };
     let (rows, counts) = match &filter {
         Some(f) => (
-            store.list_instances(f).await?,
-            store.count_instances(f, COUNT_SCAN).await?,
+            store.list_instance_briefs(f).await?,
+            store
+                .count_instances(f, COUNT_SCAN, COUNT_TIMEOUT_MS)
+                .await?,
         ),
-        None => (Vec::new(), Vec::new()),
+        None => (Vec::new(), Some(Vec::new())),
     };
-    let next = filter.as_ref().and_then(|f| next_cursor(f, &rows));
+    let last = rows.last().map(|r| (r.created_at, r.id.as_str()));
+    let next = filter
+        .as_ref()
+        .and_then(|f| next_cursor(f, rows.len(), last));
     let get = |k: &str| params.get(k).unwrap_or("");
     let workflow = get("workflow");
     let f = frame(
@@ -149,11 +162,11 @@ pub(crate) async fn instances(
     });
     let body = html! {
         (view::notice(notices.get("notice"), notices.get("done"), notices.get("refused")))
-        (filter_form(&params, &workflows.iter().map(|w| w.name.as_str()).collect::<Vec<_>>()))
+        (filter_form(&params, &workflows.iter().map(String::as_str).collect::<Vec<_>>()))
         @if let Some(p) = &problem {
             p.error role="alert" { (p) }
         }
-        (status_counts(&counts, &params))
+        (status_counts(counts.as_deref(), &params))
         @if rows.is_empty() {
             p.empty { "No instances match." }
         } @else {
@@ -229,7 +242,10 @@ fn filter_form(params: &QueryParams, workflows: &[&str]) -> Markup {
     }
 }
 
-fn status_counts(counts: &[(InstanceStatus, i64)], params: &QueryParams) -> Markup {
+fn status_counts(counts: Option<&[(InstanceStatus, i64)]>, params: &QueryParams) -> Markup {
+    let Some(counts) = counts else {
+        return html! { p.hint { "Counts not taken: they took over 2 s (narrow the filter, e.g. by creation time)." } };
+    };
     let total: i64 = counts.iter().map(|(_, n)| n).sum();
     let of = |s: InstanceStatus| counts.iter().find(|(c, _)| *c == s).map_or(0, |(_, n)| *n);
     let link = |status: &str| {
@@ -258,10 +274,10 @@ fn status_counts(counts: &[(InstanceStatus, i64)], params: &QueryParams) -> Mark
     }
 }
 
-fn instance_table(rows: &[InstanceRecord], session: &Session, here: &str) -> Markup {
+fn instance_table(rows: &[InstanceBrief], session: &Session, here: &str) -> Markup {
     let operate = may_operate(session);
     html! {
-        form #bulk method="post" action="/instances/bulk" {
+        form #bulk method="post" action="/" {
             (view::token(session))
             input type="hidden" name="back" value=(here);
             @if operate {
@@ -377,7 +393,7 @@ pub(crate) async fn instance(
                     thead { tr { th scope="col" { "Id" } th scope="col" { "Name" } th scope="col" { "Sent" } th scope="col" { "Payload" } } }
                     tbody { @for s in &signals { tr {
                         td { (s.id) } td { (s.name) } td { (time(Some(s.created_at))) }
-                        td { (json("payload", Some(&s.payload), &whole)) }
+                        td { (view::json_cell("payload", Some(&s.payload), &whole)) }
                     } } }
                 } }
             }
@@ -594,9 +610,9 @@ fn step_detail(
             p { "wakes " (time(Some(w))) }
         }
         @if let Some(e) = &s.error {
-            (json("error", Some(e), &whole))
+            (view::json_cell("error", Some(e), &whole))
         } @else if let Some(o) = &s.output {
-            (json("output", Some(o.value()), &whole))
+            (view::json_cell("output", Some(o.value()), &whole))
         }
         @if let Some(c) = &s.compensation {
             p { "compensation " (badge(c.status.as_str())) " attempt " (c.attempt) }
@@ -630,6 +646,7 @@ fn attempt_table(attempts: &[Attempt]) -> Markup {
                     (a.step_id)
                     @if let Some(k) = a.item { " [" (k) "]" }
                     @if a.compensation { " (compensation)" }
+                    @if a.run > 0 { " (after retry " (a.run) ")" }
                 }
                 td { (a.attempt) }
                 td { (time(a.scheduled_at)) }
@@ -662,7 +679,7 @@ fn history_table(id: &str, events: &[crate::store::EventRecord]) -> Markup {
                 td { (e.attempt.map(|a| a.to_string()).unwrap_or_default()) }
                 td { (e.member.as_deref().unwrap_or("")) }
                 td { @if !matches!(e.data.as_object(), Some(o) if o.is_empty()) {
-                    (json("data", Some(&e.data), &whole))
+                    (view::json_cell("data", Some(&e.data), &whole))
                 } }
             } } }
         } }
@@ -678,7 +695,11 @@ pub(crate) async fn workflows(
     Extension(session): Extension<Session>,
 ) -> PageResult<Markup> {
     let store = &state.inner.store;
-    let latest = store.list_workflows(WORKFLOWS_LISTED).await?;
+    // The latest version of each, from the versions in name order.
+    let mut latest = store.workflow_versions(None, WORKFLOWS_LISTED).await?;
+    latest.reverse();
+    latest.dedup_by(|later, kept| later.workflow == kept.workflow);
+    latest.reverse();
     let counts = store.unended_by_version(UNENDED_COUNT_TIMEOUT_MS).await?;
     let unended = |name: &str| -> String {
         counts.as_ref().map_or(NOT_COUNTED.into(), |counts| {
@@ -690,13 +711,15 @@ pub(crate) async fn workflows(
             n.to_string()
         })
     };
-    let f = frame(
+    let mut f = frame(
         &state,
         &session,
         Nav::Workflows,
         "Workflows".into(),
         Some((2, &[])),
     );
+    // Its count reads every instance: not every 5 s.
+    f.live = false;
     let body = html! {
         @if latest.is_empty() {
             p.empty { "No workflows yet: register one with " code { "PUT /v1/workflows/{name}" } "." }
@@ -705,12 +728,12 @@ pub(crate) async fn workflows(
                 caption.sr-only { "Workflows" }
                 thead { tr { th scope="col" { "Workflow" } th scope="col" { "Latest version" }
                     th scope="col" { "Registered" } th scope="col" { "Not ended" } th scope="col" { "Instances" } } }
-                tbody { @for w in &latest { tr data-workflow=(w.name) {
-                    th scope="row" { a href=(format!("/workflows/{}", path_part(&w.name))) { (w.name) } }
+                tbody { @for w in &latest { tr data-workflow=(w.workflow) {
+                    th scope="row" { a href=(format!("/workflows/{}", path_part(&w.workflow))) { (w.workflow) } }
                     td { "v" (w.version) }
                     td { (time(Some(w.created_at))) }
-                    td { (unended(&w.name)) }
-                    td { a href=(list_url(&[("workflow", &w.name)])) { "list" } }
+                    td { (unended(&w.workflow)) }
+                    td { a href=(list_url(&[("workflow", &w.workflow)])) { "list" } }
                 } } }
             } }
         }
@@ -729,7 +752,9 @@ pub(crate) async fn workflow(
 ) -> PageResult<Markup> {
     check_id("name", &name)?;
     let store = &state.inner.store;
-    let versions = store.list_workflow_versions(&name).await?;
+    let versions = store
+        .workflow_versions(Some(&name), WORKFLOWS_LISTED)
+        .await?;
     let not_found = || {
         PageError::new(
             StatusCode::NOT_FOUND,
@@ -751,9 +776,9 @@ pub(crate) async fn workflow(
                 PageError::bad_request(format!("version: {name} has no version {v:?}"))
             })?,
     };
-    let record = versions
-        .iter()
-        .find(|v| v.version == chosen)
+    let record = store
+        .get_workflow(&name, Some(chosen))
+        .await?
         .ok_or_else(not_found)?;
     let def = state.inner.definitions.get(store, &name, chosen).await?;
     let counts = store.unended_by_version(UNENDED_COUNT_TIMEOUT_MS).await?;
@@ -766,13 +791,14 @@ pub(crate) async fn workflow(
             n.to_string()
         })
     };
-    let f = frame(
+    let mut f = frame(
         &state,
         &session,
         Nav::Workflows,
         format!("Workflow {name}"),
         Some((2, &[("workflow", name.as_str())])),
     );
+    f.live = false;
     let body = html! {
         p { a href=(list_url(&[("workflow", &name)])) { "Its instances" } }
         div.scroll { table.versions {

@@ -15,8 +15,10 @@ use crate::api::extract::QueryParams;
 use crate::api::AppState;
 use crate::auth::Auth;
 
-/// The cookie holding the console's key.
-const COOKIE: &str = "stead_console_key";
+/// The cookie holding the console's key. `__Host-`: browsers take it only
+/// `Secure`, for `Path=/` and without a `Domain`, so a sibling subdomain
+/// cannot plant one.
+const COOKIE: &str = "__Host-stead_console_key";
 /// How long a browser keeps the cookie, in seconds (12 hours).
 const COOKIE_MAX_AGE_S: u32 = 12 * 3600;
 
@@ -62,7 +64,7 @@ fn cookie_key(headers: &HeaderMap) -> Option<&str> {
 fn set_cookie(key: &str, max_age_s: u32) -> HeaderValue {
     // A key is `stead_<hex>_<hex>`: nothing in it needs quoting.
     HeaderValue::from_str(&format!(
-        "{COOKIE}={key}; Path=/; Max-Age={max_age_s}; HttpOnly; Secure; SameSite=Strict"
+        "{COOKIE}={key}; Path=/; Max-Age={max_age_s}; HttpOnly; Secure; SameSite=Lax"
     ))
     .expect("a key is a valid header value")
 }
@@ -133,10 +135,20 @@ fn to_login(request: &Request) -> Response {
     Redirect::to(&format!("/login?{next}")).into_response()
 }
 
-/// Where to go after logging in: a path of this console, never another site.
+/// Where to go after logging in: a path of this console, never another
+/// site. Browsers drop tabs and newlines from a `Location` before they
+/// resolve it (`/\t/evil` is `//evil`), so no control character or space
+/// is taken either.
 fn safe_next(next: Option<&str>) -> &str {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n,
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && n.bytes().all(|b| b > 0x20 && b != 0x7f) =>
+        {
+            n
+        }
         _ => "/",
     }
 }
@@ -210,7 +222,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,
-            HeaderValue::from_static("a=1; stead_console_key=stead_ab_cd; b=2"),
+            HeaderValue::from_static("a=1; __Host-stead_console_key=stead_ab_cd; b=2"),
         );
         assert_eq!(cookie_key(&h), Some("stead_ab_cd"));
         assert_eq!(cookie_key(&HeaderMap::new()), None);
@@ -219,7 +231,15 @@ mod tests {
     #[test]
     fn login_goes_back_only_to_a_console_path() {
         assert_eq!(safe_next(Some("/instances/x?y=1")), "/instances/x?y=1");
-        for bad in ["//evil.example", "https://evil.example", "/\\evil", "evil"] {
+        for bad in [
+            "//evil.example",
+            "https://evil.example",
+            "/\\evil",
+            "evil",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/ /evil",
+        ] {
             assert_eq!(safe_next(Some(bad)), "/", "{bad}");
         }
         assert_eq!(safe_next(None), "/");

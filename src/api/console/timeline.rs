@@ -38,6 +38,9 @@ pub(crate) struct Attempt {
     pub step_id: String,
     pub item: Option<u64>,
     pub compensation: bool,
+    /// Which run of the instance: 0, then one more after each retry of the
+    /// instance (a retried step counts its attempts from 1 again).
+    pub run: u32,
     pub attempt: i32,
     pub scheduled_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
@@ -52,7 +55,12 @@ pub(crate) struct Attempt {
 /// attempt that has not ended takes its start and worker from `leases`.
 pub(crate) fn attempts(events: &[EventRecord], leases: &[LeasedTask]) -> Vec<Attempt> {
     let mut out: Vec<Attempt> = Vec::new();
+    let mut run = 0;
     for e in events {
+        if e.kind == EventType::InstanceRetried {
+            run += 1;
+            continue;
+        }
         let Some(step_id) = e.step_id.as_deref() else {
             continue;
         };
@@ -61,15 +69,25 @@ pub(crate) fn attempts(events: &[EventRecord], leases: &[LeasedTask]) -> Vec<Att
         };
         let item = e.data.get("item").and_then(Value::as_u64);
         let attempt = e.attempt.unwrap_or(1);
-        let at = find_or_add(&mut out, step_id, item, what.compensation, attempt);
+        let key = Key {
+            step_id,
+            item,
+            compensation: what.compensation,
+            run,
+        };
+        let at = find_or_add(&mut out, &key, attempt);
         apply(&mut out[at], what, e);
         if let (Outcome::Failed, Some(delay)) = (what.outcome, retry_delay(&e.data)) {
             // The next attempt is scheduled when the retry delay ends.
-            let next = find_or_add(&mut out, step_id, item, what.compensation, attempt + 1);
+            let next = find_or_add(&mut out, &key, attempt + 1);
             out[next].scheduled_at = Some(e.created_at + delay);
         }
     }
-    for a in out.iter_mut().filter(|a| a.ended_at.is_none()) {
+    // Leases are held only on the current run's attempts.
+    for a in out
+        .iter_mut()
+        .filter(|a| a.ended_at.is_none() && a.run == run)
+    {
         if let Some(lease) = leases.iter().find(|l| held_for(l, a)) {
             a.outcome = Outcome::Running;
             a.started_at = lease.leased_at;
@@ -155,25 +173,29 @@ fn retry_delay(data: &Value) -> Option<Duration> {
     Some(Duration::milliseconds(ms))
 }
 
-fn find_or_add(
-    out: &mut Vec<Attempt>,
-    step_id: &str,
+/// What an attempt is of.
+struct Key<'a> {
+    step_id: &'a str,
     item: Option<u64>,
     compensation: bool,
-    attempt: i32,
-) -> usize {
+    run: u32,
+}
+
+fn find_or_add(out: &mut Vec<Attempt>, key: &Key, attempt: i32) -> usize {
     if let Some(i) = out.iter().position(|a| {
-        a.step_id == step_id
-            && a.item == item
-            && a.compensation == compensation
+        a.step_id == key.step_id
+            && a.item == key.item
+            && a.compensation == key.compensation
+            && a.run == key.run
             && a.attempt == attempt
     }) {
         return i;
     }
     out.push(Attempt {
-        step_id: step_id.to_string(),
-        item,
-        compensation,
+        step_id: key.step_id.to_string(),
+        item: key.item,
+        compensation: key.compensation,
+        run: key.run,
         attempt,
         scheduled_at: None,
         started_at: None,
@@ -253,6 +275,44 @@ mod tests {
         assert_eq!(
             (got[1].outcome, got[1].worker.as_deref()),
             (Outcome::Completed, Some("w2"))
+        );
+    }
+
+    #[test]
+    fn a_retried_instance_runs_its_steps_again_as_attempts_of_their_own() {
+        let retried = EventRecord {
+            kind: EventType::InstanceRetried,
+            step_id: None,
+            attempt: None,
+            ..event(EventType::InstanceRetried, "x", 0, json!({}), 4)
+        };
+        let events = [
+            event(EventType::StepScheduled, "call", 1, json!({}), 0),
+            event(
+                EventType::StepFailed,
+                "call",
+                1,
+                json!({"error": {"message": "down"}}),
+                1,
+            ),
+            retried,
+            event(EventType::StepScheduled, "call", 1, json!({}), 5),
+            event(
+                EventType::StepCompleted,
+                "call",
+                1,
+                json!({"worker": "w2"}),
+                6,
+            ),
+        ];
+        let got = attempts(&events, &[]);
+        let shape: Vec<_> = got
+            .iter()
+            .map(|a| (a.run, a.outcome, a.scheduled_at))
+            .collect();
+        assert_eq!(
+            shape,
+            [(0, Outcome::Failed, t(0)), (1, Outcome::Completed, t(5))]
         );
     }
 

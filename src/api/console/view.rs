@@ -20,6 +20,8 @@ const JS: &str = include_str!("assets/console.js");
 const COLLAPSE_BYTES: usize = 1_500;
 /// JSON text past this is cut (the API has the whole value).
 const MAX_SHOWN_BYTES: usize = 256 * 1024;
+/// The same for a value in a table's cell.
+const MAX_CELL_BYTES: usize = 16 * 1024;
 
 /// The pages of the main navigation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,13 +240,23 @@ pub(crate) fn between(from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) ->
 /// A JSON value, pretty-printed; a long one collapsed behind a summary
 /// that says its size, a huge one cut (with where to read the rest).
 pub(crate) fn json(label: &str, value: Option<&Value>, whole_at: &str) -> Markup {
+    json_within(label, value, whole_at, MAX_SHOWN_BYTES)
+}
+
+/// `json` for a cell of a table, which may have a thousand rows: cut
+/// sooner, so that a page stays a few megabytes at most.
+pub(crate) fn json_cell(label: &str, value: Option<&Value>, whole_at: &str) -> Markup {
+    json_within(label, value, whole_at, MAX_CELL_BYTES)
+}
+
+fn json_within(label: &str, value: Option<&Value>, whole_at: &str, max: usize) -> Markup {
     let Some(value) = value else {
         return html! { span.none { "—" } };
     };
     let text = serde_json::to_string_pretty(value).unwrap_or_default();
     let size = text.len();
-    let (shown, cut) = if size > MAX_SHOWN_BYTES {
-        let mut end = MAX_SHOWN_BYTES;
+    let (shown, cut) = if size > max {
+        let mut end = max;
         while !text.is_char_boundary(end) {
             end -= 1;
         }
@@ -255,7 +267,7 @@ pub(crate) fn json(label: &str, value: Option<&Value>, whole_at: &str) -> Markup
     let body = html! {
         pre.json tabindex="0" { (shown) }
         @if cut {
-            p.hint { "Cut at " (bytes(MAX_SHOWN_BYTES)) " of " (bytes(size)) "; the whole value: "
+            p.hint { "Cut at " (bytes(max)) " of " (bytes(size)) "; the whole value: "
                 code { (whole_at) } }
         }
     };
