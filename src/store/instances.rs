@@ -30,10 +30,11 @@ const GET_INSTANCE: &str = "
     SELECT id, workflow_name, workflow_version, status, input, output, error,
            created_at, started_at, updated_at, ended_at, parent_id
     FROM instances WHERE id = $1";
-/// Newest first; the cursor is the (created_at, id) of the last row seen.
-const LIST_INSTANCES: &str = "
-    SELECT id, workflow_name, workflow_version, status, input, output, error,
-           created_at, started_at, updated_at, ended_at, parent_id
+/// The instance list's filter and paging: newest first; the cursor is the
+/// (created_at, id) of the last row seen ($1-$8: `list_rows`).
+macro_rules! list_where {
+    () => {
+        "
     FROM instances
     WHERE ($1::text IS NULL OR workflow_name = $1)
       AND ($2::text IS NULL OR status = $2)
@@ -42,7 +43,19 @@ const LIST_INSTANCES: &str = "
       AND ($7::timestamptz IS NULL OR created_at < $7)
       AND ($8::text IS NULL OR starts_with(id, $8))
     ORDER BY created_at DESC, id DESC
-    LIMIT $5";
+    LIMIT $5"
+    };
+}
+const LIST_INSTANCES: &str = concat!(
+    "SELECT id, workflow_name, workflow_version, status, input, output, error,
+            created_at, started_at, updated_at, ended_at, parent_id",
+    list_where!()
+);
+/// A page of the list without the values (the console's list shows none).
+const LIST_BRIEFS: &str = concat!(
+    "SELECT id, workflow_name, workflow_version, status, created_at, updated_at, ended_at",
+    list_where!()
+);
 /// How many instances per status match a filter (all but its status),
 /// counted over the newest $5 that match, so a count costs a bounded scan.
 const COUNT_INSTANCES: &str = "
@@ -113,6 +126,18 @@ fn instance_from_row(r: &tokio_postgres::Row) -> Result<InstanceRecord> {
         ended_at: r.get(10),
         parent_id: r.get(11),
     })
+}
+
+/// An instance in a list: no values.
+#[derive(Debug, Clone)]
+pub(crate) struct InstanceBrief {
+    pub id: String,
+    pub workflow_name: String,
+    pub workflow_version: i32,
+    pub status: InstanceStatus,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -253,28 +278,54 @@ impl Store {
         &self,
         filter: &InstanceFilter,
     ) -> Result<Vec<InstanceRecord>> {
+        let rows = self.list_rows(LIST_INSTANCES, filter).await?;
+        rows.iter().map(instance_from_row).collect()
+    }
+
+    /// A page of instances as `list_instances` pages them, without values.
+    pub(crate) async fn list_instance_briefs(
+        &self,
+        filter: &InstanceFilter,
+    ) -> Result<Vec<InstanceBrief>> {
+        let rows = self.list_rows(LIST_BRIEFS, filter).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(InstanceBrief {
+                    id: r.get(0),
+                    workflow_name: r.get(1),
+                    workflow_version: r.get(2),
+                    status: decode("instances.status", r.get(3))?,
+                    created_at: r.get(4),
+                    updated_at: r.get(5),
+                    ended_at: r.get(6),
+                })
+            })
+            .collect()
+    }
+
+    /// Runs a list statement (`list_where!`) with the filter's parameters.
+    async fn list_rows(
+        &self,
+        sql: &str,
+        filter: &InstanceFilter,
+    ) -> Result<Vec<tokio_postgres::Row>> {
         let conn = self.conn().await?;
         let (after_time, after_id) = match &filter.after {
             Some((t, id)) => (Some(*t), Some(id.as_str())),
             None => (None, None),
         };
         let status = filter.status.map(InstanceStatus::as_str);
-        let rows = conn
-            .query(
-                LIST_INSTANCES,
-                &[
-                    &filter.workflow,
-                    &status,
-                    &after_time,
-                    &after_id,
-                    &filter.limit,
-                    &filter.created_after,
-                    &filter.created_before,
-                    &filter.id_prefix,
-                ],
-            )
-            .await?;
-        rows.iter().map(instance_from_row).collect()
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            &filter.workflow,
+            &status,
+            &after_time,
+            &after_id,
+            &filter.limit,
+            &filter.created_after,
+            &filter.created_before,
+            &filter.id_prefix,
+        ];
+        Ok(conn.query(sql, &params).await?)
     }
 
     /// Instances per status among the newest `scan` that match `filter`

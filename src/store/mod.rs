@@ -51,11 +51,13 @@ pub(crate) use advance::{
 #[cfg(test)]
 pub(crate) use advance::{RowAt, SignalRow, StoredStep};
 pub(crate) use error::{Cause, StoreError};
-pub(crate) use instances::{EventRecord, InstanceFilter, InstanceRecord, StepRecord};
+pub(crate) use instances::{
+    EventRecord, InstanceBrief, InstanceFilter, InstanceRecord, StepRecord,
+};
 pub(crate) use members::{ClusterCounts, MemberSession};
 pub(crate) use migrations::latest_migration_version;
 pub(crate) use notify::{ended_ids, Channel};
-pub(crate) use overview::{InstanceBrief, LeasedTask};
+pub(crate) use overview::LeasedTask;
 pub(crate) use queue::{ClaimedTask, QueueDepth, TaskOutcome};
 pub(crate) use workflows::WorkflowRecord;
 

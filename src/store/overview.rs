@@ -6,21 +6,9 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::instances::{event_from_row, EventRecord, InstanceFilter};
+use super::instances::{event_from_row, EventRecord};
 use super::{decode, Result, Store};
 use crate::model::InstanceStatus;
-
-/// An instance in a list: no values.
-#[derive(Debug, Clone)]
-pub(crate) struct InstanceBrief {
-    pub id: String,
-    pub workflow_name: String,
-    pub workflow_version: i32,
-    pub status: InstanceStatus,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub ended_at: Option<DateTime<Utc>>,
-}
 
 /// A registered version, without its definition.
 #[derive(Debug, Clone)]
@@ -64,18 +52,6 @@ const HISTORY_HEAD: &str = "
     CROSS JOIN LATERAL jsonb_array_elements(h.events) WITH ORDINALITY AS e(ev, n)
     WHERE h.instance_id = $1 AND h.seq <= $2 AND h.seq + e.n::integer - 1 <= $2
     ORDER BY 1";
-/// A page of the instance list without the values (the list shows none).
-const INSTANCE_BRIEFS: &str = "
-    SELECT id, workflow_name, workflow_version, status, created_at, updated_at, ended_at
-    FROM instances
-    WHERE ($1::text IS NULL OR workflow_name = $1)
-      AND ($2::text IS NULL OR status = $2)
-      AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
-      AND ($6::timestamptz IS NULL OR created_at >= $6)
-      AND ($7::timestamptz IS NULL OR created_at < $7)
-      AND ($8::text IS NULL OR starts_with(id, $8))
-    ORDER BY created_at DESC, id DESC
-    LIMIT $5";
 /// Registered versions (of one workflow, or all), without definitions.
 const WORKFLOW_VERSIONS: &str = "
     SELECT name, version, created_at FROM workflows
@@ -118,47 +94,6 @@ pub(crate) struct LeasedTask {
 }
 
 impl Store {
-    /// A page of instances as `list_instances` pages them, without values.
-    pub(crate) async fn list_instance_briefs(
-        &self,
-        filter: &InstanceFilter,
-    ) -> Result<Vec<InstanceBrief>> {
-        let conn = self.conn().await?;
-        let (after_time, after_id) = match &filter.after {
-            Some((t, id)) => (Some(*t), Some(id.as_str())),
-            None => (None, None),
-        };
-        let status = filter.status.map(InstanceStatus::as_str);
-        let rows = conn
-            .query(
-                INSTANCE_BRIEFS,
-                &[
-                    &filter.workflow,
-                    &status,
-                    &after_time,
-                    &after_id,
-                    &filter.limit,
-                    &filter.created_after,
-                    &filter.created_before,
-                    &filter.id_prefix,
-                ],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(InstanceBrief {
-                    id: r.get(0),
-                    workflow_name: r.get(1),
-                    workflow_version: r.get(2),
-                    status: decode("instances.status", r.get(3))?,
-                    created_at: r.get(4),
-                    updated_at: r.get(5),
-                    ended_at: r.get(6),
-                })
-            })
-            .collect()
-    }
-
     /// The first `limit` registered versions (of `workflow`, or of all), by
     /// name and version.
     pub(crate) async fn workflow_versions(
