@@ -103,6 +103,10 @@ impl PageError {
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
 }
 
 impl From<ApiError> for PageError {
@@ -160,26 +164,34 @@ impl Form {
     }
 }
 
-impl FromRequest<AppState> for Form {
-    type Rejection = PageError;
-
-    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+impl Form {
+    /// The fields of a form sent from a page of this origin; the login form
+    /// (which has no session yet, so no token) stops here.
+    async fn same_origin(request: Request, state: &AppState) -> Result<Form, PageError> {
         if !same_origin(request.headers()) {
             return Err(PageError::new(
                 StatusCode::FORBIDDEN,
                 "this form was sent from another site; use the console's own pages",
             ));
         }
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|e| PageError::new(e.status(), e.body_text()))?;
+        serde_urlencoded::from_bytes(&bytes)
+            .map(Form)
+            .map_err(|_| PageError::bad_request("the form could not be read"))
+    }
+}
+
+impl FromRequest<AppState> for Form {
+    type Rejection = PageError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let token = request
             .extensions()
             .get::<Session>()
             .map(|s| s.token.clone());
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|e| PageError::new(e.status(), e.body_text()))?;
-        let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&bytes)
-            .map_err(|_| PageError::bad_request("the form could not be read"))?;
-        let form = Form(fields);
+        let form = Form::same_origin(request, state).await?;
         if token.is_none() || form.get("token") != token.as_deref() {
             return Err(PageError::new(
                 StatusCode::FORBIDDEN,

@@ -334,12 +334,10 @@ pub(crate) async fn instance(
 ) -> PageResult<Markup> {
     check_id("id", &id)?;
     let store = &state.inner.store;
-    let (record, steps) = store.get_instance_with_steps(&id).await?.ok_or_else(|| {
-        PageError::new(
-            StatusCode::NOT_FOUND,
-            format!("instance {id:?} does not exist"),
-        )
-    })?;
+    let (record, steps) = store
+        .get_instance_with_steps(&id)
+        .await?
+        .ok_or_else(|| PageError::not_found(format!("instance {id:?} does not exist")))?;
     let def = state
         .inner
         .definitions
@@ -755,12 +753,7 @@ pub(crate) async fn workflow(
     let versions = store
         .workflow_versions(Some(&name), WORKFLOWS_LISTED)
         .await?;
-    let not_found = || {
-        PageError::new(
-            StatusCode::NOT_FOUND,
-            format!("workflow {name:?} is not registered"),
-        )
-    };
+    let not_found = || PageError::not_found(format!("workflow {name:?} is not registered"));
     let latest = versions
         .iter()
         .map(|v| v.version)

@@ -2,7 +2,7 @@
 //! `--auth none`), checked on every request against the same table and the
 //! same store lookup as the API, so a revoked key stops working here too.
 
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -164,15 +164,10 @@ pub(crate) async fn login_form(State(state): State<AppState>, query: QueryParams
 
 /// `POST /login`: checks the key and keeps it in the cookie.
 pub(crate) async fn login(State(state): State<AppState>, request: Request) -> Response {
-    if !super::same_origin(request.headers()) {
-        return PageError::new(StatusCode::FORBIDDEN, "log in from the console's own page")
-            .into_response();
-    }
-    let bytes = match axum::body::Bytes::from_request(request, &state).await {
-        Ok(b) => b,
-        Err(e) => return PageError::new(e.status(), e.body_text()).into_response(),
+    let form = match Form::same_origin(request, &state).await {
+        Ok(form) => form,
+        Err(refused) => return refused.into_response(),
     };
-    let form = Form(serde_urlencoded::from_bytes(&bytes).unwrap_or_default());
     let next = safe_next(form.get("next")).to_string();
     let key = form.get("key").unwrap_or_default().trim();
     let refused = |message: &str| {
