@@ -10,6 +10,12 @@ use crate::handlers::Handlers;
 pub struct Config {
     /// PostgreSQL URL (`postgresql://user@host:port/db`).
     pub database_url: String,
+    /// PostgreSQL itself, when `database_url` is a transaction-mode pooler
+    /// (PgBouncer): member sessions (advisory locks), the listener (LISTEN)
+    /// and migrations need sessions of their own and use this URL; the
+    /// pool's statements then go out unnamed (see the README's "Behind
+    /// PgBouncer").
+    pub direct_database_url: Option<String>,
     /// Postgres schema holding every stead object.
     pub schema: String,
     /// `HOST:PORT` for the API and `/metrics`; port 0 picks a free port.
@@ -192,10 +198,27 @@ pub struct Tuning {
     pub reconnect_max_ms: u64,
     /// Most expired leases one reaper run hands back.
     pub reap_batch_size: usize,
+    /// How long ended instances are kept when their workflow version sets
+    /// no `retention`; 0 keeps them for ever.
+    pub retention_ms: u64,
+    /// Most root instances (each with its descendants) one retention batch
+    /// deletes.
+    pub retention_batch_size: usize,
+    /// The pause between full retention batches.
+    pub retention_pause_ms: u64,
+    /// How often the maintenance-duty holder looks for instances due for
+    /// deletion when the last batch was not full.
+    pub retention_interval_ms: u64,
     /// Wake-ups of other processes' advancers (API starts, task results)
     /// are folded into at most one NOTIFY per this window.
     pub notify_coalesce_ms: u64,
 }
+
+/// `--retention`'s default: 7 days.
+pub const DEFAULT_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
+
+/// The most trees one retention batch may delete (one transaction).
+pub const MAX_RETENTION_BATCH_SIZE: usize = 10_000;
 
 /// The fastest the cluster gauges are refreshed, whatever is asked.
 pub const MIN_GAUGE_REFRESH_MS: u64 = 100;
@@ -229,6 +252,10 @@ impl Default for Tuning {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
             reap_batch_size: 1_000,
+            retention_ms: DEFAULT_RETENTION_MS,
+            retention_batch_size: 500,
+            retention_pause_ms: 100,
+            retention_interval_ms: 10_000,
             notify_coalesce_ms: 5,
         }
     }
@@ -239,6 +266,7 @@ impl Config {
     pub fn new(database_url: impl Into<String>) -> Self {
         Config {
             database_url: database_url.into(),
+            direct_database_url: None,
             schema: "stead".into(),
             listen: "127.0.0.1:8080".into(),
             name: default_member_name(),
@@ -289,6 +317,8 @@ impl Config {
             ("claim_batch_size", t.claim_batch_size),
             ("completion_batch_size", t.completion_batch_size),
             ("reap_batch_size", t.reap_batch_size),
+            ("--retention-batch-size", t.retention_batch_size),
+            ("--retention-interval-ms", t.retention_interval_ms as usize),
             (
                 "--max-concurrent-requests",
                 self.limits.max_concurrent_requests,
@@ -311,6 +341,12 @@ impl Config {
         // A zero here would make a loop spin.
         if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
             return Err(crate::Error::Config(format!("{name} must be at least 1")));
+        }
+        if t.retention_batch_size > MAX_RETENTION_BATCH_SIZE {
+            return Err(crate::Error::Config(format!(
+                "--retention-batch-size ({}) must be at most {MAX_RETENTION_BATCH_SIZE}",
+                t.retention_batch_size
+            )));
         }
         crate::worker::HttpAllow::parse(&self.http_allow).map_err(crate::Error::Config)?;
         if let Some(g) = &self.grafana_url {

@@ -89,6 +89,7 @@ pub(crate) async fn mint_into(
 fn open(database_url: &str, schema: &str) -> Result<Store, Error> {
     Ok(Store::new(StoreConfig {
         database_url: database_url.to_string(),
+        direct_database_url: None,
         schema: schema.to_string(),
         pool_size: 1,
         pool_wait_timeout_ms: 10_000,

@@ -89,6 +89,7 @@ pub use node::{run, start, Node};
 pub async fn migrate(database_url: &str, schema: &str, slot_count: u32) -> Result<(), Error> {
     let store = store::Store::new(store::StoreConfig {
         database_url: database_url.to_string(),
+        direct_database_url: None,
         schema: schema.to_string(),
         pool_size: 1,
         pool_wait_timeout_ms: 10_000,
@@ -106,4 +107,13 @@ pub async fn migrate(database_url: &str, schema: &str, slot_count: u32) -> Resul
 /// (`GET /readyz` reports the database's).
 pub fn schema_version() -> i32 {
     store::latest_migration_version()
+}
+
+/// Reads a retention such as `--retention`'s: `0` (keep for ever) or a
+/// duration like `"7d"`, `"12h"` or `"1s"`, in milliseconds.
+pub fn parse_retention(s: &str) -> Result<u64, String> {
+    if s == "0" {
+        return Ok(0);
+    }
+    definition::duration::parse_duration_ms(s)
 }

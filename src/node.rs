@@ -21,6 +21,7 @@ use crate::worker::executor::{Executor, ExecutorConfig, LocalExecution};
 use crate::worker::listener::Listener;
 use crate::worker::notifier::{AdvanceNotifier, Notifier};
 use crate::worker::reaper::{Reaper, ReaperConfig};
+use crate::worker::retention::{Retention, RetentionConfig};
 use crate::worker::{builtin, DefinitionCache};
 
 /// A running node: the API and/or worker members, until `shutdown`.
@@ -68,6 +69,7 @@ pub async fn start(config: Config) -> Result<Node, Error> {
             .await
             .map_err(|e| Error::Migrate(Box::new(e)))?;
     }
+    store.check_pooled().await?;
     let parts = Parts::new(store, tuning);
     let mut supervisor = Supervisor::default();
     spawn_wakeups(&mut supervisor, &parts, tuning);
@@ -95,6 +97,7 @@ fn store_config(config: &Config) -> StoreConfig {
     let tuning = &config.tuning;
     StoreConfig {
         database_url: config.database_url.clone(),
+        direct_database_url: config.direct_database_url.clone(),
         schema: config.schema.clone(),
         pool_size: tuning.pool_size,
         pool_wait_timeout_ms: tuning.pool_wait_timeout_ms,
@@ -212,6 +215,18 @@ fn spawn_workers(sup: &mut Supervisor, parts: &Parts, config: &Config, api_url: 
     let refresh_ms = tuning.gauge_refresh_ms.max(MIN_GAUGE_REFRESH_MS);
     // After a failure the gauges wait their interval: their last values stay.
     sup.service(gauges, Pacing::every(refresh_ms, refresh_ms), Never);
+    let retention = Retention {
+        config: RetentionConfig {
+            default_ms: tuning.retention_ms,
+            batch_size: tuning.retention_batch_size,
+            pause_ms: tuning.retention_pause_ms,
+        },
+        store: parts.store.clone(),
+        process_duty: process_duty.clone(),
+        metrics: parts.metrics.clone(),
+    };
+    let retention_ms = tuning.retention_interval_ms;
+    sup.service(retention, Pacing::every(retention_ms, retention_ms), Never);
     let mut handlers = config.handlers.clone();
     builtin::install(
         &mut handlers,

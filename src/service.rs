@@ -22,6 +22,9 @@ pub(crate) enum Next {
     Now,
     /// Wait for a wake-up or the interval.
     Wait,
+    /// More work is waiting, but pace it: run again after this pause (or a
+    /// wake-up).
+    After(Duration),
 }
 
 impl Next {
@@ -162,6 +165,7 @@ pub(crate) async fn run<S: Service>(
                 match service.next(&outcome) {
                     Next::Now => continue,
                     Next::Wait => pacing.interval_ms.map(jittered),
+                    Next::After(pause) => Some(pause),
                 }
             }
             // The batch lost a race with another worker: recompute at once.

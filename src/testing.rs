@@ -34,6 +34,7 @@ pub(crate) async fn fresh_database_at(version: Option<u32>) -> (Store, tokio_pos
     let url = server.cluster.url(&name);
     let store = Store::new(StoreConfig {
         database_url: url.clone(),
+        direct_database_url: None,
         schema: "stead".into(),
         pool_size: 4,
         pool_wait_timeout_ms: 10_000,

@@ -69,7 +69,7 @@ pub(crate) async fn put(
     let (record, created) = state
         .inner
         .store
-        .register_workflow(&name, &doc, &hash)
+        .register_workflow(&name, &doc, &hash, def.retention_ms)
         .await?;
     state
         .inner

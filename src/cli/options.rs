@@ -16,6 +16,10 @@ pub struct NodeArgs {
     /// PostgreSQL schema holding stead's tables.
     #[arg(long, env = "STEAD_SCHEMA", default_value = "stead")]
     pub schema: String,
+    /// PostgreSQL itself when --database-url is PgBouncer in transaction
+    /// mode: member sessions, LISTEN and migrations connect here.
+    #[arg(long, env = "STEAD_DIRECT_DATABASE_URL")]
+    pub direct_database_url: Option<String>,
     /// Slot count of a new cluster (fixed once the schema exists).
     #[arg(long, env = "STEAD_SLOT_COUNT", default_value_t = 256)]
     pub slot_count: u32,
@@ -134,6 +138,22 @@ pub struct NodeArgs {
     /// links to the matching panel of the stead dashboard.
     #[arg(long, env = "STEAD_GRAFANA_URL")]
     pub grafana_url: Option<String>,
+    /// How long ended instances are kept, with their steps, tasks, signals
+    /// and history: a duration such as 7d, 12h or 30m, or 0 to keep them
+    /// for ever. A workflow's "retention" overrides it for its instances.
+    #[arg(long, env = "STEAD_RETENTION", default_value = "7d", value_parser = stead::parse_retention)]
+    pub retention: u64,
+    /// Most root instances (each with its child instances) one retention
+    /// batch deletes.
+    #[arg(long, env = "STEAD_RETENTION_BATCH_SIZE", default_value_t = 500)]
+    pub retention_batch_size: usize,
+    /// The pause between two full retention batches, in milliseconds.
+    #[arg(long, env = "STEAD_RETENTION_PAUSE_MS", default_value_t = 100)]
+    pub retention_pause_ms: u64,
+    /// How often the maintenance-duty holder looks for ended instances due
+    /// for deletion, in milliseconds.
+    #[arg(long, env = "STEAD_RETENTION_INTERVAL_MS", default_value_t = 10_000)]
+    pub retention_interval_ms: u64,
     /// How long shutdown waits for in-flight work, in milliseconds.
     #[arg(long, env = "STEAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -147,6 +167,7 @@ impl NodeArgs {
             config.name = name.clone();
         }
         config.schema = self.schema.clone();
+        config.direct_database_url = self.direct_database_url.clone();
         config.slot_count = self.slot_count;
         config.metrics_auth = self.metrics_auth;
         config.http_allow = self.http_allow.clone();
@@ -184,6 +205,10 @@ impl NodeArgs {
             gauge_refresh_ms: self.gauge_refresh_ms,
             http_max_response_bytes: self.http_max_response_bytes,
             http_max_redirects: self.http_max_redirects,
+            retention_ms: self.retention,
+            retention_batch_size: self.retention_batch_size,
+            retention_pause_ms: self.retention_pause_ms,
+            retention_interval_ms: self.retention_interval_ms,
             ..Tuning::default()
         };
         config

@@ -21,6 +21,9 @@ pub(crate) struct Definition {
     pub output: Option<Value>,
     /// Workflow deadline, measured from the instance start.
     pub timeout_ms: Option<u64>,
+    /// How long ended instances of this version are kept (`"retention"`);
+    /// `None` takes the node's `--retention`, `Some(0)` keeps them for ever.
+    pub retention_ms: Option<u64>,
     /// Workflow-level default retry policy (already merged over the built-in
     /// defaults). Each step's `retry` below is already merged over this one.
     pub retry: RetryPolicy,

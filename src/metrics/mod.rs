@@ -12,7 +12,7 @@ mod gauges;
 
 pub(crate) use gauges::{ClusterGauges, ProcessDuty};
 
-use crate::store::{ClusterCounts, QueueDepth};
+use crate::store::{ClusterCounts, Purged, QueueDepth};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -38,6 +38,7 @@ pub(crate) enum Component {
     Membership,
     Listener,
     Notifier,
+    Retention,
 }
 
 impl Component {
@@ -50,10 +51,11 @@ impl Component {
             Component::Membership => "membership",
             Component::Listener => "listener",
             Component::Notifier => "notifier",
+            Component::Retention => "retention",
         }
     }
 
-    const ALL: [Component; 7] = [
+    const ALL: [Component; 8] = [
         Component::Api,
         Component::Advancer,
         Component::Executor,
@@ -61,8 +63,13 @@ impl Component {
         Component::Membership,
         Component::Listener,
         Component::Notifier,
+        Component::Retention,
     ];
 }
+
+/// The `table` labels of `stead_retention_deleted_rows_total`, in the order
+/// of `Purged`'s counts.
+const RETAINED_TABLES: [&str; 5] = ["instances", "steps", "tasks", "signals", "history"];
 
 /// The final statuses of an instance, pre-created per workflow so a rate()
 /// over them has a starting point before the first increment.
@@ -89,6 +96,9 @@ pub(crate) struct Metrics {
     pub(crate) stale_completions: IntCounter,
     // ---- engine ----
     pub(crate) advance_batch_seconds: Histogram,
+    // ---- retention ----
+    pub(crate) retention_deleted: IntCounterVec,
+    pub(crate) oldest_ended_age: prometheus::GaugeVec,
     // ---- cluster ----
     /// Cluster-wide gauges are vectors without labels so that a process
     /// not holding the maintenance duty can withdraw them (`reset`).
@@ -262,6 +272,22 @@ impl Metrics {
                 "Time to advance one batch of instances (lock, decide, write, commit).",
                 LATENCY_BUCKETS
             ))),
+            retention_deleted: reg!(IntCounterVec::new(
+                Opts::new(
+                    "stead_retention_deleted_rows_total",
+                    "Rows deleted by retention, by table (instances, steps, tasks, signals, \
+                     history)."
+                ),
+                &["table"]
+            )),
+            oldest_ended_age: reg!(prometheus::GaugeVec::new(
+                Opts::new(
+                    "stead_oldest_ended_instance_age_seconds",
+                    "Time since the oldest stored ended instance ended (0 when none is stored); \
+                     exported by the maintenance-duty holder."
+                ),
+                &[]
+            )),
             members_alive: reg!(IntGaugeVec::new(
                 Opts::new(
                     "stead_members_alive",
@@ -374,6 +400,9 @@ impl Metrics {
         for kind in ["claim", "instance"] {
             metrics.long_polls_waiting.with_label_values(&[kind]);
         }
+        for table in RETAINED_TABLES {
+            metrics.retention_deleted.with_label_values(&[table]);
+        }
         metrics
     }
 
@@ -446,6 +475,23 @@ impl Metrics {
         self.members_alive.reset();
         self.slots.reset();
         self.slots_unowned.reset();
+        self.oldest_ended_age.reset();
+    }
+
+    /// Counts what one retention batch deleted.
+    pub(crate) fn retention_deleted(&self, purged: &Purged) {
+        let counts = [
+            purged.instances,
+            purged.steps,
+            purged.tasks,
+            purged.signals,
+            purged.history,
+        ];
+        for (table, n) in RETAINED_TABLES.into_iter().zip(counts) {
+            if n > 0 {
+                self.retention_deleted.with_label_values(&[table]).inc_by(n);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -10,6 +10,7 @@ use deadpool_postgres::Object;
 use serde_json::Value;
 use tokio_postgres::types::{Json, ToSql};
 
+use super::conn::{Conn, Prepared};
 use super::notify::{ended_payloads, NOTIFY_ADVANCE, NOTIFY_ENDED, NOTIFY_QUEUES};
 use super::workflows::GET_WORKFLOW_VERSION;
 use super::{decode, decode_json, Result, Store, StoreError, KEYED_PLANS};
@@ -550,7 +551,7 @@ pub(crate) struct AdvanceWrites {
 /// A transaction in which the engine moves a batch of instances on. Dropping
 /// it without `commit` discards the connection, which rolls back.
 pub(crate) struct AdvanceTx {
-    conn: Option<Object>,
+    conn: Option<Conn>,
     done: bool,
 }
 
@@ -559,7 +560,7 @@ impl Drop for AdvanceTx {
         if !self.done {
             if let Some(conn) = self.conn.take() {
                 // Never return a connection in an open transaction to the pool.
-                drop(Object::take(conn));
+                drop(Object::take(conn.into_object()));
             }
         }
     }
@@ -579,7 +580,7 @@ impl Store {
         let conn = self.conn().await?;
         let tx = AdvanceTx::new(conn);
         let c = tx.client();
-        let stmt = c.prepare_cached(LOCK_DUE_INSTANCES).await?;
+        let stmt = c.prepare(LOCK_DUE_INSTANCES).await?;
         let owned = slot_bitmap(slots);
         let params: [&(dyn ToSql + Sync); 2] = [&(limit as i64), &owned];
         let ((), rows) = futures::try_join!(c.batch_execute(KEYED_PLANS), c.query(&stmt, &params))?;
@@ -633,14 +634,14 @@ fn slot_bitmap(slots: &[i32]) -> Vec<u8> {
 }
 
 impl AdvanceTx {
-    fn new(conn: Object) -> Self {
+    fn new(conn: Conn) -> Self {
         AdvanceTx {
             conn: Some(conn),
             done: false,
         }
     }
 
-    fn client(&self) -> &Object {
+    fn client(&self) -> &Conn {
         self.conn.as_ref().expect("transaction is open")
     }
 
@@ -651,7 +652,7 @@ impl AdvanceTx {
     #[cfg(test)]
     pub(crate) async fn lock_due(&self, limit: usize, slots: &[i32]) -> Result<DueBatch> {
         let c = self.client();
-        let stmt = c.prepare_cached(LOCK_DUE_INSTANCES).await?;
+        let stmt = c.prepare(LOCK_DUE_INSTANCES).await?;
         let rows = c
             .query(&stmt, &[&(limit as i64), &slot_bitmap(slots)])
             .await?;
@@ -715,9 +716,9 @@ impl AdvanceTx {
             return Ok(());
         }
         let (steps, tasks, signals) = futures::try_join!(
-            c.prepare_cached(LOAD_STEPS),
-            c.prepare_cached(LOAD_FINISHED_TASKS),
-            c.prepare_cached(LOAD_SIGNALS)
+            c.prepare(LOAD_STEPS),
+            c.prepare(LOAD_FINISHED_TASKS),
+            c.prepare(LOAD_SIGNALS)
         )?;
         let (steps, tasks, signals) = futures::try_join!(
             query_by_ids(c, &steps, &advanced),
@@ -923,8 +924,8 @@ where
 
 /// Runs a lookup by instance ids; none when there are no ids.
 async fn query_by_ids(
-    c: &tokio_postgres::Client,
-    statement: &tokio_postgres::Statement,
+    c: &Conn,
+    statement: &Prepared<'_>,
     ids: &[&str],
 ) -> std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if ids.is_empty() {
@@ -980,10 +981,10 @@ impl<'a> Pipeline<'a> {
     /// Runs every statement and then COMMIT, all sent before the first
     /// answer is read; returns, in order, what each statement did or its
     /// error, and what COMMIT did.
-    async fn run_and_commit(&self, c: &Object) -> Result<(Vec<RanOrError>, Result<()>)> {
+    async fn run_and_commit(&self, c: &Conn) -> Result<(Vec<RanOrError>, Result<()>)> {
         let mut prepared = Vec::with_capacity(self.statements.len());
         for statement in &self.statements {
-            prepared.push(c.prepare_cached(statement.text).await?);
+            prepared.push(c.prepare(statement.text).await?);
         }
         let runs = self.statements.iter().zip(&prepared).map(|(st, stmt)| {
             let params: Vec<&(dyn ToSql + Sync)> = st

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::advance::{step_from_row, StoredStep};
+use super::Cached;
 use super::{decode, Result, Store};
 use crate::model::{EventType, InstanceStatus, StartOutcome};
 
@@ -207,9 +208,8 @@ impl Store {
             return Ok((fresh, true, Some(instance_from_row(row)?)));
         }
         let conn = self.conn().await?;
-        let stmt = conn.prepare_cached(START_INSTANCE).await?;
         let row = conn
-            .query_one(&stmt, &[&workflow, &version, input, &id])
+            .query_one(Cached(START_INSTANCE), &[&workflow, &version, input, &id])
             .await?;
         Ok((row.get(0), row.get(1), None))
     }
@@ -230,9 +230,11 @@ impl Store {
         // path for generated ids.
         let ids: Option<Vec<Option<&str>>> = ids.iter().any(Option::is_some).then_some(ids);
         let conn = self.conn().await?;
-        let stmt = conn.prepare_cached(START_INSTANCES).await?;
         let rows = conn
-            .query(&stmt, &[&workflow, &version, &inputs, &ids])
+            .query(
+                Cached(START_INSTANCES),
+                &[&workflow, &version, &inputs, &ids],
+            )
             .await?;
         rows.iter()
             .map(|r| Ok((r.get(0), decode("start_instances.outcome", r.get(1))?)))
@@ -241,8 +243,7 @@ impl Store {
 
     pub(crate) async fn get_instance(&self, id: &str) -> Result<Option<InstanceRecord>> {
         let conn = self.conn().await?;
-        let stmt = conn.prepare_cached(GET_INSTANCE).await?;
-        let row = conn.query_opt(&stmt, &[&id]).await?;
+        let row = conn.query_opt(Cached(GET_INSTANCE), &[&id]).await?;
         row.as_ref().map(instance_from_row).transpose()
     }
 
@@ -359,8 +360,9 @@ impl Store {
     /// Delivers a signal; returns its id.
     pub(crate) async fn send_signal(&self, id: &str, name: &str, payload: &Value) -> Result<i64> {
         let conn = self.conn().await?;
-        let stmt = conn.prepare_cached(SEND_SIGNAL).await?;
-        let row = conn.query_one(&stmt, &[&id, &name, payload]).await?;
+        let row = conn
+            .query_one(Cached(SEND_SIGNAL), &[&id, &name, payload])
+            .await?;
         Ok(row.get(0))
     }
 

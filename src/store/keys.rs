@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::Cached;
 use super::{decode, Result, Store};
 use crate::auth::Role;
 use crate::keys::KeyInfo;
@@ -81,8 +82,7 @@ impl Store {
     /// The live key with this id, if any.
     pub(crate) async fn find_live_key(&self, id: &str) -> Result<Option<LiveKey>> {
         let conn = self.conn().await?;
-        let stmt = conn.prepare_cached(FIND_LIVE_KEY).await?;
-        let Some(row) = conn.query_opt(&stmt, &[&id]).await? else {
+        let Some(row) = conn.query_opt(Cached(FIND_LIVE_KEY), &[&id]).await? else {
             return Ok(None);
         };
         Ok(Some(LiveKey {

@@ -23,6 +23,7 @@
 
 mod admin;
 mod advance;
+mod conn;
 mod error;
 mod instances;
 mod keys;
@@ -31,13 +32,14 @@ mod migrations;
 mod notify;
 mod overview;
 mod queue;
+mod retention;
 mod tls;
 mod workflows;
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -50,6 +52,8 @@ pub(crate) use advance::{
 };
 #[cfg(test)]
 pub(crate) use advance::{RowAt, SignalRow, StoredStep};
+pub(crate) use conn::Cached;
+use conn::{Conn, Describer, Statements};
 pub(crate) use error::{Cause, StoreError};
 pub(crate) use instances::{
     EventRecord, InstanceBrief, InstanceFilter, InstanceRecord, StepRecord,
@@ -59,6 +63,7 @@ pub(crate) use migrations::latest_migration_version;
 pub(crate) use notify::{ended_ids, Channel};
 pub(crate) use overview::LeasedTask;
 pub(crate) use queue::{ClaimedTask, QueueDepth, TaskOutcome};
+pub(crate) use retention::Purged;
 pub(crate) use workflows::WorkflowRecord;
 
 use crate::model::Vocabulary;
@@ -69,6 +74,10 @@ pub(crate) type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub(crate) struct StoreConfig {
     pub database_url: String,
+    /// Set when `database_url` is a transaction-mode pooler (PgBouncer):
+    /// the URL of PostgreSQL itself, for the sessions that need one of
+    /// their own (members, the listener, migrations).
+    pub direct_database_url: Option<String>,
     pub schema: String,
     pub pool_size: usize,
     pub pool_wait_timeout_ms: u64,
@@ -100,7 +109,11 @@ const KEYED_PLANS: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan
 pub(crate) struct Store {
     pool: Pool,
     config: StoreConfig,
+    /// The dedicated sessions' settings (straight to PostgreSQL, even when
+    /// the pool goes through a pooler).
     pg_config: tokio_postgres::Config,
+    /// How the pool's connections run statements.
+    statements: Statements,
     /// How every connection of this store speaks TLS (per the URL's
     /// `sslmode`; `disable` never does).
     tls: tls::MakeTls,
@@ -134,41 +147,79 @@ fn lock_key(schema: &str, purpose: &str) -> i64 {
     i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
+/// The connection settings and TLS of a database URL, with the client-side
+/// timeouts every connection of the store has.
+fn connect_config(url: &str) -> Result<(tokio_postgres::Config, tls::MakeTls)> {
+    let tls_settings = tls::split_url(url)
+        .map_err(|e| StoreError::invalid(format!("invalid database URL: {e}")))?;
+    let tls = tls::MakeTls(MakeRustlsConnect::new(
+        tls::client_config(&tls_settings)
+            .map_err(|e| StoreError::invalid(format!("database TLS: {e}")))?,
+    ));
+    let mut pg_config =
+        tokio_postgres::Config::from_str(&tls_settings.url).map_err(|e| StoreError::Invalid {
+            message: format!("invalid database URL: {e}"),
+            source: Some(e),
+        })?;
+    pg_config.ssl_mode(tls::mode_for(pg_config.get_hosts(), tls_settings.mode));
+    pg_config.connect_timeout(CONNECT_TIMEOUT);
+    // Client-side keepalives: a dead server is noticed in ~16 s, not hours.
+    pg_config.keepalives(true);
+    pg_config.keepalives_idle(Duration::from_secs(10));
+    pg_config.keepalives_interval(Duration::from_secs(2));
+    pg_config.keepalives_retries(3);
+    Ok((pg_config, tls))
+}
+
+/// The settings a session of the store starts with, sent as startup
+/// options (which only PostgreSQL itself takes, not a pooler).
+fn set_session_options(pg_config: &mut tokio_postgres::Config, config: &StoreConfig) {
+    // Server-side keepalives and a TCP user timeout make the server drop
+    // a silent client (partition, frozen process) within seconds; with
+    // the idle-in-transaction timeout, its row locks are freed too.
+    pg_config.options(format!(
+        "-c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={} \
+         -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 \
+         -c tcp_user_timeout=10000 -c plan_cache_mode=force_custom_plan",
+        config.schema, config.statement_timeout_ms, config.idle_in_transaction_timeout_ms
+    ));
+    pg_config.application_name(&config.application_name);
+}
+
 impl Store {
     pub(crate) fn new(config: StoreConfig) -> Result<Self> {
         validate_schema_name(&config.schema).map_err(StoreError::invalid)?;
-        let tls_settings = tls::split_url(&config.database_url)
-            .map_err(|e| StoreError::invalid(format!("invalid database URL: {e}")))?;
-        let tls = tls::MakeTls(MakeRustlsConnect::new(
-            tls::client_config(&tls_settings)
-                .map_err(|e| StoreError::invalid(format!("database TLS: {e}")))?,
-        ));
-        let mut pg_config = tokio_postgres::Config::from_str(&tls_settings.url).map_err(|e| {
-            StoreError::Invalid {
-                message: format!("invalid database URL: {e}"),
-                source: Some(e),
+        let (pool_config, pool_tls) = connect_config(&config.database_url)?;
+        let direct = config.direct_database_url.as_deref().map(connect_config);
+        let (mut pg_config, tls, statements) = match direct {
+            None => (pool_config.clone(), pool_tls.clone(), Statements::Prepared),
+            Some(direct) => {
+                let (mut pg_config, tls) = direct?;
+                set_session_options(&mut pg_config, &config);
+                let describer = Describer::new(pg_config.clone(), tls.clone());
+                (
+                    pg_config,
+                    tls,
+                    Statements::Unnamed(std::sync::Arc::new(describer)),
+                )
             }
-        })?;
-        // Server-side keepalives and a TCP user timeout make the server drop
-        // a silent client (partition, frozen process) within seconds; with
-        // the idle-in-transaction timeout, its row locks are freed too.
-        pg_config.options(format!(
-            "-c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={} \
-             -c tcp_keepalives_idle=5 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3 \
-             -c tcp_user_timeout=10000 -c plan_cache_mode=force_custom_plan",
-            config.schema, config.statement_timeout_ms, config.idle_in_transaction_timeout_ms
-        ));
-        pg_config.application_name(&config.application_name);
-        pg_config.ssl_mode(tls::mode_for(pg_config.get_hosts(), tls_settings.mode));
-        pg_config.connect_timeout(CONNECT_TIMEOUT);
-        // Client-side keepalives: a dead server is noticed in ~16 s, not hours.
-        pg_config.keepalives(true);
-        pg_config.keepalives_idle(Duration::from_secs(10));
-        pg_config.keepalives_interval(Duration::from_secs(2));
-        pg_config.keepalives_retries(3);
+        };
+        let mut pool_config = pool_config;
+        match statements {
+            // Straight to PostgreSQL the pool's sessions get their settings
+            // at startup; a transaction-mode pooler passes no startup
+            // options on (they come from the role: see `check_pooled`).
+            Statements::Prepared => {
+                set_session_options(&mut pool_config, &config);
+                pg_config = pool_config.clone();
+            }
+            Statements::Unnamed(_) => {
+                pool_config.application_name(&config.application_name);
+            }
+        }
         let manager = Manager::from_config(
-            pg_config.clone(),
-            tls.clone(),
+            pool_config,
+            pool_tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -185,6 +236,7 @@ impl Store {
             config,
             pg_config,
             tls,
+            statements,
             origin: uuid::Uuid::new_v4().to_string().into(),
         })
     }
@@ -202,8 +254,48 @@ impl Store {
         self.pool.status()
     }
 
-    async fn conn(&self) -> Result<Object> {
-        Ok(self.pool.get().await?)
+    async fn conn(&self) -> Result<Conn> {
+        Ok(Conn::new(self.pool.get().await?, self.statements.clone()))
+    }
+
+    /// Through a transaction-mode pooler, checks that the pool's sessions
+    /// resolve names in this store's schema: the pooler passes no startup
+    /// options on, so the schema must come from the role's settings. Warns
+    /// when they run without a statement timeout. Straight to PostgreSQL,
+    /// there is nothing to check.
+    pub(crate) async fn check_pooled(&self) -> Result<()> {
+        if matches!(self.statements, Statements::Prepared) {
+            return Ok(());
+        }
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one(
+                "SELECT current_schema()::text, current_setting('statement_timeout'), \
+                 current_user::text, current_database()::text",
+                &[],
+            )
+            .await?;
+        let (schema, timeout, user, database): (Option<String>, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if schema.as_deref() != Some(self.schema()) {
+            return Err(StoreError::invalid(format!(
+                "the pooled database URL's sessions use schema {}, not {:?}: a transaction-mode \
+                 pooler passes no startup options on, so set the schema on the role, on a direct \
+                 connection: ALTER ROLE \"{user}\" IN DATABASE \"{database}\" SET search_path = {}",
+                schema.map_or_else(|| "none".to_string(), |s| format!("{s:?}")),
+                self.schema(),
+                self.schema()
+            )));
+        }
+        if timeout == "0" {
+            tracing::warn!(
+                "the pooled database URL's sessions have no statement_timeout: set one on the \
+                 role (ALTER ROLE \"{user}\" IN DATABASE \"{database}\" SET statement_timeout = \
+                 '{}ms') or PgBouncer's query_timeout",
+                self.config.statement_timeout_ms
+            );
+        }
+        Ok(())
     }
 
     /// Runs one statement written as keyed probes (its plan right whatever
@@ -215,7 +307,7 @@ impl Store {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>> {
         let conn = self.conn().await?;
-        let stmt = conn.prepare_cached(sql).await?;
+        let stmt = conn.prepare(sql).await?;
         // If the statement fails, COMMIT ends the aborted transaction as a
         // rollback; its answer is dropped with the others.
         let ((), rows, ()) = futures::try_join!(

@@ -11,8 +11,8 @@ const LOCK_WORKFLOW_NAME: &str = "SELECT pg_advisory_xact_lock(hashtextextended(
 const FIND_WORKFLOW_BY_HASH: &str =
     "SELECT version, created_at FROM workflows WHERE name = $1 AND content_hash = $2";
 const INSERT_WORKFLOW: &str = "
-    INSERT INTO workflows (name, version, definition, content_hash)
-    SELECT $1, coalesce(max(version), 0) + 1, $2, $3 FROM workflows WHERE name = $1
+    INSERT INTO workflows (name, version, definition, content_hash, retention_ms)
+    SELECT $1, coalesce(max(version), 0) + 1, $2, $3, $4 FROM workflows WHERE name = $1
     RETURNING version, created_at";
 pub(super) const GET_WORKFLOW_VERSION: &str =
     "SELECT name, version, definition, created_at FROM workflows WHERE name = $1 AND version = $2";
@@ -52,7 +52,9 @@ impl Store {
         name: &str,
         definition: &Value,
         content_hash: &str,
+        retention_ms: Option<u64>,
     ) -> Result<(WorkflowRecord, bool)> {
+        let retention_ms = retention_ms.map(|ms| ms as i64);
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         tx.execute(LOCK_WORKFLOW_NAME, &[&name]).await?;
@@ -63,7 +65,10 @@ impl Store {
             Some(row) => (row, false),
             None => {
                 let row = tx
-                    .query_one(INSERT_WORKFLOW, &[&name, definition, &content_hash])
+                    .query_one(
+                        INSERT_WORKFLOW,
+                        &[&name, definition, &content_hash, &retention_ms],
+                    )
                     .await?;
                 (row, true)
             }

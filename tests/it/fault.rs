@@ -1,8 +1,8 @@
 //! High availability under faults, with real `stead serve` processes under a
 //! steady load (harness in `fault_harness.rs`): a worker killed with
 //! `kill -9`, frozen with SIGSTOP past its TTL, cut off from PostgreSQL by a
-//! blackholing proxy; PostgreSQL itself restarted (fast and immediate); a
-//! worker joining. Each test prints how long the slots took to move (within
+//! blackholing proxy; PostgreSQL itself restarted (fast and immediate), and
+//! failed over to a synchronous standby; a worker joining. Each test prints how long the slots took to move (within
 //! generous sanity limits only: the figures the README quotes come from
 //! `stead bench --failover`), and checks at the end from the database that
 //! every acknowledged instance completed, that no step result was recorded
@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use crate::fault_harness::{
     acked_completed, check_invariants, diagnose_stall, measure, median_and_worst, port_of,
-    wait_all_completed, with_port, Load, PrivatePg, Probe, Proxy, Sampler, Workers, TTL,
+    stop_and_check, wait_all_completed, with_port, Load, PrivatePg, Probe, Proxy, ReplicatedPg,
+    Sampler, Workers, TTL,
 };
 use crate::harness::SANITY_LIMIT;
 use crate::{wait_until, TestDb};
@@ -25,7 +26,7 @@ use crate::{wait_until, TestDb};
 const RATE: u32 = 30;
 
 /// One fault test at a time: each runs four processes.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn names(prefix: &str, n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("{prefix}{i}")).collect()
@@ -51,6 +52,30 @@ async fn balanced(url: &str, all: &[String]) -> (Probe, i64) {
 /// Let the load run (time passing, not synchronisation).
 async fn run_load_for(d: Duration) {
     tokio::time::sleep(d).await;
+}
+
+/// Waits until every worker is a member again with the slots shared
+/// (measured from `t`: returned), answers `/readyz`, and the load has more
+/// than `acked` acknowledged starts.
+async fn recovers(
+    what: &str,
+    t: Instant,
+    (workers, probe, slots): (&Workers, &Probe, i64),
+    (load, acked): (&Load, usize),
+) -> Duration {
+    let all = workers.names();
+    let recovered = measure(what, t, Duration::from_secs(40), || {
+        probe.balanced(&all, slots)
+    })
+    .await;
+    workers.wait_ready(&all, Duration::from_secs(20)).await;
+    wait_until(
+        "starts are acknowledged again",
+        Duration::from_secs(20),
+        || async { load.acked() > acked },
+    )
+    .await;
+    recovered
 }
 
 fn secs(d: Duration) -> String {
@@ -96,18 +121,7 @@ async fn kill_9_a_worker_its_slots_move_to_the_survivors() {
     }
     run_load_for(Duration::from_secs(1)).await;
 
-    let report = load.stop().await;
-    println!(
-        "load: {} attempted, {} acknowledged, errors {:?}",
-        report.attempted,
-        report.acked.len(),
-        report.errors
-    );
-    wait_all_completed(&probe, &report.acked, Duration::from_secs(30)).await;
-    let sampled = sampler.stop().await;
-    check_invariants(&probe, &report.acked).await;
-    sampled.assert_ok();
-    sampled.assert_only_owners_advanced(&probe).await;
+    let report = stop_and_check(load, sampler, &probe, Duration::from_secs(30)).await;
 
     let (median, worst) = median_and_worst(&times);
     println!(
@@ -171,18 +185,7 @@ async fn sigstop_past_the_ttl_moves_the_slots_and_the_worker_rejoins_after_sigco
     );
     run_load_for(Duration::from_secs(1)).await;
 
-    let report = load.stop().await;
-    println!(
-        "load: {} attempted, {} acknowledged, errors {:?}",
-        report.attempted,
-        report.acked.len(),
-        report.errors
-    );
-    wait_all_completed(&probe, &report.acked, Duration::from_secs(30)).await;
-    let sampled = sampler.stop().await;
-    check_invariants(&probe, &report.acked).await;
-    sampled.assert_ok();
-    sampled.assert_only_owners_advanced(&probe).await;
+    let report = stop_and_check(load, sampler, &probe, Duration::from_secs(30)).await;
     assert!(report.acked.len() >= 100, "too little load: {report:?}");
 }
 
@@ -261,12 +264,7 @@ async fn blackholed_worker_loses_its_slots_and_the_others_complete_everything() 
 
     // The other two finish everything while it is still cut off.
     let report = load.stop().await;
-    println!(
-        "load: {} attempted, {} acknowledged, errors {:?}",
-        report.attempted,
-        report.acked.len(),
-        report.errors
-    );
+    report.print();
     let t_done = Instant::now();
     let deadline = SANITY_LIMIT;
     let stall = loop {
@@ -337,19 +335,11 @@ async fn postgres_restart_fast_and_immediate_workers_recover_by_themselves() {
         let t = Instant::now();
         pg.restart(mode).await;
         let server_back = t.elapsed();
-        let recovered = measure(
+        let recovered = recovers(
             &format!("every worker recovers after pg_ctl restart -m {mode}"),
             t,
-            Duration::from_secs(40),
-            || probe.balanced(&all, slots),
-        )
-        .await;
-        workers.wait_ready(&all, Duration::from_secs(20)).await;
-        // And they take starts again.
-        wait_until(
-            "starts are acknowledged again",
-            Duration::from_secs(20),
-            || async { load.acked() > before + 10 },
+            (&workers, &probe, slots),
+            (&load, before + 10),
         )
         .await;
         println!(
@@ -362,18 +352,7 @@ async fn postgres_restart_fast_and_immediate_workers_recover_by_themselves() {
     }
     run_load_for(Duration::from_secs(1)).await;
 
-    let report = load.stop().await;
-    println!(
-        "load: {} attempted, {} acknowledged, errors {:?}",
-        report.attempted,
-        report.acked.len(),
-        report.errors
-    );
-    wait_all_completed(&probe, &report.acked, Duration::from_secs(40)).await;
-    let sampled = sampler.stop().await;
-    check_invariants(&probe, &report.acked).await;
-    sampled.assert_ok();
-    sampled.assert_only_owners_advanced(&probe).await;
+    let report = stop_and_check(load, sampler, &probe, Duration::from_secs(40)).await;
     assert!(report.acked.len() >= 100, "too little load: {report:?}");
     drop(workers);
 }
@@ -421,12 +400,7 @@ async fn a_fourth_worker_joins_under_load_and_takes_a_quarter_of_the_slots() {
     run_load_for(Duration::from_secs(2)).await;
 
     let report = load.stop().await;
-    println!(
-        "load: {} attempted, {} acknowledged, errors {:?}",
-        report.attempted,
-        report.acked.len(),
-        report.errors
-    );
+    report.print();
     // No fault here: every start was acknowledged.
     assert!(
         report.errors.is_empty(),
@@ -540,5 +514,57 @@ async fn the_maintenance_duty_moves_when_its_holder_is_killed_or_frozen() {
     let report = load.stop().await;
     wait_all_completed(&probe, &report.acked, SANITY_LIMIT).await;
     check_invariants(&probe, &report.acked).await;
+    drop(workers);
+}
+
+/// A primary with a synchronous streaming standby; every worker is given
+/// both hosts with `target_session_attrs=read-write`. Under load the
+/// standby is promoted and the old primary stopped as by a crash: each
+/// worker finds the new primary by itself, and every acknowledged start
+/// survives and completes (synchronous replication: nothing acknowledged
+/// was only on the old primary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_failover_to_a_synchronous_standby_loses_no_acknowledged_start() {
+    let _serial = SERIAL.lock().await;
+    let pg = ReplicatedPg::start().await;
+    let url = pg.url();
+    let all = names("f", 3);
+    let workers = start_workers(&url, &all).await;
+    let (probe, slots) = balanced(&url, &all).await;
+    let sampler = Sampler::start(&url, workers.targets.clone());
+    let load = Load::start(workers.targets.clone(), "failover", RATE);
+    run_load_for(Duration::from_millis(1500)).await;
+
+    let before = load.acked();
+    let t = Instant::now();
+    pg.fail_over().await;
+    let promoted = t.elapsed();
+    let recovered = recovers(
+        "every worker recovers on the promoted standby",
+        t,
+        (&workers, &probe, slots),
+        (&load, before + 30),
+    )
+    .await;
+    println!(
+        "failover: promoted and old primary stopped after {}, members alive with every slot \
+         owned after {}, accepting starts after {}",
+        secs(promoted),
+        secs(recovered),
+        secs(t.elapsed())
+    );
+    let server = probe
+        .query("SELECT inet_server_port(), pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (server[0].get::<_, i32>(0), server[0].get::<_, bool>(1)),
+        (i32::from(pg.standby.port), false),
+        "the checks read the promoted standby"
+    );
+    run_load_for(Duration::from_secs(1)).await;
+
+    let report = stop_and_check(load, sampler, &probe, Duration::from_secs(40)).await;
+    assert!(report.acked.len() >= 80, "too little load: {report:?}");
     drop(workers);
 }

@@ -59,6 +59,14 @@ pub const FAST: &[&str] = &[
 /// The workflow every load driver starts.
 pub const WORKFLOW: &str = "fault";
 
+/// [`FAST`] followed by `extra`.
+fn with_fast(extra: &[String]) -> Vec<&str> {
+    FAST.iter()
+        .copied()
+        .chain(extra.iter().map(String::as_str))
+        .collect()
+}
+
 // ---------------------------------------------------------------------------
 // Targets: which processes take HTTP requests
 // ---------------------------------------------------------------------------
@@ -119,6 +127,8 @@ pub struct Worker {
     pub name: String,
     /// The database URL it was given (maybe through a proxy).
     pub db_url: String,
+    /// Its arguments beyond [`FAST`].
+    pub extra: Vec<String>,
     pub proc: Option<ServeProcess>,
 }
 
@@ -133,6 +143,11 @@ impl Workers {
     /// Spawns one process per (name, database URL), one after the other
     /// (the first applies the migrations), and registers [`WORKFLOW`].
     pub async fn start(specs: &[(&str, &str)]) -> Workers {
+        Workers::start_with(specs, &[]).await
+    }
+
+    /// As [`Workers::start`], every process with arguments beyond [`FAST`].
+    pub async fn start_with(specs: &[(&str, &str)], extra: &[String]) -> Workers {
         let mut w = Workers {
             list: Vec::new(),
             targets: Targets::default(),
@@ -142,7 +157,7 @@ impl Workers {
                 .unwrap(),
         };
         for (name, url) in specs {
-            w.add(name, url).await;
+            w.add_with(name, url, extra).await;
         }
         w.register_workflow().await;
         w
@@ -150,11 +165,17 @@ impl Workers {
 
     /// Spawns one more process and marks it up.
     pub async fn add(&mut self, name: &str, db_url: &str) {
-        let proc = ServeProcess::spawn(db_url, name, FAST).await;
+        self.add_with(name, db_url, &[]).await;
+    }
+
+    /// Spawns one more process with arguments beyond [`FAST`].
+    pub async fn add_with(&mut self, name: &str, db_url: &str, extra: &[String]) {
+        let proc = ServeProcess::spawn(db_url, name, &with_fast(extra)).await;
         self.targets.set(name, &proc.base_url);
         self.list.push(Worker {
             name: name.to_string(),
             db_url: db_url.to_string(),
+            extra: extra.to_vec(),
             proc: Some(proc),
         });
     }
@@ -195,7 +216,7 @@ impl Workers {
     pub async fn respawn(&mut self, name: &str) {
         let w = self.worker_mut(name);
         assert!(w.proc.is_none(), "{name} is still running");
-        let proc = ServeProcess::spawn(&w.db_url, name, FAST).await;
+        let proc = ServeProcess::spawn(&w.db_url, name, &with_fast(&w.extra)).await;
         let url = proc.base_url.clone();
         w.proc = Some(proc);
         self.targets.set(name, &url);
@@ -436,6 +457,17 @@ pub struct LoadReport {
     pub attempted: u64,
     /// Refused, failed or timed-out starts, by kind.
     pub errors: BTreeMap<String, u64>,
+}
+
+impl LoadReport {
+    pub fn print(&self) {
+        println!(
+            "load: {} attempted, {} acknowledged, errors {:?}",
+            self.attempted,
+            self.acked.len(),
+            self.errors
+        );
+    }
 }
 
 impl Load {
@@ -899,6 +931,25 @@ pub async fn diagnose_stall(probe: &Probe) -> String {
 /// its own output; no step result recorded twice; every history numbered
 /// 1..n without gaps or duplicates (and agreeing with the instance row);
 /// no task rows left. Prints the counts and latencies.
+/// Stops the load and the sampler, waits (within `deadline`) until every
+/// acknowledged start has completed, and checks the invariants and the
+/// sampled slot ownership; returns the load's report.
+pub async fn stop_and_check(
+    load: Load,
+    sampler: Sampler,
+    probe: &Probe,
+    deadline: Duration,
+) -> LoadReport {
+    let report = load.stop().await;
+    report.print();
+    wait_all_completed(probe, &report.acked, deadline).await;
+    let sampled = sampler.stop().await;
+    check_invariants(probe, &report.acked).await;
+    sampled.assert_ok();
+    sampled.assert_only_owners_advanced(probe).await;
+    report
+}
+
 pub async fn check_invariants(probe: &Probe, acked: &[String]) {
     let acked: Vec<String> = acked.to_vec();
     let q = |sql: &'static str| async move { probe.query(sql, &[]).await.expect(sql) };
@@ -1104,5 +1155,166 @@ impl PrivatePg {
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("pg_ctl restart -m {mode}: {e}"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A primary with a synchronous streaming standby
+// ---------------------------------------------------------------------------
+
+/// A primary and a standby made from it with `pg_basebackup`, streaming,
+/// with synchronous replication (`synchronous_standby_names`, commits wait
+/// for the standby's flush): what a managed PostgreSQL with a hot standby
+/// runs.
+pub struct ReplicatedPg {
+    pub primary: Cluster,
+    pub standby: Cluster,
+    _dirs: (ClusterDir, ClusterDir),
+}
+
+/// The standby's `application_name`, which the primary waits for.
+const STANDBY_NAME: &str = "standby1";
+
+/// `program` run as the server's OS user (as root, `postgres`).
+pub fn as_server_user(program: std::path::PathBuf) -> std::process::Command {
+    match stead::embedded::RunAs::detect().expect("whom to run PostgreSQL as") {
+        stead::embedded::RunAs::User { name, .. } => {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", &name, "--"]).arg(program);
+            c
+        }
+        stead::embedded::RunAs::CurrentUser => std::process::Command::new(program),
+    }
+}
+
+pub fn run_ok(mut cmd: std::process::Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn append(path: &std::path::Path, text: &str) {
+    let mut all = std::fs::read_to_string(path).unwrap();
+    all.push_str(text);
+    std::fs::write(path, all).unwrap();
+}
+
+impl ReplicatedPg {
+    pub async fn start() -> ReplicatedPg {
+        let primary_dir = ClusterDir::new("primary");
+        let mut primary = crate::harness::init_cluster(&primary_dir).await;
+        append(
+            &primary.pgdata().join("postgresql.conf"),
+            "\nwal_level = replica\nmax_wal_senders = 4\nsynchronous_commit = on\n",
+        );
+        // Synchronous only once the standby exists: until then every commit
+        // (the start's CREATE DATABASE too) would wait for it.
+        primary.start().await.expect("pg_ctl start (primary)");
+
+        let standby_dir = ClusterDir::new("standby");
+        std::fs::create_dir_all(&standby_dir.path).unwrap();
+        let owner = std::fs::metadata(primary.pgdata()).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        std::os::unix::fs::chown(&standby_dir.path, Some(owner.uid()), Some(owner.gid())).unwrap();
+        let bins = stead::embedded::PgBinaries::find().expect("PostgreSQL binaries");
+        let basebackup = bins.bin_dir.join("pg_basebackup");
+        let mut cmd = as_server_user(if basebackup.exists() {
+            basebackup
+        } else {
+            "pg_basebackup".into()
+        });
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=stead application_name={STANDBY_NAME}",
+            primary.port
+        );
+        cmd.arg("-d")
+            .arg(&conninfo)
+            .arg("-D")
+            .arg(standby_dir.path.join("pgdata"))
+            .args(["-X", "stream", "-R", "-c", "fast"]);
+        tokio::task::block_in_place(|| run_ok(cmd, "pg_basebackup"));
+        // -R wrote standby.signal; name the standby so the primary waits for it.
+        append(
+            &standby_dir.path.join("pgdata/postgresql.auto.conf"),
+            // Once promoted it runs alone: it waits for no standby of its own.
+            &format!("\nprimary_conninfo = '{conninfo}'\nsynchronous_standby_names = ''\n"),
+        );
+        let mut standby = crate::harness::init_cluster(&standby_dir).await;
+        standby.start().await.expect("pg_ctl start (standby)");
+        let probe = Probe::new(&primary.url("stead"));
+        for sql in [
+            format!("ALTER SYSTEM SET synchronous_standby_names = '{STANDBY_NAME}'"),
+            "SELECT pg_reload_conf()".to_string(),
+        ] {
+            probe.query(&sql, &[]).await.expect(&sql);
+        }
+        let pg = ReplicatedPg {
+            primary,
+            standby,
+            _dirs: (primary_dir, standby_dir),
+        };
+        pg.wait_synchronous().await;
+        pg
+    }
+
+    /// Both hosts, primary first; libpq's (and stead's) connections pick
+    /// whichever accepts writes.
+    pub fn url(&self) -> String {
+        format!(
+            "postgresql://stead@127.0.0.1:{},127.0.0.1:{}/stead?target_session_attrs=read-write",
+            self.primary.port, self.standby.port
+        )
+    }
+
+    async fn wait_synchronous(&self) {
+        let probe = Probe::new(&self.primary.url("stead"));
+        wait_until(
+            "the standby streams synchronously",
+            SANITY_LIMIT,
+            || async {
+                let rows = probe
+                    .query(
+                        "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 \
+                     AND sync_state = 'sync' AND state = 'streaming'",
+                        &[&STANDBY_NAME],
+                    )
+                    .await?;
+                if rows.is_empty() {
+                    Err("not streaming synchronously yet".to_string())
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .await
+    }
+
+    /// Promotes the standby (`pg_ctl promote -w`), then stops the old
+    /// primary at once (`-m immediate`, as a crash), so it can take no more
+    /// connections.
+    pub async fn fail_over(&self) {
+        let bins = stead::embedded::PgBinaries::find().expect("PostgreSQL binaries");
+        let mut promote = as_server_user(bins.pg_ctl());
+        promote
+            .arg("promote")
+            .arg("-D")
+            .arg(self.standby.pgdata())
+            .args(["-w", "-t", "30"]);
+        let mut stop = as_server_user(bins.pg_ctl());
+        stop.arg("stop").arg("-D").arg(self.primary.pgdata()).args([
+            "-m",
+            "immediate",
+            "-w",
+            "-t",
+            "30",
+        ]);
+        tokio::task::block_in_place(|| {
+            run_ok(promote, "pg_ctl promote");
+            run_ok(stop, "pg_ctl stop (old primary)");
+        });
     }
 }

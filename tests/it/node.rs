@@ -61,6 +61,19 @@ impl TestNode {
         }
     }
 
+    /// A client of a node running elsewhere (a `stead serve` process) at
+    /// `base_url`; `shutdown` leaves that node alone.
+    pub fn remote(base_url: &str) -> TestNode {
+        TestNode {
+            url: base_url.to_string(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(90))
+                .build()
+                .unwrap(),
+            node: None,
+        }
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(node) = self.node.take() {
             node.shutdown().await;

@@ -23,7 +23,15 @@ use crate::definition::model::{
 use crate::definition::template::{self, type_name, Ref};
 use graph::{shortest_cycle, strongly_connected};
 
-const TOP_LEVEL_KEYS: &[&str] = &["name", "description", "steps", "output", "timeout", "retry"];
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "steps",
+    "output",
+    "timeout",
+    "retry",
+    "retention",
+];
 const KINDS: &[&str] = &["task", "http", "sleep", "signal", "value", "workflow"];
 const STEP_KEYS: &[&str] = &[
     "id",
@@ -171,6 +179,10 @@ impl<'d> Validator<'d> {
         let timeout_ms = obj
             .get("timeout")
             .and_then(|t| self.duration(t, "$.timeout", true));
+        // "0s" keeps this workflow's instances for ever, as `--retention 0`.
+        let retention_ms = obj
+            .get("retention")
+            .and_then(|t| self.duration(t, "$.retention", false));
         let retry = match obj.get("retry") {
             Some(r) => {
                 let patch = self.retry_patch(r, "$.retry");
@@ -193,6 +205,7 @@ impl<'d> Validator<'d> {
             steps: steps?,
             output,
             timeout_ms,
+            retention_ms,
             retry,
         })
     }

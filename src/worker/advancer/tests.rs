@@ -20,7 +20,10 @@ fn workflow() -> (Value, Definition) {
 async fn one_instance() -> (Store, tokio_postgres::Client, Definition) {
     let (store, client) = fresh_database().await;
     let (doc, def) = workflow();
-    store.register_workflow("w", &doc, "hash").await.unwrap();
+    store
+        .register_workflow("w", &doc, "hash", None)
+        .await
+        .unwrap();
     store
         .start_instance("w", None, &json!({"n": 1}), Some("i-1"))
         .await
