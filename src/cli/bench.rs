@@ -67,6 +67,14 @@ pub struct BenchArgs {
     /// then complete each task), and report tasks/s. 0: in-process handlers.
     #[arg(long, default_value_t = 0, requires = "prefill")]
     pub external_workers: usize,
+    /// With --prefill: first store this many ended instances (one-step,
+    /// with their steps and history) in the schema, which is then kept (a
+    /// larger number later tops it up); each run's own instances are
+    /// deleted after it, and the API's reads are timed at the end
+    /// (--latency-samples each). Drop it with `DROP SCHEMA stead_bench
+    /// CASCADE`.
+    #[arg(long, default_value_t = 0, requires = "prefill")]
+    pub stored: usize,
     /// With --external-workers: most tasks one claim takes.
     #[arg(long, default_value_t = 100, requires = "prefill")]
     pub claim_max: usize,
@@ -116,6 +124,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             latency_samples: args.latency_samples,
             external_workers: args.external_workers,
             claim_max: args.claim_max,
+            stored: args.stored,
         })
         .await;
     }

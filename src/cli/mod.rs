@@ -11,6 +11,7 @@ mod failover;
 mod options;
 mod prefill;
 mod shutdown;
+mod stored;
 
 use std::path::PathBuf;
 

@@ -56,6 +56,8 @@ pub struct PrefillArgs {
     pub external_workers: usize,
     /// Most tasks one external claim takes.
     pub claim_max: usize,
+    /// Ended instances stored before the runs (0: none; see `stored.rs`).
+    pub stored: usize,
 }
 
 pub async fn run(args: PrefillArgs) -> anyhow::Result<()> {
@@ -85,6 +87,9 @@ async fn run_on(url: &str, args: &PrefillArgs, where_: &str) -> anyhow::Result<(
         args.instances, args.steps, args.enqueue, args.workers, args.pool_size
     );
     let sql = connect(url).await?;
+    if args.stored > 0 {
+        return run_with_stored(url, &sql, args, mode).await;
+    }
     let mut rounds = Vec::with_capacity(args.runs);
     for run in 1..=args.runs {
         reset_schema(&sql).await?;
@@ -106,6 +111,45 @@ async fn run_on(url: &str, args: &PrefillArgs, where_: &str) -> anyhow::Result<(
     reset_schema(&sql).await
 }
 
+/// The runs with `--stored` ended instances in the schema, which is kept
+/// afterwards (a larger `--stored` tops it up): each run's instances are
+/// deleted after it instead of the schema. Then the API's reads.
+async fn run_with_stored(
+    url: &str,
+    sql: &Client,
+    args: &PrefillArgs,
+    mode: &str,
+) -> anyhow::Result<()> {
+    stead::migrate(url, SCHEMA, 256).await?;
+    let started = Instant::now();
+    let rate = super::stored::fill(url, sql, SCHEMA, args.stored).await?;
+    println!(
+        "  stored {} ended instances in {:.0}s ({rate:.0} instances/s); RESULT stead stored={} \
+         fill_per_s={rate:.0}",
+        args.stored,
+        started.elapsed().as_secs_f64(),
+        args.stored
+    );
+    let workflow = format!("noop_{}", args.steps);
+    let mut rounds = Vec::with_capacity(args.runs);
+    for run in 1..=args.runs {
+        if args.warm {
+            round(url, sql, args).await?;
+            super::stored::remove_run(sql, SCHEMA, &workflow).await?;
+        }
+        let measured = round(url, sql, args).await?;
+        super::stored::remove_run(sql, SCHEMA, &workflow).await?;
+        println!("  run {run}: {}", measured.line());
+        rounds.push(measured);
+    }
+    if !rounds.is_empty() {
+        println!("{}", summary(&rounds, args, mode));
+    }
+    let reads = super::stored::api_latency(url, SCHEMA, args.stored, args.latency_samples).await?;
+    println!("{reads}");
+    Ok(())
+}
+
 async fn connect(url: &str) -> anyhow::Result<Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
@@ -123,7 +167,7 @@ async fn reset_schema(sql: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn node_config(url: &str, workers: usize, pool_size: usize) -> stead::Config {
+pub(super) fn node_config(url: &str, workers: usize, pool_size: usize) -> stead::Config {
     let mut config = stead::Config::new(url);
     config.schema = SCHEMA.into();
     config.listen = "127.0.0.1:0".into();

@@ -2,6 +2,9 @@
 //! migrations, and one file per aggregate with its statements beside the
 //! functions that run them:
 //!
+//! - `conn.rs`: a pooled connection and its transactions, straight to
+//!   PostgreSQL (prepared statements) or through a transaction-mode pooler
+//!   (unnamed statements with learned parameter types);
 //! - `migrations.rs`: schema creation and versions;
 //! - `workflows.rs`: registered definitions;
 //! - `instances.rs`: starting, reading and listing instances, their steps,
@@ -15,6 +18,7 @@
 //! - `overview.rs`: the console's reads beside an instance's own rows
 //!   (pending signals, children, leased tasks, duty holders);
 //! - `keys.rs`: API keys;
+//! - `retention.rs`: deleting ended instance trees past their retention;
 //! - `admin.rs`: the embedded cluster's database creation.
 //!
 //! Rows cross this boundary typed: statuses and kinds are `model` enums,
