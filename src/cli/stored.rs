@@ -187,10 +187,10 @@ pub async fn remove_run(sql: &Client, schema: &str, workflow: &str) -> anyhow::R
         )
         .await?;
     }
-    for (table, _) in TABLES {
-        sql.batch_execute(&format!("VACUUM (ANALYZE) {schema}.{table}"))
-            .await?;
-    }
+    // No VACUUM: it would make the deleted rows' pages, spread over the
+    // stored history, free space that the next run's inserts then scatter
+    // into (a page written whole to the WAL each), which a cluster whose
+    // retention deletes its oldest rows does not see.
     Ok(())
 }
 

@@ -201,7 +201,7 @@ impl Store {
         input: &Value,
         id: Option<&str>,
     ) -> Result<(String, bool, Option<InstanceRecord>)> {
-        let fresh = id.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
+        let fresh = id.map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_string);
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
             [&fresh, &workflow, input, &version];
         if let Some(row) = self.query_keyed(START_FRESH, &params).await?.first() {

@@ -533,3 +533,69 @@ async fn long_poll_returns_as_soon_as_the_instance_ends() {
     );
     node.shutdown().await;
 }
+
+/// The creation time (Unix milliseconds) of a generated instance id, which
+/// must be a version-7 UUID.
+fn v7_millis(id: &str) -> u64 {
+    let uuid = uuid::Uuid::parse_str(id).unwrap_or_else(|e| panic!("{id:?} is no UUID: {e}"));
+    assert_eq!(uuid.get_version_num(), 7, "{id} is not a version-7 UUID");
+    let (secs, nanos) = uuid
+        .get_timestamp()
+        .expect("a v7 UUID has a time")
+        .to_unix();
+    secs * 1000 + u64::from(nanos) / 1_000_000
+}
+
+/// Ids stead makes up are time-ordered (so the indexes keyed by them grow
+/// at one end): a single start, a batch start without ids and a start from
+/// SQL each get a version-7 UUID of the moment they were made.
+#[tokio::test]
+async fn generated_ids_are_version_7_uuids_in_creation_order() {
+    let db = TestDb::new().await;
+    let node = TestNode::start(&db).await;
+    node.put_workflow("greet", crate::support::greet_workflow())
+        .await;
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let before = now_ms();
+    let single = node.start_instance("greet", json!({"name": "a"})).await;
+    let (status, batch) = node
+        .call(
+            "POST",
+            "/v1/workflows/greet/instances/batch",
+            Some(json!({"items": [{"input": {"name": "b"}}, {"input": {"name": "c"}}]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{}", pretty(&batch));
+    let batched: Vec<String> = batch["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|i| i["id"].as_str().expect("an id").to_string())
+        .collect();
+    let client = db.client().await;
+    let from_sql: String = client
+        .query_one(
+            "SELECT stead.start_workflow('greet', '{\"name\": \"d\"}')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let after = now_ms();
+
+    let ids: Vec<&str> = std::iter::once(single.as_str())
+        .chain(batched.iter().map(String::as_str))
+        .chain(std::iter::once(from_sql.as_str()))
+        .collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let times: Vec<u64> = ids.iter().map(|id| v7_millis(id)).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]) && before <= times[0] && times[3] <= after,
+        "ids {ids:?} at {times:?} are not in creation order within [{before}, {after}]"
+    );
+}
