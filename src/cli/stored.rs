@@ -49,8 +49,7 @@ pub async fn fill(url: &str, sql: &Client, schema: &str, n: usize) -> anyhow::Re
     let mut from = have + 1;
     while from <= n as i64 {
         let to = (from + CHUNK - 1).min(n as i64);
-        let tx = "BEGIN";
-        sql.batch_execute(tx).await?;
+        sql.batch_execute("BEGIN").await?;
         for statement in &statements {
             sql.execute(statement.as_str(), &[&from, &to]).await?;
         }

@@ -1,7 +1,7 @@
 //! The cluster-wide gauges (queue depth, oldest ready task, members alive,
-//! unowned slots) need queries, so only the process whose member holds the
-//! maintenance duty runs them, every `gauge_refresh_ms`, whoever scrapes how
-//! often. Every other process withdraws them, so the cluster exports each
+//! unowned slots, the oldest stored ended instance) need queries, so only
+//! the process whose member holds the maintenance duty runs them, every
+//! `gauge_refresh_ms`, whoever scrapes how often. Every other process withdraws them, so the cluster exports each
 //! once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,9 +34,16 @@ impl Service for ClusterGauges {
             }
             return Ok(false);
         }
-        let (counts, depths) =
-            futures::try_join!(self.store.cluster_counts(), self.store.queue_depth())?;
+        let (counts, depths, oldest_ended_s) = futures::try_join!(
+            self.store.cluster_counts(),
+            self.store.queue_depth(),
+            self.store.oldest_ended_age_s()
+        )?;
         self.metrics.set_cluster(&counts, &depths);
+        self.metrics
+            .oldest_ended_age
+            .with_label_values(&[] as &[&str])
+            .set(oldest_ended_s);
         Ok(true)
     }
 

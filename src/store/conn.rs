@@ -58,12 +58,6 @@ impl<'a> From<&'a str> for Sql<'a> {
     }
 }
 
-impl<'a> From<&'a String> for Sql<'a> {
-    fn from(text: &'a String) -> Self {
-        Sql::Text(text)
-    }
-}
-
 impl<'a> From<Cached<'a>> for Sql<'a> {
     fn from(cached: Cached<'a>) -> Self {
         Sql::Cached(cached.0)

@@ -193,34 +193,28 @@ fn set_session_options(pg_config: &mut tokio_postgres::Config, config: &StoreCon
 impl Store {
     pub(crate) fn new(config: StoreConfig) -> Result<Self> {
         validate_schema_name(&config.schema).map_err(StoreError::invalid)?;
-        let (pool_config, pool_tls) = connect_config(&config.database_url)?;
-        let direct = config.direct_database_url.as_deref().map(connect_config);
-        let (mut pg_config, tls, statements) = match direct {
-            None => (pool_config.clone(), pool_tls.clone(), Statements::Prepared),
-            Some(direct) => {
-                let (mut pg_config, tls) = direct?;
-                set_session_options(&mut pg_config, &config);
-                let describer = Describer::new(pg_config.clone(), tls.clone());
+        let (mut pool_config, pool_tls) = connect_config(&config.database_url)?;
+        let (pg_config, tls, statements) = match config.direct_database_url.as_deref() {
+            // Straight to PostgreSQL: the pool's sessions and the dedicated
+            // ones start alike.
+            None => {
+                set_session_options(&mut pool_config, &config);
+                (pool_config.clone(), pool_tls.clone(), Statements::Prepared)
+            }
+            // A transaction-mode pooler passes no startup options on: the
+            // pooled sessions' settings come from the role (`check_pooled`).
+            Some(url) => {
+                let (mut direct, tls) = connect_config(url)?;
+                set_session_options(&mut direct, &config);
+                pool_config.application_name(&config.application_name);
+                let describer = Describer::new(direct.clone(), tls.clone());
                 (
-                    pg_config,
+                    direct,
                     tls,
                     Statements::Unnamed(std::sync::Arc::new(describer)),
                 )
             }
         };
-        let mut pool_config = pool_config;
-        match statements {
-            // Straight to PostgreSQL the pool's sessions get their settings
-            // at startup; a transaction-mode pooler passes no startup
-            // options on (they come from the role: see `check_pooled`).
-            Statements::Prepared => {
-                set_session_options(&mut pool_config, &config);
-                pg_config = pool_config.clone();
-            }
-            Statements::Unnamed(_) => {
-                pool_config.application_name(&config.application_name);
-            }
-        }
         let manager = Manager::from_config(
             pool_config,
             pool_tls,

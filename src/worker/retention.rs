@@ -51,11 +51,6 @@ impl Service for Retention {
                 "retention deleted ended instances"
             );
         }
-        let age_s = self.store.oldest_ended_age_s().await?;
-        self.metrics
-            .oldest_ended_age
-            .with_label_values(&[] as &[&str])
-            .set(age_s);
         Ok(Some(purged))
     }
 

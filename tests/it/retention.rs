@@ -97,6 +97,8 @@ async fn retention_deletes_exactly_the_due_trees_in_batches_under_load() {
             "20",
             "--retention-interval-ms",
             "100",
+            "--gauge-refresh-ms",
+            "100",
         ],
     )
     .await;
