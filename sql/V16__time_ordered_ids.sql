@@ -169,14 +169,3 @@ ALTER FUNCTION start_instance(text, integer, jsonb, text) SET plan_cache_mode = 
 -- so it stays the size of what is in flight or went wrong.
 CREATE INDEX instances_unfinished ON instances (status, created_at DESC, id DESC)
     WHERE status <> 'completed';
-
--- Autovacuum for the tables every step writes and retention deletes from:
--- at PostgreSQL's default (a vacuum once a fifth of a table is dead, at a
--- low I/O budget), a transaction held open for five minutes under load left
--- 480 thousand dead instance rows and 680 thousand dead step rows three
--- minutes after it ended (scripts/bench-held-xmin). Vacuum them once 2% is
--- dead, with five times the budget, so they are cleaned up soon after.
-ALTER TABLE instances SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_limit = 1000);
-ALTER TABLE steps SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_limit = 1000);
-ALTER TABLE history SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_limit = 1000);
-ALTER TABLE tasks SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_cost_limit = 1000);
