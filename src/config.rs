@@ -90,6 +90,8 @@ pub struct Limits {
     /// counted). With `body_limit_bytes`, it bounds what request bodies
     /// may hold in memory.
     pub max_concurrent_requests: usize,
+    /// Most schedules the cluster may hold.
+    pub max_schedules: u64,
 }
 
 impl Default for Limits {
@@ -109,6 +111,7 @@ impl Default for Limits {
             max_history_events: 50_000,
             max_input_bytes: 1024 * 1024,
             max_signal_payload_bytes: 1024 * 1024,
+            max_schedules: 10_000,
         }
     }
 }
@@ -209,6 +212,17 @@ pub struct Tuning {
     /// How often the maintenance-duty holder looks for instances due for
     /// deletion when the last batch was not full.
     pub retention_interval_ms: u64,
+    /// The longest the maintenance-duty holder waits between looks for
+    /// due schedules (it also wakes for the next firing it knows of).
+    pub schedule_interval_ms: u64,
+    /// A firing late by less than this is still started, whatever its
+    /// schedule's `catchup` (it covers a failover of the duty or a restart).
+    pub schedule_grace_ms: u64,
+    /// Most due schedules one scheduler run fires (one transaction).
+    pub schedule_batch_size: usize,
+    /// Most firings of one schedule one run considers (a long catchup is
+    /// made up over several runs).
+    pub schedule_max_firings: usize,
     /// Wake-ups of other processes' advancers (API starts, task results)
     /// are folded into at most one NOTIFY per this window.
     pub notify_coalesce_ms: u64,
@@ -257,6 +271,10 @@ impl Default for Tuning {
             retention_pause_ms: 100,
             retention_interval_ms: 10_000,
             notify_coalesce_ms: 5,
+            schedule_interval_ms: 1_000,
+            schedule_grace_ms: 60_000,
+            schedule_batch_size: 100,
+            schedule_max_firings: 100,
         }
     }
 }
@@ -319,6 +337,9 @@ impl Config {
             ("reap_batch_size", t.reap_batch_size),
             ("--retention-batch-size", t.retention_batch_size),
             ("--retention-interval-ms", t.retention_interval_ms as usize),
+            ("--schedule-interval-ms", t.schedule_interval_ms as usize),
+            ("schedule_batch_size", t.schedule_batch_size),
+            ("schedule_max_firings", t.schedule_max_firings),
             (
                 "--max-concurrent-requests",
                 self.limits.max_concurrent_requests,

@@ -70,6 +70,7 @@ mod metrics;
 mod model;
 mod node;
 mod ring;
+mod schedule;
 mod service;
 mod store;
 #[cfg(test)]

@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::membership::{Membership, MembershipConfig, Ownership};
 use crate::metrics::{ClusterGauges, Metrics, ProcessDuty};
 use crate::service::{self, Never, Pacing, Service, Wake};
-use crate::store::{Store, StoreConfig};
+use crate::store::{FiringLimits, Store, StoreConfig};
 use crate::wakeups::Wakeups;
 use crate::worker::advancer::{Advancer, AdvancerConfig};
 use crate::worker::executor::{Executor, ExecutorConfig, LocalExecution};
@@ -22,6 +22,7 @@ use crate::worker::listener::Listener;
 use crate::worker::notifier::{AdvanceNotifier, Notifier};
 use crate::worker::reaper::{Reaper, ReaperConfig};
 use crate::worker::retention::{Retention, RetentionConfig};
+use crate::worker::scheduler::Scheduler;
 use crate::worker::{builtin, DefinitionCache};
 
 /// A running node: the API and/or worker members, until `shutdown`.
@@ -227,6 +228,22 @@ fn spawn_workers(sup: &mut Supervisor, parts: &Parts, config: &Config, api_url: 
     };
     let retention_ms = tuning.retention_interval_ms;
     sup.service(retention, Pacing::every(retention_ms, retention_ms), Never);
+    let scheduler = Scheduler {
+        limits: FiringLimits {
+            schedules: tuning.schedule_batch_size as i64,
+            firings: tuning.schedule_max_firings,
+            grace_ms: tuning.schedule_grace_ms,
+        },
+        interval_ms: tuning.schedule_interval_ms,
+        store: parts.store.clone(),
+        process_duty: process_duty.clone(),
+        metrics: parts.metrics.clone(),
+        notifier: parts.notifier.clone(),
+    };
+    // The scheduler paces itself (`Scheduler::next`); after a failure it
+    // backs off for the error backoff.
+    let firing = Pacing::every(tuning.schedule_interval_ms, tuning.error_backoff_ms);
+    sup.service(scheduler, firing, Never);
     let mut handlers = config.handlers.clone();
     builtin::install(
         &mut handlers,

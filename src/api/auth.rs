@@ -86,6 +86,14 @@ pub(crate) fn need_of(method: &Method, route: &str, metrics_auth: bool) -> Optio
         "/healthz" | "/readyz" | "/v1/openapi.json" => return None,
         "/metrics" => return metrics_auth.then_some(Need::Read),
         "/v1/workflows/{name}" if *method == Method::PUT => Need::Admin,
+        // A schedule starts instances for ever: set up like a workflow.
+        "/v1/schedules/{name}" if *method == Method::PUT || *method == Method::DELETE => {
+            Need::Admin
+        }
+        "/v1/schedules" | "/v1/schedules/{name}" if read => Need::Read,
+        "/v1/schedules/{name}/pause" | "/v1/schedules/{name}/resume" if *method == Method::POST => {
+            Need::Operate
+        }
         "/v1/workflows"
         | "/v1/workflows/{name}"
         | "/v1/workflows/{name}/versions/{version}"

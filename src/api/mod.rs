@@ -10,6 +10,7 @@ mod extract;
 mod instances;
 mod keys;
 mod openapi;
+mod schedules;
 mod tasks;
 mod workflows;
 

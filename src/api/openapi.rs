@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{FieldProblem, ProblemDocument};
-use super::{batch, instances, keys, tasks, workflows, AppState};
+use super::{batch, instances, keys, schedules, tasks, workflows, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,6 +30,7 @@ use super::{batch, instances, keys, tasks, workflows, AppState};
         (name = "workflows", description = "Registering and reading definitions"),
         (name = "instances", description = "Starting, reading, signalling, cancelling, retrying"),
         (name = "tasks", description = "The external-worker protocol"),
+        (name = "schedules", description = "Cron schedules that start workflows"),
         (name = "keys", description = "API keys (admins)"),
         (name = "cluster", description = "Members and slots"),
         (name = "health", description = "Probes and metrics, open to all"),
@@ -56,6 +57,10 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(tasks::complete))
         .routes(routes!(tasks::fail))
         .routes(routes!(tasks::results))
+        .routes(routes!(schedules::list))
+        .routes(routes!(schedules::get, schedules::put, schedules::delete))
+        .routes(routes!(schedules::pause))
+        .routes(routes!(schedules::resume))
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::revoke))
         .routes(routes!(super::cluster))
@@ -141,6 +146,12 @@ pub(crate) fn problems_of(method: &str, path: &str) -> &'static [u16] {
         ("GET", "/healthz" | "/metrics" | "/v1/openapi.json") => &[],
         ("GET", "/readyz") => &[503],
         ("GET", "/v1/workflows" | "/v1/cluster" | "/v1/keys") => KEYED,
+        ("GET", "/v1/schedules") => &[400, 401, 403, 500, 503],
+        ("PUT", "/v1/schedules/{name}") => &[400, 401, 403, 409, 413, 422, 500, 503],
+        ("DELETE", "/v1/schedules/{name}") => &[400, 401, 403, 404, 500, 503],
+        ("POST", "/v1/schedules/{name}/pause" | "/v1/schedules/{name}/resume") => {
+            &[400, 401, 403, 404, 500, 503]
+        }
         ("GET", "/v1/instances") => &[400, 401, 403, 500, 503],
         ("GET", _) => &[400, 401, 403, 404, 500, 503],
         ("PUT", "/v1/workflows/{name}") => &[400, 401, 403, 413, 422, 500, 503],

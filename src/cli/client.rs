@@ -171,6 +171,36 @@ impl ApiClient {
     }
 }
 
+/// Calls by path, for the commands that only relay a body (schedules,
+/// queues, bulk actions).
+impl ApiClient {
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        Ok(self.ok(self.http.get(url)).await?.1)
+    }
+
+    pub async fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        Ok(self.ok(self.http.put(url).json(body)).await?.1)
+    }
+
+    pub async fn post_json(&self, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let request = self.http.post(url);
+        let request = match body {
+            Some(body) => request.json(body),
+            None => request,
+        };
+        Ok(self.ok(request).await?.1)
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        let url = format!("{}{path}", self.base);
+        self.ok(self.http.delete(url)).await?;
+        Ok(())
+    }
+}
+
 /// A readable rendering of a problem document.
 pub fn describe_problem(status: u16, body: &Value) -> String {
     let mut out = format!(

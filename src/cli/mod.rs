@@ -85,6 +85,73 @@ pub enum ClientCommand {
     Cancel(CancelArgs),
     /// Retry a failed instance from its failed steps.
     Retry(HistoryArgs),
+    /// Create, list, show, pause, resume or delete cron schedules.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ScheduleCommand {
+    /// Create or replace a schedule that starts a workflow at each time its
+    /// cron names.
+    Put {
+        name: String,
+        /// The workflow each firing starts.
+        #[arg(long)]
+        workflow: String,
+        /// 5 fields (minute hour day month weekday) or 6 with seconds
+        /// first, e.g. "0 3 * * *"; quote it.
+        #[arg(long)]
+        cron: String,
+        /// IANA time zone the cron is read in.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
+        /// Input of every instance, as JSON or @FILE.
+        #[arg(long, default_value = "null")]
+        input: String,
+        /// skip (default), allow or cancel_previous: what a firing does
+        /// while the previous firing's instance runs.
+        #[arg(long, default_value = "skip")]
+        overlap: String,
+        /// How far back firings missed while no node ran are made up
+        /// (e.g. 1h; default none).
+        #[arg(long)]
+        catchup: Option<String>,
+        /// Store it paused.
+        #[arg(long)]
+        paused: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List the schedules.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show a schedule with its next firings and last instances.
+    Show {
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Pause a schedule.
+    Pause {
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Resume a schedule from its next firing after now.
+    Resume {
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Delete a schedule (the instances it started stay).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -402,6 +469,59 @@ async fn call_api(command: ClientCommand) -> anyhow::Result<Value> {
             client.cancel(&args.id, args.reason.as_deref()).await
         }
         ClientCommand::Retry(args) => ApiClient::from_args(&args.server)?.retry(&args.id).await,
+        ClientCommand::Schedule(command) => schedule(command).await,
+    }
+}
+
+async fn schedule(command: ScheduleCommand) -> anyhow::Result<Value> {
+    let path = |name: &str| format!("/v1/schedules/{name}");
+    match command {
+        ScheduleCommand::Put {
+            name,
+            workflow,
+            cron,
+            timezone,
+            input,
+            overlap,
+            catchup,
+            paused,
+            server,
+        } => {
+            let body = serde_json::json!({
+                "workflow": workflow,
+                "cron": cron,
+                "timezone": timezone,
+                "input": read_json_arg("--input", &input)?,
+                "overlap": overlap,
+                "catchup": catchup,
+                "paused": paused,
+            });
+            ApiClient::from_args(&server)?
+                .put_json(&path(&name), &body)
+                .await
+        }
+        ScheduleCommand::List { server } => {
+            ApiClient::from_args(&server)?.get("/v1/schedules").await
+        }
+        ScheduleCommand::Show { name, server } => {
+            ApiClient::from_args(&server)?.get(&path(&name)).await
+        }
+        ScheduleCommand::Pause { name, server } => {
+            let client = ApiClient::from_args(&server)?;
+            client
+                .post_json(&format!("{}/pause", path(&name)), None)
+                .await
+        }
+        ScheduleCommand::Resume { name, server } => {
+            let client = ApiClient::from_args(&server)?;
+            client
+                .post_json(&format!("{}/resume", path(&name)), None)
+                .await
+        }
+        ScheduleCommand::Delete { name, server } => {
+            ApiClient::from_args(&server)?.delete(&path(&name)).await?;
+            Ok(serde_json::json!({ "deleted": name }))
+        }
     }
 }
 

@@ -154,6 +154,18 @@ pub struct NodeArgs {
     /// for deletion, in milliseconds.
     #[arg(long, env = "STEAD_RETENTION_INTERVAL_MS", default_value_t = 10_000)]
     pub retention_interval_ms: u64,
+    /// The longest the maintenance-duty holder waits between looks for due
+    /// schedules, in milliseconds (it also wakes for the next firing).
+    #[arg(long, env = "STEAD_SCHEDULE_INTERVAL_MS", default_value_t = 1_000)]
+    pub schedule_interval_ms: u64,
+    /// A firing late by less than this is still started whatever its
+    /// schedule's catchup (a failover of the duty, a restart), in
+    /// milliseconds.
+    #[arg(long, env = "STEAD_SCHEDULE_GRACE_MS", default_value_t = 60_000)]
+    pub schedule_grace_ms: u64,
+    /// Most schedules the cluster may hold.
+    #[arg(long, env = "STEAD_MAX_SCHEDULES", default_value_t = 10_000)]
+    pub max_schedules: u64,
     /// How long shutdown waits for in-flight work, in milliseconds.
     #[arg(long, env = "STEAD_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -184,6 +196,7 @@ impl NodeArgs {
             max_history_events: self.max_history_events,
             max_input_bytes: self.max_input_bytes,
             max_signal_payload_bytes: self.max_signal_payload_bytes,
+            max_schedules: self.max_schedules,
             ..Limits::default()
         };
         config.tuning = Tuning {
@@ -209,6 +222,8 @@ impl NodeArgs {
             retention_batch_size: self.retention_batch_size,
             retention_pause_ms: self.retention_pause_ms,
             retention_interval_ms: self.retention_interval_ms,
+            schedule_interval_ms: self.schedule_interval_ms,
+            schedule_grace_ms: self.schedule_grace_ms,
             ..Tuning::default()
         };
         config

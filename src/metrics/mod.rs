@@ -12,7 +12,7 @@ mod gauges;
 
 pub(crate) use gauges::{ClusterGauges, ProcessDuty};
 
-use crate::store::{ClusterCounts, Purged, QueueDepth};
+use crate::store::{ClusterCounts, Fired, Purged, QueueDepth};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -39,6 +39,7 @@ pub(crate) enum Component {
     Listener,
     Notifier,
     Retention,
+    Scheduler,
 }
 
 impl Component {
@@ -52,10 +53,11 @@ impl Component {
             Component::Listener => "listener",
             Component::Notifier => "notifier",
             Component::Retention => "retention",
+            Component::Scheduler => "scheduler",
         }
     }
 
-    const ALL: [Component; 8] = [
+    const ALL: [Component; 9] = [
         Component::Api,
         Component::Advancer,
         Component::Executor,
@@ -64,6 +66,7 @@ impl Component {
         Component::Listener,
         Component::Notifier,
         Component::Retention,
+        Component::Scheduler,
     ];
 }
 
@@ -74,6 +77,9 @@ const RETAINED_TABLES: [&str; 5] = ["instances", "steps", "tasks", "signals", "h
 /// The final statuses of an instance, pre-created per workflow so a rate()
 /// over them has a starting point before the first increment.
 const ENDED_STATUSES: [&str; 3] = ["completed", "failed", "cancelled"];
+
+/// The `outcome` labels of `stead_schedule_firings_total`.
+const FIRING_OUTCOMES: [&str; 3] = ["started", "skipped", "missed"];
 
 pub(crate) struct Metrics {
     registry: Registry,
@@ -99,6 +105,9 @@ pub(crate) struct Metrics {
     // ---- retention ----
     pub(crate) retention_deleted: IntCounterVec,
     pub(crate) oldest_ended_age: prometheus::GaugeVec,
+    // ---- schedules ----
+    pub(crate) schedule_firings: IntCounterVec,
+    pub(crate) schedule_lateness: Histogram,
     // ---- cluster ----
     /// Cluster-wide gauges are vectors without labels so that a process
     /// not holding the maintenance duty can withdraw them (`reset`).
@@ -280,6 +289,20 @@ impl Metrics {
                 ),
                 &["table"]
             )),
+            schedule_firings: reg!(IntCounterVec::new(
+                Opts::new(
+                    "stead_schedule_firings_total",
+                    "Schedule firings by outcome: started (an instance), skipped (the overlap \
+                     policy), missed (older than the schedule's catchup); counted by the \
+                     maintenance-duty holder."
+                ),
+                &["outcome"]
+            )),
+            schedule_lateness: reg!(Histogram::with_opts(histogram(
+                "stead_schedule_lateness_seconds",
+                "How long after its time a schedule's firing started its instance.",
+                LATENCY_BUCKETS
+            ))),
             oldest_ended_age: reg!(prometheus::GaugeVec::new(
                 Opts::new(
                     "stead_oldest_ended_instance_age_seconds",
@@ -403,6 +426,9 @@ impl Metrics {
         for table in RETAINED_TABLES {
             metrics.retention_deleted.with_label_values(&[table]);
         }
+        for outcome in FIRING_OUTCOMES {
+            metrics.schedule_firings.with_label_values(&[outcome]);
+        }
         metrics
     }
 
@@ -491,6 +517,22 @@ impl Metrics {
             if n > 0 {
                 self.retention_deleted.with_label_values(&[table]).inc_by(n);
             }
+        }
+    }
+
+    /// Counts what one scheduler run did.
+    pub(crate) fn schedules_fired(&self, fired: &Fired) {
+        for (outcome, n) in
+            FIRING_OUTCOMES
+                .into_iter()
+                .zip([fired.started, fired.skipped, fired.missed])
+        {
+            self.schedule_firings
+                .with_label_values(&[outcome])
+                .inc_by(n);
+        }
+        for late in &fired.lateness_s {
+            self.schedule_lateness.observe(late.max(0.0));
         }
     }
 

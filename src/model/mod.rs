@@ -145,6 +145,16 @@ impl StepStatus {
 }
 
 vocabulary! {
+    /// What a schedule's firing does while the instance of the one before
+    /// still runs (`schedules.overlap`).
+    Overlap {
+        Skip = "skip",
+        Allow = "allow",
+        CancelPrevious = "cancel_previous",
+    }
+}
+
+vocabulary! {
     /// The kind of a step, as the definition names it (`steps.kind`).
     StepKindName {
         Task = "task",

@@ -19,6 +19,7 @@
 //!   (pending signals, children, leased tasks, duty holders);
 //! - `keys.rs`: API keys;
 //! - `retention.rs`: deleting ended instance trees past their retention;
+//! - `schedules.rs`: schedules, and firing the due ones;
 //! - `admin.rs`: the embedded cluster's database creation.
 //!
 //! Rows cross this boundary typed: statuses and kinds are `model` enums,
@@ -37,6 +38,7 @@ mod notify;
 mod overview;
 mod queue;
 mod retention;
+mod schedules;
 mod tls;
 mod workflows;
 
@@ -68,6 +70,7 @@ pub(crate) use notify::{ended_ids, Channel};
 pub(crate) use overview::LeasedTask;
 pub(crate) use queue::{ClaimedTask, QueueDepth, TaskOutcome};
 pub(crate) use retention::Purged;
+pub(crate) use schedules::{Fired, FiringLimits, NewSchedule, PutSchedule, ScheduleRecord};
 pub(crate) use workflows::WorkflowRecord;
 
 use crate::model::Vocabulary;

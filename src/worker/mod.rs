@@ -12,6 +12,7 @@ pub(crate) mod listener;
 pub(crate) mod notifier;
 pub(crate) mod reaper;
 pub(crate) mod retention;
+pub(crate) mod scheduler;
 
 pub(crate) use definitions::DefinitionCache;
 pub(crate) use http_guard::HttpAllow;

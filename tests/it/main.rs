@@ -34,6 +34,7 @@ mod retention;
 mod retries;
 mod retry_instance;
 mod sagas;
+mod schedules;
 mod schema;
 mod signals;
 mod smoke;
