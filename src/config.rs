@@ -92,6 +92,9 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// Most schedules the cluster may hold.
     pub max_schedules: u64,
+    /// Most instances one bulk cancel or retry request asks (it answers
+    /// `more: true` past it).
+    pub max_bulk: u64,
 }
 
 impl Default for Limits {
@@ -112,6 +115,7 @@ impl Default for Limits {
             max_input_bytes: 1024 * 1024,
             max_signal_payload_bytes: 1024 * 1024,
             max_schedules: 10_000,
+            max_bulk: 100_000,
         }
     }
 }
@@ -223,6 +227,8 @@ pub struct Tuning {
     /// Most firings of one schedule one run considers (a long catchup is
     /// made up over several runs).
     pub schedule_max_firings: usize,
+    /// Instances one transaction of a bulk cancel or retry asks.
+    pub bulk_batch_size: usize,
     /// Wake-ups of other processes' advancers (API starts, task results)
     /// are folded into at most one NOTIFY per this window.
     pub notify_coalesce_ms: u64,
@@ -275,6 +281,7 @@ impl Default for Tuning {
             schedule_grace_ms: 60_000,
             schedule_batch_size: 100,
             schedule_max_firings: 100,
+            bulk_batch_size: 500,
         }
     }
 }
@@ -340,6 +347,8 @@ impl Config {
             ("--schedule-interval-ms", t.schedule_interval_ms as usize),
             ("schedule_batch_size", t.schedule_batch_size),
             ("schedule_max_firings", t.schedule_max_firings),
+            ("bulk_batch_size", t.bulk_batch_size),
+            ("--max-bulk", self.limits.max_bulk as usize),
             (
                 "--max-concurrent-requests",
                 self.limits.max_concurrent_requests,

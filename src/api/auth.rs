@@ -107,6 +107,8 @@ pub(crate) fn need_of(method: &Method, route: &str, metrics_auth: bool) -> Optio
         }
         "/v1/workflows/{name}/instances"
         | "/v1/workflows/{name}/instances/batch"
+        | "/v1/instances/cancel"
+        | "/v1/instances/retry"
         | "/v1/instances/{id}/signals/{name}"
         | "/v1/instances/{id}/cancel"
         | "/v1/instances/{id}/retry"

@@ -4,6 +4,7 @@
 
 mod auth;
 mod batch;
+mod bulk;
 mod console;
 mod error;
 mod extract;

@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{FieldProblem, ProblemDocument};
-use super::{batch, instances, keys, schedules, tasks, workflows, AppState};
+use super::{batch, bulk, instances, keys, schedules, tasks, workflows, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -52,6 +52,8 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(instances::signal))
         .routes(routes!(instances::cancel))
         .routes(routes!(instances::retry))
+        .routes(routes!(bulk::cancel))
+        .routes(routes!(bulk::retry))
         .routes(routes!(tasks::claim))
         .routes(routes!(tasks::heartbeat))
         .routes(routes!(tasks::complete))

@@ -81,10 +81,12 @@ pub enum ClientCommand {
     History(HistoryArgs),
     /// Deliver a signal to an instance (buffered until a step waits for it).
     Signal(SignalArgs),
-    /// Cancel an instance (its compensations run).
+    /// Cancel an instance, or with --filter every instance it matches (their
+    /// compensations run).
     Cancel(CancelArgs),
-    /// Retry a failed instance from its failed steps.
-    Retry(HistoryArgs),
+    /// Retry a failed instance from its failed steps, or with --filter every
+    /// failed instance it matches.
+    Retry(RetryArgs),
     /// Create, list, show, pause, resume or delete cron schedules.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
@@ -311,11 +313,64 @@ pub struct SignalArgs {
 
 #[derive(Args, Debug)]
 pub struct CancelArgs {
-    pub id: String,
+    /// The instance (or give --filter).
+    #[arg(required_unless_present = "filter", conflicts_with = "filter")]
+    pub id: Option<String>,
+    /// Which instances, as KEY=VALUE (repeat for more; all must hold):
+    /// workflow, status, created_after, created_before (RFC 3339),
+    /// id_prefix, ids (comma-separated).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub filter: Vec<String>,
     #[arg(long)]
     pub reason: Option<String>,
     #[command(flatten)]
     pub server: ServerArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RetryArgs {
+    /// The instance (or give --filter).
+    #[arg(required_unless_present = "filter", conflicts_with = "filter")]
+    pub id: Option<String>,
+    /// Which failed instances, as for `stead cancel --filter`.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub filter: Vec<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// `--filter KEY=VALUE ...` as the bulk actions' `filter` object.
+fn filter_arg(pairs: &[String]) -> anyhow::Result<Value> {
+    const KEYS: [&str; 6] = [
+        "workflow",
+        "status",
+        "created_after",
+        "created_before",
+        "id_prefix",
+        "ids",
+    ];
+    let mut filter = serde_json::Map::new();
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else {
+            bail!(
+                "--filter {pair:?} is not KEY=VALUE (keys: {})",
+                KEYS.join(", ")
+            );
+        };
+        if !KEYS.contains(&key) {
+            bail!(
+                "--filter {key:?} is not a filter key; use one of {}",
+                KEYS.join(", ")
+            );
+        }
+        let value = if key == "ids" {
+            Value::from(value.split(',').map(str::to_string).collect::<Vec<_>>())
+        } else {
+            Value::from(value)
+        };
+        filter.insert(key.to_string(), value);
+    }
+    Ok(Value::Object(filter))
 }
 
 #[derive(Args, Debug)]
@@ -466,9 +521,26 @@ async fn call_api(command: ClientCommand) -> anyhow::Result<Value> {
         }
         ClientCommand::Cancel(args) => {
             let client = ApiClient::from_args(&args.server)?;
-            client.cancel(&args.id, args.reason.as_deref()).await
+            match &args.id {
+                Some(id) => client.cancel(id, args.reason.as_deref()).await,
+                None => {
+                    let body = serde_json::json!({
+                        "filter": filter_arg(&args.filter)?, "reason": args.reason,
+                    });
+                    client.post_json("/v1/instances/cancel", Some(&body)).await
+                }
+            }
         }
-        ClientCommand::Retry(args) => ApiClient::from_args(&args.server)?.retry(&args.id).await,
+        ClientCommand::Retry(args) => {
+            let client = ApiClient::from_args(&args.server)?;
+            match &args.id {
+                Some(id) => client.retry(id).await,
+                None => {
+                    let body = serde_json::json!({ "filter": filter_arg(&args.filter)? });
+                    client.post_json("/v1/instances/retry", Some(&body)).await
+                }
+            }
+        }
         ClientCommand::Schedule(command) => schedule(command).await,
     }
 }

@@ -163,6 +163,10 @@ pub struct NodeArgs {
     /// milliseconds.
     #[arg(long, env = "STEAD_SCHEDULE_GRACE_MS", default_value_t = 60_000)]
     pub schedule_grace_ms: u64,
+    /// Most instances one bulk cancel or retry request asks (the answer
+    /// says `more` past it).
+    #[arg(long, env = "STEAD_MAX_BULK", default_value_t = 100_000)]
+    pub max_bulk: u64,
     /// Most schedules the cluster may hold.
     #[arg(long, env = "STEAD_MAX_SCHEDULES", default_value_t = 10_000)]
     pub max_schedules: u64,
@@ -197,6 +201,7 @@ impl NodeArgs {
             max_input_bytes: self.max_input_bytes,
             max_signal_payload_bytes: self.max_signal_payload_bytes,
             max_schedules: self.max_schedules,
+            max_bulk: self.max_bulk,
             ..Limits::default()
         };
         config.tuning = Tuning {

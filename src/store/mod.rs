@@ -15,6 +15,7 @@
 //!   the cluster views;
 //! - `notify.rs`: LISTEN sessions and NOTIFY;
 //! - `advance.rs`: the engine's transaction (lock, load, write);
+//! - `bulk.rs`: cancel or retry requests for every instance a filter matches;
 //! - `overview.rs`: the console's reads beside an instance's own rows
 //!   (pending signals, children, leased tasks, duty holders);
 //! - `keys.rs`: API keys;
@@ -28,6 +29,7 @@
 
 mod admin;
 mod advance;
+mod bulk;
 mod conn;
 mod error;
 mod instances;
@@ -58,6 +60,7 @@ pub(crate) use advance::{
 };
 #[cfg(test)]
 pub(crate) use advance::{RowAt, SignalRow, StoredStep};
+pub(crate) use bulk::{BulkAction, BulkFilter};
 pub(crate) use conn::Cached;
 use conn::{Conn, Describer, Statements};
 pub(crate) use error::{Cause, StoreError};

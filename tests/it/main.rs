@@ -6,6 +6,7 @@ mod auth;
 mod batch_start;
 mod bench;
 mod browser;
+mod bulk;
 mod cancel;
 mod children;
 mod console;

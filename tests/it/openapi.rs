@@ -28,6 +28,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/instances/{id}/signals/{name}"),
     ("POST", "/v1/instances/{id}/cancel"),
     ("POST", "/v1/instances/{id}/retry"),
+    ("POST", "/v1/instances/cancel"),
+    ("POST", "/v1/instances/retry"),
     ("POST", "/v1/queues/{queue}/claim"),
     ("POST", "/v1/tasks/{task_id}/heartbeat"),
     ("POST", "/v1/tasks/{task_id}/complete"),
@@ -86,7 +88,7 @@ async fn the_document_describes_every_route_with_its_bodies_and_problems() {
             .keys()
             .any(|s| s.starts_with('2'));
         assert!(success, "{method} {path} has no success response");
-        let bodiless = ["/retry", "/pause", "/resume"];
+        let bodiless = ["/{id}/retry", "/pause", "/resume"];
         if method != "GET" && method != "DELETE" && !bodiless.iter().any(|b| path.ends_with(b)) {
             assert!(
                 op["requestBody"].is_object(),
