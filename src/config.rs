@@ -227,6 +227,9 @@ pub struct Tuning {
     /// Most firings of one schedule one run considers (a long catchup is
     /// made up over several runs).
     pub schedule_max_firings: usize,
+    /// How often each process rereads the flow controls (queue limits,
+    /// paused workflows) others may have changed.
+    pub controls_refresh_ms: u64,
     /// Instances one transaction of a bulk cancel or retry asks.
     pub bulk_batch_size: usize,
     /// Wake-ups of other processes' advancers (API starts, task results)
@@ -282,6 +285,7 @@ impl Default for Tuning {
             schedule_batch_size: 100,
             schedule_max_firings: 100,
             bulk_batch_size: 500,
+            controls_refresh_ms: 1_000,
         }
     }
 }
@@ -348,6 +352,7 @@ impl Config {
             ("schedule_batch_size", t.schedule_batch_size),
             ("schedule_max_firings", t.schedule_max_firings),
             ("bulk_batch_size", t.bulk_batch_size),
+            ("--controls-refresh-ms", t.controls_refresh_ms as usize),
             ("--max-bulk", self.limits.max_bulk as usize),
             (
                 "--max-concurrent-requests",

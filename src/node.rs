@@ -17,6 +17,7 @@ use crate::service::{self, Never, Pacing, Service, Wake};
 use crate::store::{FiringLimits, Store, StoreConfig};
 use crate::wakeups::Wakeups;
 use crate::worker::advancer::{Advancer, AdvancerConfig};
+use crate::worker::controls::{Controls, ControlsRefresher};
 use crate::worker::executor::{Executor, ExecutorConfig, LocalExecution};
 use crate::worker::listener::Listener;
 use crate::worker::notifier::{AdvanceNotifier, Notifier};
@@ -72,8 +73,16 @@ pub async fn start(config: Config) -> Result<Node, Error> {
     }
     store.check_pooled().await?;
     let parts = Parts::new(store, tuning);
+    // Known before any attempt could run inline (see `worker::controls`).
+    parts.controls.reload(&parts.store).await?;
     let mut supervisor = Supervisor::default();
     spawn_wakeups(&mut supervisor, &parts, tuning);
+    let refresher = ControlsRefresher {
+        controls: parts.controls.clone(),
+        store: parts.store.clone(),
+    };
+    let refresh_ms = tuning.controls_refresh_ms;
+    supervisor.service(refresher, Pacing::every(refresh_ms, refresh_ms), Never);
     // The API is bound first so members can advertise its URL; it starts
     // serving at once.
     let api_addr = match config.api {
@@ -115,6 +124,7 @@ struct Parts {
     wakeups: Wakeups,
     definitions: DefinitionCache,
     notifier: AdvanceNotifier,
+    controls: Controls,
 }
 
 impl Parts {
@@ -124,6 +134,7 @@ impl Parts {
         let wakeups = Wakeups::default();
         Parts {
             store,
+            controls: Controls::new(metrics.clone()),
             metrics,
             notifier: AdvanceNotifier::new(wakeups.clone()),
             wakeups,
@@ -180,6 +191,7 @@ async fn serve_api(
         definitions: parts.definitions.clone(),
         wakeups: parts.wakeups.clone(),
         notifier: parts.notifier.clone(),
+        controls: parts.controls.clone(),
         metrics: parts.metrics.clone(),
         limits: config.limits.clone(),
         tuning: config.tuning.clone(),
@@ -320,6 +332,7 @@ fn spawn_engine(
         ownership: ownership.clone(),
         metrics: parts.metrics.clone(),
         wakeups: parts.wakeups.clone(),
+        controls: parts.controls.clone(),
     };
     let polling = Pacing::every(tuning.poll_interval_ms, tuning.error_backoff_ms);
     sup.service(advancer, polling, parts.wakeups.advance.subscribe());
@@ -358,6 +371,7 @@ fn spawn_executor(
         parts.store.clone(),
         handlers,
         parts.notifier.clone(),
+        parts.controls.clone(),
         parts.metrics.clone(),
         sup.token(),
     );

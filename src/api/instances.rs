@@ -53,6 +53,10 @@ pub(crate) struct Instance {
     /// The parent instance, for a child workflow's instance.
     #[serde(skip_serializing_if = "Option::is_none")]
     parent_id: Option<String>,
+    /// Why a pending instance does not start (`paused`: its workflow is;
+    /// `concurrency`: its key is at the limit), on a read of one instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    held: Option<crate::model::HeldReason>,
 }
 
 /// A start's answer: the instance, and whether this request created it
@@ -180,6 +184,7 @@ pub(crate) fn instance_json(r: &InstanceRecord) -> Instance {
         updated_at: r.updated_at,
         ended_at: r.ended_at,
         parent_id: r.parent_id.clone(),
+        held: r.held,
     }
 }
 

@@ -11,6 +11,7 @@ mod extract;
 mod instances;
 mod keys;
 mod openapi;
+mod queues;
 mod schedules;
 mod tasks;
 mod workflows;
@@ -48,6 +49,8 @@ pub(crate) struct Shared {
     pub definitions: DefinitionCache,
     pub wakeups: Wakeups,
     pub notifier: AdvanceNotifier,
+    /// The flow controls as this process knows them.
+    pub controls: crate::worker::controls::Controls,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub tuning: Tuning,

@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{FieldProblem, ProblemDocument};
-use super::{batch, bulk, instances, keys, schedules, tasks, workflows, AppState};
+use super::{batch, bulk, instances, keys, queues, schedules, tasks, workflows, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +31,7 @@ use super::{batch, bulk, instances, keys, schedules, tasks, workflows, AppState}
         (name = "instances", description = "Starting, reading, signalling, cancelling, retrying"),
         (name = "tasks", description = "The external-worker protocol"),
         (name = "schedules", description = "Cron schedules that start workflows"),
+        (name = "queues", description = "Queue limits and pauses"),
         (name = "keys", description = "API keys (admins)"),
         (name = "cluster", description = "Members and slots"),
         (name = "health", description = "Probes and metrics, open to all"),
@@ -59,6 +60,12 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(tasks::complete))
         .routes(routes!(tasks::fail))
         .routes(routes!(tasks::results))
+        .routes(routes!(queues::list))
+        .routes(routes!(queues::put))
+        .routes(routes!(queues::pause))
+        .routes(routes!(queues::resume))
+        .routes(routes!(queues::pause_workflow))
+        .routes(routes!(queues::resume_workflow))
         .routes(routes!(schedules::list))
         .routes(routes!(schedules::get, schedules::put, schedules::delete))
         .routes(routes!(schedules::pause))
@@ -151,9 +158,15 @@ pub(crate) fn problems_of(method: &str, path: &str) -> &'static [u16] {
         ("GET", "/v1/schedules") => &[400, 401, 403, 500, 503],
         ("PUT", "/v1/schedules/{name}") => &[400, 401, 403, 409, 413, 422, 500, 503],
         ("DELETE", "/v1/schedules/{name}") => &[400, 401, 403, 404, 500, 503],
-        ("POST", "/v1/schedules/{name}/pause" | "/v1/schedules/{name}/resume") => {
-            &[400, 401, 403, 404, 500, 503]
-        }
+        ("GET", "/v1/queues") => KEYED,
+        ("PUT", "/v1/queues/{queue}") => &[400, 401, 403, 413, 422, 500, 503],
+        (
+            "POST",
+            "/v1/schedules/{name}/pause"
+            | "/v1/schedules/{name}/resume"
+            | "/v1/workflows/{name}/pause"
+            | "/v1/workflows/{name}/resume",
+        ) => &[400, 401, 403, 404, 500, 503],
         ("GET", "/v1/instances") => &[400, 401, 403, 500, 503],
         ("GET", _) => &[400, 401, 403, 404, 500, 503],
         ("PUT", "/v1/workflows/{name}") => &[400, 401, 403, 413, 422, 500, 503],
@@ -165,6 +178,9 @@ pub(crate) fn problems_of(method: &str, path: &str) -> &'static [u16] {
         }
         ("POST", "/v1/keys") => &[400, 401, 403, 413, 422, 500, 503],
         ("DELETE", _) => &[401, 403, 404, 500, 503],
+        ("POST", "/v1/queues/{queue}/pause" | "/v1/queues/{queue}/resume") => {
+            &[400, 401, 403, 422, 500, 503]
+        }
         ("POST", "/v1/queues/{queue}/claim" | "/v1/tasks/results") => {
             &[400, 401, 403, 413, 422, 500, 503]
         }

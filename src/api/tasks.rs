@@ -116,7 +116,9 @@ pub(crate) async fn claim(
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     loop {
         let tasks = store
-            .claim_tasks(&queues, &req.worker, req.max, lease_ms)
+            .claim_tasks(&queues, &req.worker, req.max, lease_ms, |q| {
+                state.inner.controls.is_limited(q)
+            })
             .await?;
         for t in &tasks {
             state

@@ -167,6 +167,10 @@ pub struct NodeArgs {
     /// says `more` past it).
     #[arg(long, env = "STEAD_MAX_BULK", default_value_t = 100_000)]
     pub max_bulk: u64,
+    /// How often each process rereads the flow controls (queue limits,
+    /// paused workflows) another node changed, in milliseconds.
+    #[arg(long, env = "STEAD_CONTROLS_REFRESH_MS", default_value_t = 1_000)]
+    pub controls_refresh_ms: u64,
     /// Most schedules the cluster may hold.
     #[arg(long, env = "STEAD_MAX_SCHEDULES", default_value_t = 10_000)]
     pub max_schedules: u64,
@@ -229,6 +233,7 @@ impl NodeArgs {
             retention_interval_ms: self.retention_interval_ms,
             schedule_interval_ms: self.schedule_interval_ms,
             schedule_grace_ms: self.schedule_grace_ms,
+            controls_refresh_ms: self.controls_refresh_ms,
             ..Tuning::default()
         };
         config

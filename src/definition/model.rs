@@ -27,6 +27,33 @@ pub(crate) struct Definition {
     /// Workflow-level default retry policy (already merged over the built-in
     /// defaults). Each step's `retry` below is already merged over this one.
     pub retry: RetryPolicy,
+    /// At most `limit` instances with the same rendered key run at once
+    /// (`"concurrency"`).
+    pub concurrency: Option<Concurrency>,
+}
+
+/// A per-key concurrency limit.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Concurrency {
+    /// A template over `input` and `instance.id`, rendered as text.
+    pub key: Value,
+    pub limit: u32,
+}
+
+impl Concurrency {
+    /// The key of an instance with this input.
+    pub(crate) fn key_of(&self, input: &Value, instance_id: &str) -> String {
+        use crate::definition::template::{as_text, render, Scope};
+        let no_steps = |_: &str| None;
+        let scope = Scope {
+            input,
+            instance_id,
+            step_outputs: &no_steps,
+            item: None,
+            index: None,
+        };
+        as_text(&render(&self.key, &scope))
+    }
 }
 
 impl Definition {

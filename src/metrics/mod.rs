@@ -40,6 +40,7 @@ pub(crate) enum Component {
     Notifier,
     Retention,
     Scheduler,
+    Controls,
 }
 
 impl Component {
@@ -54,10 +55,11 @@ impl Component {
             Component::Notifier => "notifier",
             Component::Retention => "retention",
             Component::Scheduler => "scheduler",
+            Component::Controls => "controls",
         }
     }
 
-    const ALL: [Component; 9] = [
+    const ALL: [Component; 10] = [
         Component::Api,
         Component::Advancer,
         Component::Executor,
@@ -67,6 +69,7 @@ impl Component {
         Component::Notifier,
         Component::Retention,
         Component::Scheduler,
+        Component::Controls,
     ];
 }
 
@@ -98,6 +101,9 @@ pub(crate) struct Metrics {
     pub(crate) task_duration: HistogramVec,
     pub(crate) queue_tasks: IntGaugeVec,
     pub(crate) queue_oldest_ready_age: prometheus::GaugeVec,
+    pub(crate) queue_controlled: IntGaugeVec,
+    pub(crate) queue_paused: IntGaugeVec,
+    pub(crate) workflow_paused: IntGaugeVec,
     pub(crate) leases_expired: IntCounter,
     pub(crate) stale_completions: IntCounter,
     // ---- engine ----
@@ -259,6 +265,29 @@ impl Metrics {
                      maintenance-duty holder."
                 ),
                 &["queue", "state"]
+            )),
+            queue_controlled: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "stead_queue_controlled",
+                    "1 for each queue with limits or paused, as this process last read them \
+                     (every --controls-refresh-ms)."
+                ),
+                &["queue"]
+            )),
+            queue_paused: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "stead_queue_paused",
+                    "1 for each paused queue, as this process last read them."
+                ),
+                &["queue"]
+            )),
+            workflow_paused: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "stead_workflow_paused",
+                    "1 for each workflow whose new instances are held, as this process last \
+                     read them."
+                ),
+                &["workflow"]
             )),
             queue_oldest_ready_age: reg!(prometheus::GaugeVec::new(
                 Opts::new(

@@ -145,6 +145,16 @@ impl StepStatus {
 }
 
 vocabulary! {
+    /// Why a pending instance does not start (`instances.held`).
+    HeldReason {
+        /// Its workflow is paused.
+        Paused = "paused",
+        /// Its concurrency key is at the workflow's limit.
+        Concurrency = "concurrency",
+    }
+}
+
+vocabulary! {
     /// What a schedule's firing does while the instance of the one before
     /// still runs (`schedules.overlap`).
     Overlap {

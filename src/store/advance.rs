@@ -15,8 +15,8 @@ use super::notify::{ended_payloads, NOTIFY_ADVANCE, NOTIFY_ENDED, NOTIFY_QUEUES}
 use super::workflows::GET_WORKFLOW_VERSION;
 use super::{decode, decode_json, Result, Store, StoreError, KEYED_PLANS};
 use crate::model::{
-    Ending, EventType, InstanceStatus, StepKindName, StepState, TaskKind, TaskPurpose, TaskResult,
-    TaskStatus,
+    Ending, EventType, HeldReason, InstanceStatus, StepKindName, StepState, TaskKind, TaskPurpose,
+    TaskResult, TaskStatus,
 };
 
 /// The columns of a locked instance `i` the engine reads (see `due_from_row`).
@@ -32,7 +32,7 @@ macro_rules! due_columns {
          EXISTS (SELECT 1 FROM signals g WHERE g.instance_id = i.id AND g.consumed_at IS NULL
                  OFFSET 0),
          i.parent_id IS NOT NULL, i.ctid::text, i.stored_bytes,
-         i.stored_bytes + pg_column_size(i.input)"
+         i.stored_bytes + pg_column_size(i.input), i.concurrency_key"
     };
 }
 
@@ -114,6 +114,53 @@ const CANCEL_CHILDREN: &str = "
         cancel_reason = coalesce(cancel_reason, 'parent ' || parent_id || ' is ending'),
         wake_at = now()
     WHERE parent_id = ANY($1) AND status NOT IN ('completed', 'failed', 'cancelled')";
+
+/// Serialises the decisions about these concurrency keys ($1 workflows, $2
+/// keys) with every other transaction's, in one order (no deadlock).
+const LOCK_KEYS: &str = "
+    SELECT count(pg_advisory_xact_lock(h)) FROM (
+        SELECT DISTINCT hashtextextended(k, hashtext(w)) AS h
+        FROM unnest($1::text[], $2::text[]) AS u(w, k)
+        ORDER BY 1) s";
+/// Each key's running count and its oldest $3 waiters.
+const KEY_STATES: &str = "
+    SELECT u.w, u.k,
+           (SELECT count(*) FROM instances i
+            WHERE i.workflow_name = u.w AND i.concurrency_key = u.k AND i.ended_at IS NULL
+              AND i.held IS NULL),
+           ARRAY(SELECT i.created_at FROM instances i
+                 WHERE i.workflow_name = u.w AND i.concurrency_key = u.k
+                   AND i.ended_at IS NULL AND i.held = 'concurrency'
+                 ORDER BY i.created_at, i.id LIMIT $3),
+           ARRAY(SELECT i.id FROM instances i
+                 WHERE i.workflow_name = u.w AND i.concurrency_key = u.k
+                   AND i.ended_at IS NULL AND i.held = 'concurrency'
+                 ORDER BY i.created_at, i.id LIMIT $3)
+    FROM (SELECT DISTINCT w, k FROM unnest($1::text[], $2::text[]) AS u(w, k)) u";
+const HOLD_INSTANCES: &str = "
+    UPDATE instances i
+    SET held = d.held, concurrency_key = coalesce(d.key, i.concurrency_key), wake_at = NULL
+    FROM unnest($1::text[], $2::text[], $3::text[]) AS d(id, held, key)
+    WHERE i.id = d.id";
+const ADMIT_INSTANCES: &str = "
+    UPDATE instances i SET held = NULL, concurrency_key = d.key
+    FROM unnest($1::text[], $2::text[]) AS d(id, key)
+    WHERE i.id = d.id";
+/// A waiter another transaction holds is being decided there.
+const WAKE_WAITERS: &str = "
+    UPDATE instances SET wake_at = now()
+    WHERE id IN (SELECT id FROM instances WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)";
+const WAKE_RELEASED: &str = "
+    UPDATE instances SET wake_at = now()
+    WHERE id IN (
+        SELECT w.id FROM unnest($1::text[], $2::text[], $3::int[]) AS r(workflow, key, n)
+        CROSS JOIN LATERAL (
+            SELECT id FROM instances
+            WHERE workflow_name = r.workflow AND concurrency_key = r.key
+              AND ended_at IS NULL AND held = 'concurrency'
+            ORDER BY created_at, id
+            LIMIT r.n
+            FOR UPDATE SKIP LOCKED) w)";
 
 const DELETE_TASKS_BY_ID: &str = "DELETE FROM tasks WHERE id = ANY($1)";
 const DELETE_TASKS_OF_INSTANCES: &str = "DELETE FROM tasks WHERE instance_id = ANY($1)";
@@ -330,6 +377,8 @@ pub(crate) struct DueInstance {
     /// What its steps store, in bytes of JSON text, as of its last
     /// decision.
     pub stored_bytes: i64,
+    /// Its concurrency key, once it was admitted or held for one.
+    pub concurrency_key: Option<String>,
     /// Steps that have left `pending` (the others have no row).
     pub steps: Vec<StoredStep>,
     /// Finished attempts not yet recorded, oldest first.
@@ -515,6 +564,26 @@ pub(crate) struct InstanceUpdate {
     pub decided_at: DateTime<Utc>,
 }
 
+/// A pending instance held back instead of decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hold {
+    pub id: String,
+    pub reason: HeldReason,
+    /// The concurrency key it waits for.
+    pub key: Option<String>,
+}
+
+/// The state of one concurrency key, read under its lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyState {
+    pub workflow: String,
+    pub key: String,
+    /// Instances of the key that run (admitted, not ended).
+    pub running: i64,
+    /// Its oldest waiters, in start order (created_at, id).
+    pub waiters: Vec<(DateTime<Utc>, String)>,
+}
+
 /// Everything one advance transaction writes.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct AdvanceWrites {
@@ -538,6 +607,15 @@ pub(crate) struct AdvanceWrites {
     pub withdraw_instances: Vec<String>,
     /// Instances whose running children are asked to cancel.
     pub cancel_children_of: Vec<String>,
+    /// Instances held pending (not decided): why, and the key they wait for.
+    pub holds: Vec<Hold>,
+    /// Instances admitted under their concurrency key (decided in the batch).
+    pub admitted: Vec<(String, String)>,
+    /// Waiting instances to wake: a place of their key is theirs.
+    pub wake_waiters: Vec<String>,
+    /// Per (workflow, key), how many of its running instances ended: as
+    /// many of its oldest waiters are woken.
+    pub released: Vec<(String, String, i32)>,
     /// Queues that got tasks (notified once each).
     pub notify_queues: Vec<String>,
     /// Instances that ended in this batch.
@@ -801,6 +879,40 @@ impl AdvanceTx {
         Ok(leased)
     }
 
+    /// Locks the concurrency keys `(workflow, key)` for the rest of the
+    /// transaction, in one order.
+    pub(crate) async fn lock_keys(&self, keys: &[(String, String)]) -> Result<()> {
+        let (w, k): (Vec<&str>, Vec<&str>) =
+            keys.iter().map(|(w, k)| (w.as_str(), k.as_str())).unzip();
+        self.client().query_one(LOCK_KEYS, &[&w, &k]).await?;
+        Ok(())
+    }
+
+    /// The running count and oldest `waiters` waiters of each key (locked
+    /// by `lock_keys` first, so the counts stay true until commit).
+    pub(crate) async fn key_states(
+        &self,
+        keys: &[(String, String)],
+        waiters: i64,
+    ) -> Result<Vec<KeyState>> {
+        let (w, k): (Vec<&str>, Vec<&str>) =
+            keys.iter().map(|(w, k)| (w.as_str(), k.as_str())).unzip();
+        let rows = self.client().query(KEY_STATES, &[&w, &k, &waiters]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let times: Vec<DateTime<Utc>> = r.get(3);
+                let ids: Vec<String> = r.get(4);
+                KeyState {
+                    workflow: r.get(0),
+                    key: r.get(1),
+                    running: r.get(2),
+                    waiters: times.into_iter().zip(ids).collect(),
+                }
+            })
+            .collect())
+    }
+
     /// Ends the transaction without writing anything.
     pub(crate) async fn rollback(mut self) -> Result<()> {
         self.client().batch_execute("ROLLBACK").await?;
@@ -834,6 +946,7 @@ fn due_from_row(r: &tokio_postgres::Row) -> Result<DueInstance> {
         is_child: r.get(17),
         row_at: RowAt(r.get(18)),
         stored_bytes: r.get(19),
+        concurrency_key: r.get(21),
         steps: Vec::new(),
         results: Vec::new(),
         signals: Vec::new(),
@@ -1026,6 +1139,7 @@ fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
     if !w.cancel_children_of.is_empty() {
         p.push(CANCEL_CHILDREN, vec![Box::new(&w.cancel_children_of)]);
     }
+    plan_concurrency(p, w);
     if !w.consumed_tasks.is_empty() {
         p.push(DELETE_TASKS_BY_ID, vec![Box::new(&w.consumed_tasks)]);
     }
@@ -1069,6 +1183,43 @@ fn plan_statements<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
         );
     }
     plan_notifications(p, w);
+}
+
+/// Holds, admissions and wake-ups of flow control (after the fenced update:
+/// the rows held or admitted here are this transaction's).
+fn plan_concurrency<'a>(p: &mut Pipeline<'a>, w: &'a AdvanceWrites) {
+    if !w.holds.is_empty() {
+        let h = &w.holds;
+        p.push(
+            HOLD_INSTANCES,
+            vec![
+                col(h, |x| x.id.as_str()),
+                col(h, |x| x.reason.as_str()),
+                col(h, |x| x.key.as_deref()),
+            ],
+        );
+    }
+    if !w.admitted.is_empty() {
+        let a = &w.admitted;
+        p.push(
+            ADMIT_INSTANCES,
+            vec![col(a, |(id, _)| id.as_str()), col(a, |(_, k)| k.as_str())],
+        );
+    }
+    if !w.wake_waiters.is_empty() {
+        p.push(WAKE_WAITERS, vec![Box::new(&w.wake_waiters)]);
+    }
+    if !w.released.is_empty() {
+        let r = &w.released;
+        p.push(
+            WAKE_RELEASED,
+            vec![
+                col(r, |(wf, _, _)| wf.as_str()),
+                col(r, |(_, k, _)| k.as_str()),
+                col(r, |(_, _, n)| *n),
+            ],
+        );
+    }
 }
 
 /// Tells parents about children that ended (or were re-attached), and wakes

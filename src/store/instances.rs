@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::advance::{step_from_row, StoredStep};
 use super::Cached;
 use super::{decode, Result, Store};
-use crate::model::{EventType, InstanceStatus, StartOutcome};
+use crate::model::{EventType, HeldReason, InstanceStatus, StartOutcome};
 
 const START_INSTANCE: &str = "SELECT instance_id, created FROM start_instance($1, $2, $3, $4)";
 /// The common start in one statement: a fresh, valid id ($1) of a
@@ -78,7 +78,7 @@ const GET_INSTANCE_WITH_STEPS: &str = "
            i.created_at, i.started_at, i.updated_at, i.ended_at, i.parent_id,
            s.step_id, s.status, s.attempt, s.input, s.output, s.error,
            s.scheduled_at, coalesce(t.leased_at, s.started_at), s.ended_at, s.wake_at,
-           s.completion_order, s.items, s.compensation, t.leased_at IS NOT NULL
+           s.completion_order, s.items, s.compensation, t.leased_at IS NOT NULL, i.held
     FROM instances i
     LEFT JOIN steps s ON s.instance_id = i.id
     LEFT JOIN LATERAL (
@@ -110,6 +110,8 @@ pub(crate) struct InstanceRecord {
     pub ended_at: Option<DateTime<Utc>>,
     /// The parent instance, for a child workflow.
     pub parent_id: Option<String>,
+    /// Why it does not start, if it is held (read with its steps only).
+    pub held: Option<HeldReason>,
 }
 
 fn instance_from_row(r: &tokio_postgres::Row) -> Result<InstanceRecord> {
@@ -126,6 +128,7 @@ fn instance_from_row(r: &tokio_postgres::Row) -> Result<InstanceRecord> {
         updated_at: r.get(9),
         ended_at: r.get(10),
         parent_id: r.get(11),
+        held: None,
     })
 }
 
@@ -272,7 +275,12 @@ impl Store {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Some((instance_from_row(first)?, steps)))
+        let mut instance = instance_from_row(first)?;
+        instance.held = first
+            .get::<_, Option<&str>>(26)
+            .map(|h| decode("instances.held", h))
+            .transpose()?;
+        Ok(Some((instance, steps)))
     }
 
     pub(crate) async fn list_instances(

@@ -18,6 +18,8 @@
 //! - `bulk.rs`: cancel or retry requests for every instance a filter matches;
 //! - `overview.rs`: the console's reads beside an instance's own rows
 //!   (pending signals, children, leased tasks, duty holders);
+//! - `controls.rs`: queue limits and pauses, paused workflows, and the
+//!   claims of a limited queue;
 //! - `keys.rs`: API keys;
 //! - `retention.rs`: deleting ended instance trees past their retention;
 //! - `schedules.rs`: schedules, and firing the due ones;
@@ -31,6 +33,7 @@ mod admin;
 mod advance;
 mod bulk;
 mod conn;
+mod controls;
 mod error;
 mod instances;
 mod keys;
@@ -55,14 +58,15 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub(crate) use admin::{can_connect, ensure_database};
 pub(crate) use advance::{
-    AdvanceTx, AdvanceWrites, DueBatch, DueInstance, FinishedTask, InstanceUpdate, Lease, NewChild,
-    NewEvent, NewTask, StepWrite,
+    AdvanceTx, AdvanceWrites, DueBatch, DueInstance, FinishedTask, Hold, InstanceUpdate, Lease,
+    NewChild, NewEvent, NewTask, StepWrite,
 };
 #[cfg(test)]
 pub(crate) use advance::{RowAt, SignalRow, StoredStep};
 pub(crate) use bulk::{BulkAction, BulkFilter};
 pub(crate) use conn::Cached;
 use conn::{Conn, Describer, Statements};
+pub(crate) use controls::{ControlNames, QueueControl, QueueLimits};
 pub(crate) use error::{Cause, StoreError};
 pub(crate) use instances::{
     EventRecord, InstanceBrief, InstanceFilter, InstanceRecord, StepRecord,

@@ -19,10 +19,15 @@ use crate::model::{TaskFailure, TaskResult, TaskStatus};
 /// (`= ANY`): joined instead, a generic plan that guesses the LIMIT at a
 /// tenth of the table merge-joins the whole primary key. Rows of one queue
 /// locked here but cut by the outer LIMIT are released at commit.
-const CLAIM_TASKS: &str = "
+macro_rules! claim_tasks {
+    ($queues:literal) => {
+        concat!(
+            "
     WITH picked AS (
         SELECT p.id
-        FROM unnest($1::text[]) AS q(queue)
+        FROM ",
+            $queues,
+            "
         CROSS JOIN LATERAL (
             SELECT id, run_at FROM tasks
             WHERE queue = q.queue AND status = 'ready' AND run_at <= now()
@@ -45,7 +50,20 @@ const CLAIM_TASKS: &str = "
     WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
     RETURNING t.id, t.queue, t.lease_token, t.instance_id, t.step_id, t.attempt,
               t.idempotency_key, t.input, t.lease_expires_at, t.timeout_ms,
-              greatest(extract(epoch FROM t.leased_at - t.run_at), 0)::float8";
+              greatest(extract(epoch FROM t.leased_at - t.run_at), 0)::float8"
+        )
+    };
+}
+
+/// The claim of queues without limits: a queue that has a row in `queues`
+/// is passed over (its claims take `CLAIM_GOVERNED`, under its row's lock),
+/// so a process that has not yet heard of a new limit cannot break it.
+const CLAIM_TASKS: &str = claim_tasks!(
+    "(SELECT u.queue FROM unnest($1::text[]) AS u(queue)
+         WHERE NOT EXISTS (SELECT 1 FROM queues g WHERE g.name = u.queue)) AS q"
+);
+/// The claim of a limited queue, under its row's lock (`claim_governed`).
+pub(super) const CLAIM_GOVERNED: &str = claim_tasks!("unnest($1::text[]) AS q(queue)");
 
 const HEARTBEAT_TASK: &str = "
     UPDATE tasks
@@ -115,7 +133,7 @@ pub(crate) struct ClaimedTask {
     pub queue_wait_seconds: f64,
 }
 
-fn claimed_from_row(r: &tokio_postgres::Row) -> ClaimedTask {
+pub(super) fn claimed_from_row(r: &tokio_postgres::Row) -> ClaimedTask {
     ClaimedTask {
         task_id: r.get(0),
         queue: r.get(1),
@@ -160,17 +178,34 @@ impl Store {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    /// Leases up to `max` ready tasks of `queues` to `worker`.
+    /// Leases up to `max` ready tasks of `queues` to `worker`: those of
+    /// the queues without limits in one statement, then those of each
+    /// limited queue (`limited` says which, as this process last heard)
+    /// under its limits.
     pub(crate) async fn claim_tasks(
         &self,
         queues: &[String],
         worker: &str,
         max: i64,
         lease_ms: u64,
+        limited: impl Fn(&str) -> bool,
     ) -> Result<Vec<ClaimedTask>> {
-        let params: [&(dyn ToSql + Sync); 4] = [&queues, &max, &worker, &(lease_ms as f64)];
-        let rows = self.query_keyed(CLAIM_TASKS, &params).await?;
-        Ok(rows.iter().map(claimed_from_row).collect())
+        let (governed, free): (Vec<&String>, Vec<&String>) =
+            queues.iter().partition(|q| limited(q));
+        let mut claimed = Vec::new();
+        if !free.is_empty() {
+            let params: [&(dyn ToSql + Sync); 4] = [&free, &max, &worker, &(lease_ms as f64)];
+            let rows = self.query_keyed(CLAIM_TASKS, &params).await?;
+            claimed.extend(rows.iter().map(claimed_from_row));
+        }
+        for queue in governed {
+            let room = max - claimed.len() as i64;
+            if room <= 0 {
+                break;
+            }
+            claimed.extend(self.claim_governed(queue, worker, room, lease_ms).await?);
+        }
+        Ok(claimed)
     }
 
     /// Extends a lease; `None` if the lease was lost.

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::controls::Controls;
 use super::notifier::AdvanceNotifier;
 use crate::error::Chain;
 use crate::handlers::{Handlers, TaskContext};
@@ -79,6 +80,8 @@ pub(crate) struct LocalExecution {
 struct Runner {
     store: Store,
     handlers: Handlers,
+    /// Which queues have limits (their attempts never run inline).
+    controls: Controls,
     lease_ms: u64,
     metrics: Arc<Metrics>,
 }
@@ -90,6 +93,7 @@ impl Executor {
         store: Store,
         handlers: Handlers,
         notifier: AdvanceNotifier,
+        controls: Controls,
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
     ) -> Self {
@@ -107,6 +111,7 @@ impl Executor {
             runner: Arc::new(Runner {
                 store: store.clone(),
                 handlers,
+                controls,
                 lease_ms: config.lease_ms,
                 metrics: metrics.clone(),
             }),
@@ -136,7 +141,7 @@ impl Executor {
 impl LocalExecution {
     /// Whether this process has a handler for `queue`.
     pub(crate) fn has_handler(&self, queue: &str) -> bool {
-        self.runner.handlers.get(queue).is_some()
+        self.runner.handlers.get(queue).is_some() && self.runner.controls.runs_inline(queue)
     }
 
     /// The member's worker name (holder of promoted attempts' leases).
@@ -226,6 +231,7 @@ impl Service for Executor {
                 &self.config.worker_name,
                 room.min(self.config.claim_batch_size) as i64,
                 self.config.lease_ms,
+                |q| self.runner.controls.is_limited(q),
             )
             .await?;
         let n = claimed.len();

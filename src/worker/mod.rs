@@ -5,6 +5,7 @@
 
 pub(crate) mod advancer;
 pub(crate) mod builtin;
+pub(crate) mod controls;
 mod definitions;
 pub(crate) mod executor;
 mod http_guard;

@@ -1,4 +1,6 @@
-//! Deletes ended instances once their retention has passed (contract §8).
+//! Deletes ended instances once their retention has passed (contract §8),
+//! and, as a safety net of the concurrency limits, wakes the first waiter
+//! of each key that no running instance holds.
 //! Only the process whose member holds the maintenance duty deletes, in
 //! batches of at most `batch_size` trees, pausing `pause_ms` between full
 //! batches, so that it never holds locks long nor writes WAL in one burst.
@@ -38,6 +40,13 @@ impl Service for Retention {
     async fn run_once(&mut self) -> Result<Option<Purged>, StoreError> {
         if !self.process_duty.load(Ordering::SeqCst) {
             return Ok(None);
+        }
+        let woken = self.store.wake_stranded_waiters().await?;
+        if woken > 0 {
+            tracing::info!(
+                woken,
+                "woke instances waiting for a concurrency key none held"
+            );
         }
         let purged = self
             .store

@@ -16,6 +16,7 @@ mod dev;
 mod fan_out;
 mod fault;
 mod fault_harness;
+mod flow_control;
 mod fuzz;
 mod guarantees;
 mod harness;

@@ -17,8 +17,8 @@ use serde_json::{Map, Value};
 
 use crate::definition::duration::{format_duration_ms, parse_duration_ms};
 use crate::definition::model::{
-    Compensation, CompensationAction, Definition, ForEach, HttpCall, Limits, OnFailure, Problem,
-    RetryPolicy, SleepSpec, Step, StepKind,
+    Compensation, CompensationAction, Concurrency, Definition, ForEach, HttpCall, Limits,
+    OnFailure, Problem, RetryPolicy, SleepSpec, Step, StepKind,
 };
 use crate::definition::template::{self, type_name, Ref};
 use graph::{shortest_cycle, strongly_connected};
@@ -31,6 +31,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "timeout",
     "retry",
     "retention",
+    "concurrency",
 ];
 const KINDS: &[&str] = &["task", "http", "sleep", "signal", "value", "workflow"];
 const STEP_KEYS: &[&str] = &[
@@ -192,6 +193,9 @@ impl<'d> Validator<'d> {
         };
 
         let steps = self.steps(obj.get("steps"), limits, &retry);
+        let concurrency = obj
+            .get("concurrency")
+            .and_then(|c| self.concurrency(c, "$.concurrency"));
 
         let output = obj.get("output").map(|o| {
             self.template(o, "$.output", OUTPUT_RULES);
@@ -207,6 +211,56 @@ impl<'d> Validator<'d> {
             timeout_ms,
             retention_ms,
             retry,
+            concurrency,
+        })
+    }
+
+    /// `{"key": "${input.customer}", "limit": 2}`: the key a template over
+    /// the input and the instance id only (it is rendered before any step
+    /// runs), the limit 1 to 10000.
+    fn concurrency(&mut self, v: &Value, path: &str) -> Option<Concurrency> {
+        let Some(obj) = v.as_object() else {
+            self.type_problem(path, "an object {\"key\": ..., \"limit\": N}", v);
+            return None;
+        };
+        self.unknown_keys(obj, path, &["key", "limit"], "a concurrency limit");
+        let key_path = format!("{path}.key");
+        let key = match obj.get("key") {
+            None => {
+                self.problem(
+                    &key_path,
+                    "required: a template such as \"${input.customer}\"",
+                );
+                None
+            }
+            Some(k) => {
+                let before = self.problems.len();
+                self.expect_str(k, &key_path);
+                for found in template::scan(k, &key_path) {
+                    match found {
+                        Err(p) => self.problems.push(p),
+                        Ok((Ref::Input(_) | Ref::InstanceId, _)) => {}
+                        Ok((_, ref_path)) => self.problem(
+                            ref_path,
+                            "a concurrency key may use only ${input...} and ${instance.id}: \
+                             it is rendered before any step runs",
+                        ),
+                    }
+                }
+                (self.problems.len() == before).then(|| k.clone())
+            }
+        };
+        let limit_path = format!("{path}.limit");
+        let limit = match obj.get("limit") {
+            None => {
+                self.problem(&limit_path, "required: an integer from 1 to 10000");
+                None
+            }
+            Some(l) => self.integer(l, &limit_path, 1, 10_000),
+        };
+        Some(Concurrency {
+            key: key?,
+            limit: limit? as u32,
         })
     }
 

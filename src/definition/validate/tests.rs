@@ -1355,3 +1355,36 @@ fn compensate_rules() {
         "may not have finished",
     );
 }
+
+#[test]
+fn a_concurrency_limit_parses_and_renders_its_key_from_the_input() {
+    let def = ok(json!({
+        "concurrency": {"key": "customer-${input.customer}", "limit": 2},
+        "steps": [{"id": "a", "value": 1}]
+    }));
+    let c = def.concurrency.expect("a limit");
+    assert_eq!(c.limit, 2);
+    assert_eq!(c.key_of(&json!({"customer": 7}), "i-1"), "customer-7");
+}
+
+#[test]
+fn a_concurrency_limit_names_what_is_wrong_with_it() {
+    let with = |c: Value| json!({"concurrency": c, "steps": [{"id": "a", "value": 1}]});
+    one(
+        with(json!({"key": "${input.c}", "limit": 0})),
+        "$.concurrency.limit",
+        "from 1 to 10000",
+    );
+    one(with(json!({"limit": 2})), "$.concurrency.key", "required");
+    one(
+        with(json!({"key": "${steps.a.output}", "limit": 2})),
+        "$.concurrency.key",
+        "only ${input...}",
+    );
+    one(with(json!("two")), "$.concurrency", "an object");
+    one(
+        with(json!({"key": "k", "limit": 2, "extra": 1})),
+        "$.concurrency.extra",
+        "",
+    );
+}

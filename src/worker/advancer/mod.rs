@@ -5,6 +5,7 @@
 //! instance's state version. Metrics count the batch only once it commits
 //! (`observations.rs`).
 
+mod gate;
 mod inline;
 mod observations;
 mod plan;
@@ -24,6 +25,7 @@ use crate::metrics::{Component, Metrics};
 use crate::service::{Next, Service};
 use crate::store::{DueBatch, Store, StoreError};
 use crate::wakeups::Wakeups;
+use crate::worker::controls::Controls;
 use crate::worker::executor::LocalExecution;
 use inline::{Handover, InlineRun, Working};
 use plan::Plan;
@@ -54,6 +56,8 @@ pub(crate) struct Advancer {
     /// This process's waiters on ended instances are told at once; other
     /// processes hear of it from the batch's NOTIFY.
     pub wakeups: Wakeups,
+    /// Paused workflows, as this process knows them.
+    pub controls: Controls,
 }
 
 /// What one batch did.
@@ -76,12 +80,16 @@ impl Advancer {
         &self,
         tx: &crate::store::AdvanceTx,
         batch: &mut DueBatch,
+        skip: &std::collections::HashSet<usize>,
         random: &mut (dyn FnMut() -> f64 + Send),
     ) -> Result<Vec<Working>, StoreError> {
         let mut work = Vec::with_capacity(batch.instances.len());
         let mut added = 0u64;
         let now = batch.now;
         for (i, due) in batch.instances.iter_mut().enumerate() {
+            if skip.contains(&i) {
+                continue;
+            }
             let (name, version) = (&due.workflow_name, due.workflow_version);
             let Some(def) = self.definitions.get_in(tx, name, version).await? else {
                 tracing::error!(instance = %due.id, "instance refers to a missing or invalid definition");
@@ -174,7 +182,10 @@ impl Service for Advancer {
         // StdRng rather than thread_rng: the future must stay Send.
         let mut rng = rand::rngs::StdRng::from_entropy();
         let mut random = move || rng.gen::<f64>();
-        let mut work = self.decide(&tx, &mut batch, &mut random).await?;
+        let gate = self.gate(&tx, &batch).await?;
+        let mut work = self
+            .decide(&tx, &mut batch, &gate.skip, &mut random)
+            .await?;
         if let Some(local) = self
             .local
             .as_ref()
@@ -214,6 +225,10 @@ impl Service for Advancer {
             plan.record(&w.def, due, &w.steps_before, w.state, w.decision, w.inline);
             handovers.extend(w.handovers);
         }
+        plan.writes.released = gate.released(plan.observed.ended.iter().map(|e| e.id.as_str()));
+        plan.writes.holds = gate.holds;
+        plan.writes.admitted = gate.admitted;
+        plan.writes.wake_waiters = gate.wake;
         match tx.commit(plan.finish()).await {
             Ok(leased) => self.hand_over(handovers, &leased),
             Err(e) => {

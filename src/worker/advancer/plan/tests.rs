@@ -45,6 +45,7 @@ fn due(status: InstanceStatus) -> DueInstance {
         is_child: false,
         row_at: RowAt("(0,1)".into()),
         stored_bytes: 0,
+        concurrency_key: None,
         steps: Vec::new(),
         results: Vec::new(),
         signals: Vec::new(),
