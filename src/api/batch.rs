@@ -25,6 +25,9 @@ pub(crate) struct BatchStartRequest {
     items: Vec<BatchItem>,
     #[schema(minimum = 1)]
     version: Option<i32>,
+    /// The priority of every instance it starts (0 to 1000).
+    #[schema(minimum = 0, maximum = 1000)]
+    priority: Option<i64>,
 }
 
 /// One start of a batch: its input, and optionally its id.
@@ -82,12 +85,13 @@ pub(crate) async fn start_batch(
         let path = format!("$.items[{i}].input");
         check_size(path, &item.input, max_input, "--max-input-bytes")?;
     }
+    let priority = super::instances::check_priority("$.priority", req.priority)?;
     let items: Vec<(Value, Option<String>)> =
         req.items.into_iter().map(|i| (i.input, i.id)).collect();
     let outcomes = state
         .inner
         .store
-        .start_instances(&name, req.version, &items)
+        .start_instances(&name, req.version, &items, priority)
         .await?;
     if outcomes.iter().any(|(_, o)| *o == StartOutcome::Created) {
         state.inner.notifier.request();

@@ -34,6 +34,24 @@ pub(crate) struct StartRequest {
     id: Option<String>,
     #[schema(minimum = 1)]
     version: Option<i32>,
+    /// 0 (the default) to 1000; higher runs first (see the README).
+    #[schema(minimum = 0, maximum = 1000)]
+    priority: Option<i64>,
+}
+
+/// The most a start's priority may be.
+pub(crate) const MAX_PRIORITY: i64 = 1000;
+
+/// A start's priority, 0 when absent; out of range is a 422 naming `path`.
+pub(crate) fn check_priority(path: &str, priority: Option<i64>) -> ApiResult<i16> {
+    match priority {
+        None => Ok(0),
+        Some(p) if (0..=MAX_PRIORITY).contains(&p) => Ok(p as i16),
+        Some(_) => Err(ApiError::unprocessable_field(
+            path,
+            format!("must be an integer from 0 to {MAX_PRIORITY}"),
+        )),
+    }
 }
 
 /// An instance as the API shows it.
@@ -126,6 +144,7 @@ pub(crate) async fn start(
         check_id("$.id", id)?;
     }
     check_version(req.version)?;
+    let priority = check_priority("$.priority", req.priority)?;
     let limits = &state.inner.limits;
     check_size(
         "$.input",
@@ -135,7 +154,7 @@ pub(crate) async fn start(
     )?;
     let store = &state.inner.store;
     let (id, created, record) = store
-        .start_instance(&name, req.version, &req.input, req.id.as_deref())
+        .start_instance(&name, req.version, &req.input, req.id.as_deref(), priority)
         .await?;
     if created {
         state.inner.notifier.request();

@@ -32,7 +32,7 @@ macro_rules! due_columns {
          EXISTS (SELECT 1 FROM signals g WHERE g.instance_id = i.id AND g.consumed_at IS NULL
                  OFFSET 0),
          i.parent_id IS NOT NULL, i.ctid::text, i.stored_bytes,
-         i.stored_bytes + pg_column_size(i.input), i.concurrency_key"
+         i.stored_bytes + pg_column_size(i.input), i.concurrency_key, i.priority"
     };
 }
 
@@ -148,10 +148,10 @@ const ADMIT_INSTANCES: &str = "
     WHERE i.id = d.id";
 /// A waiter another transaction holds is being decided there.
 const WAKE_WAITERS: &str = "
-    UPDATE instances SET wake_at = now()
+    UPDATE instances SET wake_at = now() - priority * interval '1 second'
     WHERE id IN (SELECT id FROM instances WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)";
 const WAKE_RELEASED: &str = "
-    UPDATE instances SET wake_at = now()
+    UPDATE instances SET wake_at = now() - priority * interval '1 second'
     WHERE id IN (
         SELECT w.id FROM unnest($1::text[], $2::text[], $3::int[]) AS r(workflow, key, n)
         CROSS JOIN LATERAL (
@@ -181,15 +181,19 @@ const UPSERT_STEPS: &str = "
         completion_order = excluded.completion_order, items = excluded.items,
         compensation = excluded.compensation";
 
+/// Ready tasks, each claimed in `ready_key` order: ready at `run_at`, served
+/// as if its priority in seconds earlier (migration 19).
 const INSERT_TASKS: &str = "
     INSERT INTO tasks (queue, kind, instance_id, step_id, slot, attempt, input,
-                       idempotency_key, run_at, timeout_ms, item, purpose)
+                       idempotency_key, run_at, timeout_ms, item, purpose, priority, ready_key)
     SELECT queue, kind, instance_id, step_id, slot, attempt, input, idempotency_key,
-           now() + delay_ms * interval '1 millisecond', timeout_ms, item, purpose
+           now() + delay_ms * interval '1 millisecond', timeout_ms, item, purpose, priority,
+           now() + (delay_ms - priority * 1000.0) * interval '1 millisecond'
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
-                $7::jsonb[], $8::text[], $9::float8[], $10::bigint[], $11::int[], $12::text[])
+                $7::jsonb[], $8::text[], $9::float8[], $10::bigint[], $11::int[], $12::text[],
+                $13::smallint[])
          AS d(queue, kind, instance_id, step_id, slot, attempt, input, idempotency_key,
-              delay_ms, timeout_ms, item, purpose)";
+              delay_ms, timeout_ms, item, purpose, priority)";
 
 /// Inserts promoted inline attempts: leased to member $15 since the attempt
 /// began, as if claimed then, under a lease of `lease_ms` from now (bounded
@@ -379,6 +383,8 @@ pub(crate) struct DueInstance {
     pub stored_bytes: i64,
     /// Its concurrency key, once it was admitted or held for one.
     pub concurrency_key: Option<String>,
+    /// Its priority, which its tasks inherit.
+    pub priority: i16,
     /// Steps that have left `pending` (the others have no row).
     pub steps: Vec<StoredStep>,
     /// Finished attempts not yet recorded, oldest first.
@@ -453,6 +459,8 @@ pub(crate) struct NewTask {
     pub timeout_ms: Option<u64>,
     pub item: Option<i32>,
     pub purpose: TaskPurpose,
+    /// The instance's priority.
+    pub priority: i16,
     /// Set for an inline attempt promoted to the queue while it runs.
     pub lease: Option<Lease>,
 }
@@ -947,6 +955,7 @@ fn due_from_row(r: &tokio_postgres::Row) -> Result<DueInstance> {
         row_at: RowAt(r.get(18)),
         stored_bytes: r.get(19),
         concurrency_key: r.get(21),
+        priority: r.get(22),
         steps: Vec::new(),
         results: Vec::new(),
         signals: Vec::new(),
@@ -1287,6 +1296,7 @@ fn task_columns(t: &[NewTask]) -> Vec<Param<'_>> {
         col(t, |r| r.timeout_ms.map(|v| v as i64)),
         col(t, |r| r.item),
         col(t, |r| r.purpose.as_str()),
+        col(t, |r| r.priority),
     ]);
     columns
 }

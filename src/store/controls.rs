@@ -68,14 +68,14 @@ const CONTROLS: &str = "
     SELECT 'workflow', name, true FROM workflow_controls WHERE paused";
 /// Wakes up to $2 of a workflow's instances held while it was paused.
 const RELEASE_PAUSED: &str = "
-    UPDATE instances SET held = NULL, wake_at = now()
+    UPDATE instances SET held = NULL, wake_at = now() - priority * interval '1 second'
     WHERE id IN (SELECT id FROM instances WHERE workflow_name = $1 AND held = 'paused'
                  ORDER BY created_at, id LIMIT $2 FOR UPDATE)";
 
 /// Wakes the oldest waiter of every concurrency key none of whose instances
 /// runs: a release that found its waiter locked elsewhere cannot strand it.
 const WAKE_STRANDED: &str = "
-    UPDATE instances SET wake_at = now()
+    UPDATE instances SET wake_at = now() - priority * interval '1 second'
     WHERE id IN (
         SELECT w.id
         FROM (SELECT DISTINCT workflow_name, concurrency_key FROM instances

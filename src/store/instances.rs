@@ -16,8 +16,9 @@ const START_INSTANCE: &str = "SELECT instance_id, created FROM start_instance($1
 /// and `start_instance` then decides and says why. The function's plpgsql
 /// cost about 0.2 ms a start, a fifth of the idle latency.
 const START_FRESH: &str = "
-    INSERT INTO instances (id, workflow_name, workflow_version, slot, input, wake_at)
-    SELECT $1, $2, w.version, slot_of($1, c.slot_count), coalesce($3, 'null'::jsonb), now()
+    INSERT INTO instances (id, workflow_name, workflow_version, slot, input, wake_at, priority)
+    SELECT $1, $2, w.version, slot_of($1, c.slot_count), coalesce($3, 'null'::jsonb),
+           now() - $5::smallint * interval '1 second', $5::smallint
     FROM (SELECT max(version) AS version FROM workflows
           WHERE name = $2 AND ($4::int IS NULL OR version = $4)) w,
          cluster c
@@ -25,6 +26,11 @@ const START_FRESH: &str = "
     ON CONFLICT (id) DO NOTHING
     RETURNING id, workflow_name, workflow_version, status, input, output, error,
               created_at, started_at, updated_at, ended_at, parent_id";
+/// Gives the instances $1, just started, the priority $2 (a batch's
+/// instances are started by `start_instances`, which knows none).
+const PRIORITISE: &str = "
+    UPDATE instances SET priority = $2, wake_at = wake_at - $2::smallint * interval '1 second'
+    WHERE id = ANY($1)";
 const START_INSTANCES: &str =
     "SELECT instance_id, outcome FROM start_instances($1, $2, $3::jsonb[], $4::text[])";
 const GET_INSTANCE: &str = "
@@ -203,10 +209,11 @@ impl Store {
         version: Option<i32>,
         input: &Value,
         id: Option<&str>,
+        priority: i16,
     ) -> Result<(String, bool, Option<InstanceRecord>)> {
         let fresh = id.map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_string);
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&fresh, &workflow, input, &version];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&fresh, &workflow, input, &version, &priority];
         if let Some(row) = self.query_keyed(START_FRESH, &params).await?.first() {
             return Ok((fresh, true, Some(instance_from_row(row)?)));
         }
@@ -226,22 +233,35 @@ impl Store {
         workflow: &str,
         version: Option<i32>,
         items: &[(Value, Option<String>)],
+        priority: i16,
     ) -> Result<Vec<(String, StartOutcome)>> {
         let inputs: Vec<&Value> = items.iter().map(|(input, _)| input).collect();
         let ids: Vec<Option<&str>> = items.iter().map(|(_, id)| id.as_deref()).collect();
         // No ids at all: a null array, which takes the function's one-insert
         // path for generated ids.
         let ids: Option<Vec<Option<&str>>> = ids.iter().any(Option::is_some).then_some(ids);
-        let conn = self.conn().await?;
-        let rows = conn
-            .query(
-                Cached(START_INSTANCES),
-                &[&workflow, &version, &inputs, &ids],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| Ok((r.get(0), decode("start_instances.outcome", r.get(1))?)))
-            .collect()
+        let decoded = |rows: Vec<tokio_postgres::Row>| -> Result<Vec<(String, StartOutcome)>> {
+            rows.iter()
+                .map(|r| Ok((r.get(0), decode("start_instances.outcome", r.get(1))?)))
+                .collect()
+        };
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&workflow, &version, &inputs, &ids];
+        let mut conn = self.conn().await?;
+        if priority == 0 {
+            return decoded(conn.query(Cached(START_INSTANCES), &params).await?);
+        }
+        // With a priority, the start and the priority commit together.
+        let tx = conn.transaction().await?;
+        let started = decoded(tx.query(Cached(START_INSTANCES), &params).await?)?;
+        let created: Vec<&str> = started
+            .iter()
+            .filter(|(_, o)| *o == StartOutcome::Created)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        tx.execute(PRIORITISE, &[&created, &priority]).await?;
+        tx.commit().await?;
+        Ok(started)
     }
 
     pub(crate) async fn get_instance(&self, id: &str) -> Result<Option<InstanceRecord>> {

@@ -12,7 +12,8 @@ use super::{Result, Store};
 use crate::model::{TaskFailure, TaskResult, TaskStatus};
 
 /// Claims up to $2 ready tasks of the queues $1 for worker $3 under a lease
-/// of $4 ms, bounded by each task's per-attempt timeout; oldest first. Each
+/// of $4 ms, bounded by each task's per-attempt timeout; in `ready_key`
+/// order (oldest first, less each task's priority in seconds). Each
 /// queue is read in its own index order (a LATERAL probe of `tasks_ready`): with
 /// `queue = ANY($1)` the index cannot give the order, and every claim read
 /// and sorted the queue's whole backlog. The picked rows are updated by id
@@ -29,13 +30,13 @@ macro_rules! claim_tasks {
             $queues,
             "
         CROSS JOIN LATERAL (
-            SELECT id, run_at FROM tasks
+            SELECT id, ready_key FROM tasks
             WHERE queue = q.queue AND status = 'ready' AND run_at <= now()
-            ORDER BY run_at, id
+            ORDER BY ready_key, id
             LIMIT $2
             FOR UPDATE SKIP LOCKED
         ) p
-        ORDER BY p.run_at, p.id
+        ORDER BY p.ready_key, p.id
         LIMIT $2
     )
     UPDATE tasks t

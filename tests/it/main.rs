@@ -30,6 +30,7 @@ mod node;
 mod openapi;
 mod overload;
 mod pooler;
+mod priorities;
 mod prometheus;
 mod queue;
 mod retention;

@@ -333,6 +333,7 @@ impl Plan {
                     timeout_ms,
                     item: item.map(|k| k as i32),
                     purpose,
+                    priority: due.priority,
                     lease,
                 };
                 match task.lease {

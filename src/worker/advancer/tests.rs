@@ -25,7 +25,7 @@ async fn one_instance() -> (Store, tokio_postgres::Client, Definition) {
         .await
         .unwrap();
     store
-        .start_instance("w", None, &json!({"n": 1}), Some("i-1"))
+        .start_instance("w", None, &json!({"n": 1}), Some("i-1"), 0)
         .await
         .unwrap();
     (store, client, def)

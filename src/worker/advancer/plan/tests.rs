@@ -46,6 +46,7 @@ fn due(status: InstanceStatus) -> DueInstance {
         row_at: RowAt("(0,1)".into()),
         stored_bytes: 0,
         concurrency_key: None,
+        priority: 0,
         steps: Vec::new(),
         results: Vec::new(),
         signals: Vec::new(),
