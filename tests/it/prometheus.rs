@@ -389,6 +389,32 @@ async fn prometheus_evaluates_every_dashboard_and_alert_query_against_a_live_clu
         json!({"steps": [{"id": "stuck", "task": {"queue": "prom.stuck"}}]}),
     )
     .await;
+    // Flow control: a per-second schedule, a paused queue, a paused
+    // workflow (the schedule and pause panels).
+    put("prom-tick", json!({"steps": [{"id": "tick", "value": 1}]})).await;
+    let staged = [
+        (
+            "PUT",
+            "/v1/schedules/prom-tick",
+            Some(json!({"workflow": "prom-tick", "cron": "* * * * * *"})),
+        ),
+        ("POST", "/v1/queues/prom.paused/pause", None),
+        // Its instances are held from here on; the schedule still fires.
+        ("POST", "/v1/workflows/prom-tick/pause", None),
+    ];
+    for (method, path, body) in staged {
+        let url = format!("{}{path}", bases[0]);
+        let request = match method {
+            "PUT" => http.put(url),
+            _ => http.post(url),
+        };
+        let request = match body {
+            Some(body) => request.json(&body),
+            None => request,
+        };
+        let status = request.send().await.unwrap().status();
+        assert!(status.is_success(), "{method} {path}: {status}");
+    }
 
     // An external worker on prom.ext: fails each first attempt of
     // prom-main (a retry), fails prom-fail for good, lets one lease expire

@@ -420,6 +420,12 @@ fn summary(r: &InstanceRecord) -> Markup {
     html! {
         dl.summary {
             div { dt { "Status" } dd { (badge(r.status.as_str())) } }
+            @if let Some(held) = r.held {
+                div { dt { "Held" } dd { (match held {
+                    crate::model::HeldReason::Paused => "its workflow is paused",
+                    crate::model::HeldReason::Concurrency => "its concurrency key is at the limit",
+                }) } }
+            }
             div { dt { "Workflow" } dd {
                 a href=(format!("/workflows/{}?{}", path_part(&r.workflow_name), query(&[("version", &r.workflow_version.to_string())]))) {
                     (r.workflow_name) " v" (r.workflow_version) } } }
