@@ -145,9 +145,9 @@ pub(crate) async fn put(
     check_queue(&queue)?;
     let limits = limits_of(req)?;
     let store = &state.inner.store;
-    store.put_queue(&queue, &limits).await?;
+    let stored = store.put_queue(&queue, &limits).await?;
     state.inner.controls.reload(store).await?;
-    Ok(Json(queue_json(&queue, store.get_queue(&queue).await?)))
+    Ok(Json(queue_json(&queue, stored)))
 }
 
 /// The queues with limits or paused.
@@ -158,10 +158,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> ApiResult<Json<QueueL
     Ok(Json(QueueList {
         queues: rows
             .into_iter()
-            .map(|c| {
-                let name = c.name.clone();
-                queue_json(&name, Some(c))
-            })
+            .map(|c| queue_json(&c.name.clone(), Some(c)))
             .collect(),
     }))
 }
@@ -191,12 +188,12 @@ pub(crate) async fn resume(
 async fn set_queue_paused(state: AppState, queue: String, paused: bool) -> ApiResult<Json<Queue>> {
     check_queue(&queue)?;
     let store = &state.inner.store;
-    store.set_queue_paused(&queue, paused).await?;
+    let stored = store.set_queue_paused(&queue, paused).await?;
     state.inner.controls.reload(store).await?;
     if !paused {
         let _ = state.inner.wakeups.tasks.send(queue.as_str().into());
     }
-    Ok(Json(queue_json(&queue, store.get_queue(&queue).await?)))
+    Ok(Json(queue_json(&queue, stored)))
 }
 
 /// Whether a workflow's new instances are held.

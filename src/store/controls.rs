@@ -40,13 +40,13 @@ const PAUSE_QUEUE: &str = concat!(
 /// A queue row that limits nothing is removed: the queue is free again.
 const DROP_FREE_QUEUE: &str = "
     DELETE FROM queues WHERE name = $1 AND NOT paused AND max_leased IS NULL
-      AND rate_per_second IS NULL";
+      AND rate_per_second IS NULL
+    RETURNING 1";
 const LIST_QUEUES: &str = concat!(
     "SELECT ",
     queue_columns!(),
     " FROM queues ORDER BY name LIMIT $1"
 );
-const GET_QUEUE: &str = concat!("SELECT ", queue_columns!(), " FROM queues WHERE name = $1");
 
 /// A limited queue's row, locked, with what a claim may take now: the
 /// bucket refilled to now, and the tasks leased.
@@ -131,31 +131,41 @@ pub(crate) struct ControlNames {
 }
 
 impl Store {
-    /// Sets a queue's limits (none at all frees it); returns what is stored.
-    pub(crate) async fn put_queue(&self, name: &str, limits: &QueueLimits) -> Result<QueueControl> {
+    /// Sets a queue's limits; returns what is stored (`None`: no limit is
+    /// left, and the queue is free).
+    pub(crate) async fn put_queue(
+        &self,
+        name: &str,
+        limits: &QueueLimits,
+    ) -> Result<Option<QueueControl>> {
         let (rate, burst) = limits.rate.unzip();
-        let conn = self.conn().await?;
-        let row = conn
-            .query_one(
-                PUT_QUEUE,
-                &[&name, &limits.paused, &limits.max_leased, &rate, &burst],
-            )
-            .await?;
-        conn.execute(DROP_FREE_QUEUE, &[&name]).await?;
-        Ok(control_from_row(&row))
+        let params: [&(dyn ToSql + Sync); 5] =
+            [&name, &limits.paused, &limits.max_leased, &rate, &burst];
+        self.store_queue(PUT_QUEUE, &params).await
     }
 
-    pub(crate) async fn set_queue_paused(&self, name: &str, paused: bool) -> Result<QueueControl> {
-        let conn = self.conn().await?;
-        let row = conn.query_one(PAUSE_QUEUE, &[&name, &paused]).await?;
-        conn.execute(DROP_FREE_QUEUE, &[&name]).await?;
-        Ok(control_from_row(&row))
+    /// Pauses or resumes a queue; returns what is stored, as `put_queue`.
+    pub(crate) async fn set_queue_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<Option<QueueControl>> {
+        self.store_queue(PAUSE_QUEUE, &[&name, &paused]).await
     }
 
-    pub(crate) async fn get_queue(&self, name: &str) -> Result<Option<QueueControl>> {
-        let conn = self.conn().await?;
-        let row = conn.query_opt(GET_QUEUE, &[&name]).await?;
-        Ok(row.as_ref().map(control_from_row))
+    /// Runs an upsert of a queue's row ($1 its name), then drops the row if
+    /// it limits nothing.
+    async fn store_queue(
+        &self,
+        upsert: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<QueueControl>> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        let row = tx.query_one(upsert, params).await?;
+        let freed = tx.query_opt(DROP_FREE_QUEUE, &params[..1]).await?.is_some();
+        tx.commit().await?;
+        Ok((!freed).then(|| control_from_row(&row)))
     }
 
     pub(crate) async fn list_queues(&self, limit: i64) -> Result<Vec<QueueControl>> {

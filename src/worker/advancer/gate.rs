@@ -7,10 +7,12 @@
 //! commit, under the same locks. `admit` is the pure rule.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
 use super::Advancer;
+use crate::definition::Definition;
 use crate::model::{HeldReason, InstanceStatus};
 use crate::store::{AdvanceTx, DueBatch, Hold, StoreError};
 
@@ -88,7 +90,12 @@ impl Gate {
 
 impl Advancer {
     /// Holds and admits the batch's pending instances (see the module).
-    pub(super) async fn gate(&self, tx: &AdvanceTx, batch: &DueBatch) -> Result<Gate, StoreError> {
+    pub(super) async fn gate(
+        &self,
+        tx: &AdvanceTx,
+        batch: &DueBatch,
+        defs: &[Option<Arc<Definition>>],
+    ) -> Result<Gate, StoreError> {
         let mut gate = Gate::default();
         // Per key: its limit and the candidates in it.
         let mut keys: BTreeMap<(String, String), KeyCandidates> = BTreeMap::new();
@@ -104,11 +111,8 @@ impl Advancer {
                 });
                 continue;
             }
-            let (name, version) = (&due.workflow_name, due.workflow_version);
-            let Some(def) = self.definitions.get_in(tx, name, version).await? else {
-                continue;
-            };
-            let Some(limit) = &def.concurrency else {
+            let name = &due.workflow_name;
+            let Some(limit) = defs[i].as_ref().and_then(|d| d.concurrency.as_ref()) else {
                 continue;
             };
             let key = due

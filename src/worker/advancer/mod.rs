@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use super::DefinitionCache;
+use crate::definition::Definition;
 use crate::engine::{self, Context, EngineLimits};
 use crate::error::Chain;
 use crate::membership::Ownership;
@@ -75,14 +76,36 @@ pub(crate) struct Advanced {
 }
 
 impl Advancer {
-    /// The engine's first decision for every locked instance.
-    async fn decide(
+    /// Each locked instance's definition, looked up once for the batch (the
+    /// gate and the engine both read it).
+    async fn definitions_of(
         &self,
         tx: &crate::store::AdvanceTx,
+        batch: &DueBatch,
+    ) -> Result<Vec<Option<Arc<Definition>>>, StoreError> {
+        let mut defs = Vec::with_capacity(batch.instances.len());
+        for due in &batch.instances {
+            let def = self
+                .definitions
+                .get_in(tx, &due.workflow_name, due.workflow_version)
+                .await?;
+            if def.is_none() {
+                tracing::error!(instance = %due.id, "instance refers to a missing or invalid definition");
+            }
+            defs.push(def);
+        }
+        Ok(defs)
+    }
+
+    /// The engine's first decision for every locked instance the gate let
+    /// through.
+    fn decide(
+        &self,
         batch: &mut DueBatch,
+        defs: &[Option<Arc<Definition>>],
         skip: &std::collections::HashSet<usize>,
         random: &mut (dyn FnMut() -> f64 + Send),
-    ) -> Result<Vec<Working>, StoreError> {
+    ) -> Vec<Working> {
         let mut work = Vec::with_capacity(batch.instances.len());
         let mut added = 0u64;
         let now = batch.now;
@@ -90,9 +113,7 @@ impl Advancer {
             if skip.contains(&i) {
                 continue;
             }
-            let (name, version) = (&due.workflow_name, due.workflow_version);
-            let Some(def) = self.definitions.get_in(tx, name, version).await? else {
-                tracing::error!(instance = %due.id, "instance refers to a missing or invalid definition");
+            let Some(def) = defs[i].clone() else {
                 continue;
             };
             let (mut state, events) = plan::engine_inputs(&def, due);
@@ -107,7 +128,7 @@ impl Advancer {
             added += decision.added_bytes;
             work.push(Working::new(def, i, state, steps_before, decision));
         }
-        Ok(work)
+        work
     }
 
     /// The byte budget of a decision after the batch's earlier ones added
@@ -182,10 +203,9 @@ impl Service for Advancer {
         // StdRng rather than thread_rng: the future must stay Send.
         let mut rng = rand::rngs::StdRng::from_entropy();
         let mut random = move || rng.gen::<f64>();
-        let gate = self.gate(&tx, &batch).await?;
-        let mut work = self
-            .decide(&tx, &mut batch, &gate.skip, &mut random)
-            .await?;
+        let defs = self.definitions_of(&tx, &batch).await?;
+        let gate = self.gate(&tx, &batch, &defs).await?;
+        let mut work = self.decide(&mut batch, &defs, &gate.skip, &mut random);
         if let Some(local) = self
             .local
             .as_ref()
